@@ -1,0 +1,23 @@
+# Two commands do everything on a fresh clone (they create .venv with the pinned versions):
+#   make run    the main job (see README)
+#   make test   the test suite (Triton kernels run under the interpreter on the CPU)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench clean
+
+$(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+run: $(VENV)/.ready
+	$(PY) -m tic_kernels.demo
+
+test: $(VENV)/.ready
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info tic_kernels/*.so

@@ -1,0 +1,165 @@
+"""Every bad input of the public API raises a Python error that names the argument."""
+import pytest
+import torch
+
+import tic_kernels as tk
+from tic_kernels.testing import cu_seqlens_from
+
+N, V, B = 7, 11, 2
+CU = cu_seqlens_from(torch.tensor([3, 4]))
+
+
+def _args(**over):
+    a = dict(logits=torch.randn(N, V), targets=torch.randint(0, V, (N,)),
+             old_logprobs=torch.randn(N), advantages=torch.randn(B))
+    a.update(over)
+    return a
+
+
+def _loss(kw=None, **over):
+    a = _args(**over)
+    kw = {"cu_seqlens": CU, **(kw or {})}
+    return tk.tic_loss(a["logits"], a["targets"], a["old_logprobs"], a["advantages"], **kw)
+
+
+@pytest.mark.parametrize("over,kw,exc,msg", [
+    (dict(logits=torch.randint(0, 3, (N, V))), None, TypeError, "logits must be a floating"),
+    (dict(targets=torch.rand(N)), None, TypeError, "targets must be an int32 or int64"),
+    (dict(targets=torch.full((N,), V)), None, ValueError, r"targets must lie in \[0, 11\); found 11"),
+    (dict(targets=torch.full((N,), -100)), None, ValueError, "targets must lie in"),
+    (dict(targets=torch.zeros(N + 1, dtype=torch.long)), None, ValueError, "targets has shape"),
+    (dict(old_logprobs=torch.randn(N - 1)), None, ValueError, "old_logprobs has shape"),
+    (dict(old_logprobs=torch.zeros(N, dtype=torch.long)), None, TypeError, "old_logprobs must be a floating"),
+    (dict(advantages=torch.randn(B + 1)), None, ValueError, "advantages has shape"),
+    ({}, dict(ref_logprobs=torch.randn(N + 2), beta=0.1), ValueError, "ref_logprobs has shape"),
+    ({}, dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
+    ({}, dict(cu_seqlens=CU.float()), TypeError, "cu_seqlens must be an int32 or int64"),
+    ({}, dict(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "cu_seqlens must start at 0"),
+    ({}, dict(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), ValueError, "non-decreasing"),
+    ({}, dict(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError, "must end at the number of tokens 7"),
+    ({}, dict(cu_seqlens=CU.view(1, 3)), ValueError, "cu_seqlens must be 1-D"),
+    ({}, dict(mask=torch.ones(1, N, dtype=torch.bool)), ValueError, "exactly one of cu_seqlens"),
+    ({}, dict(cu_seqlens=None), ValueError, "exactly one of cu_seqlens"),
+    ({}, dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    ({}, dict(temperature=float("nan")), ValueError, "temperature must be"),
+    ({}, dict(eps_low=1.0), ValueError, r"eps_low must lie in \[0, 1\)"),
+    ({}, dict(eps_low=-0.1), ValueError, "eps_low"),
+    ({}, dict(eps_high=-0.1), ValueError, "eps_high must lie"),
+    ({}, dict(dual_clip=1.0), ValueError, "dual_clip must be a finite number > 1"),
+    ({}, dict(max_log_ratio=0), ValueError, "max_log_ratio must be"),
+    ({}, dict(ratio="seq"), ValueError, "ratio='seq' is not supported; accepted values: 'trajectory'"),
+    ({}, dict(clip_mode="lower"), ValueError, "clip_mode='lower' is not supported"),
+    ({}, dict(aggregation="mean"), ValueError, "aggregation='mean' is not supported"),
+    ({}, dict(aggregation="seq-mean-token-sum-norm"), ValueError, "needs max_len"),
+    ({}, dict(num_tokens=0), ValueError, "num_tokens must be"),
+    ({}, dict(num_tokens=10), ValueError, "num_tokens only applies to aggregation='token-mean'"),
+    ({}, dict(num_sequences=4, ratio="token"), ValueError, "num_sequences does not apply"),
+    ({}, dict(entropy_coef=float("inf")), ValueError, "entropy_coef must be a finite"),
+])
+def test_tic_loss_errors(over, kw, exc, msg):
+    with pytest.raises(exc, match=msg):
+        _loss(kw, **over)
+
+
+def test_padded_layout_errors():
+    logits, targets = torch.randn(B, 4, V), torch.randint(0, V, (B, 4))
+    old, adv = torch.randn(B, 4), torch.randn(B)
+    with pytest.raises(ValueError, match=r"mask has shape \(2, 3\), expected \(2, 4\)"):
+        tk.tic_loss(logits, targets, old, adv, mask=torch.ones(B, 3))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        tk.tic_loss(logits, targets, old, adv, mask=torch.full((B, 4), 2))
+    with pytest.raises(ValueError, match=r"logits must be \(B, T, V\) with mask"):
+        tk.tic_loss(logits[0], targets[0], old[0], adv, mask=torch.ones(B, 4))
+    # a bad target under the mask is an error, one under padding is not read
+    bad = targets.clone()
+    bad[0, 3] = V + 5
+    mask = torch.ones(B, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        tk.tic_loss(logits, bad, old, adv, mask=mask)
+    mask[0, 3] = False
+    assert torch.isfinite(tk.tic_loss(logits, bad, old, adv, mask=mask).loss)
+
+
+def test_device_mismatch_is_named():
+    if not torch.cuda.is_available():
+        pytest.skip("needs two devices")
+    with pytest.raises(ValueError, match="advantages is on"):
+        _loss(advantages=torch.randn(B, device="cuda"))
+
+
+def test_from_logprobs_errors():
+    lp, old, adv = torch.randn(N), torch.randn(N), torch.randn(B)
+    with pytest.raises(TypeError, match="logprobs must be a floating"):
+        tk.tic_loss_from_logprobs(lp.long(), old, adv, cu_seqlens=CU)
+    with pytest.raises(ValueError, match="logprobs must be 1-D"):
+        tk.tic_loss_from_logprobs(lp.view(1, N), old, adv, cu_seqlens=CU)
+    with pytest.raises(ValueError, match="old_logprobs has shape"):
+        tk.tic_loss_from_logprobs(lp, old[:3], adv, cu_seqlens=CU)
+    with pytest.raises(ValueError, match="ratio='x'"):
+        tk.tic_loss_from_logprobs(lp, old, adv, cu_seqlens=CU, ratio="x")
+
+
+def test_token_logprobs_errors():
+    logits, targets = torch.randn(N, V), torch.randint(0, V, (N,))
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        tk.token_logprobs(logits.int(), targets)
+    with pytest.raises(TypeError, match="targets must be an int32"):
+        tk.token_logprobs(logits, targets.float())
+    with pytest.raises(ValueError, match="targets has shape"):
+        tk.token_logprobs(logits, targets[:3])
+    with pytest.raises(ValueError, match=r"found -1"):
+        tk.token_logprobs(logits, torch.full((N,), -1))
+    with pytest.raises(ValueError, match="temperature must be"):
+        tk.token_logprobs(logits, targets, temperature=-1.0)
+    with pytest.raises(ValueError, match="vocabulary dimension"):
+        tk.token_logprobs(torch.randn(N, 0), targets)
+    # ignore_index is allowed, and a custom one too
+    assert tk.token_logprobs(logits, torch.full((N,), -100))[0] == 0
+    assert tk.token_logprobs(logits, torch.full((N,), -1), ignore_index=-1)[0] == 0
+
+
+def test_sequence_logprobs_errors():
+    x = torch.randn(N)
+    with pytest.raises(ValueError, match="reduce='max' is not supported"):
+        tk.sequence_logprobs(x, cu_seqlens=CU, reduce="max")
+    with pytest.raises(ValueError, match="exactly one of cu_seqlens"):
+        tk.sequence_logprobs(x)
+    with pytest.raises(ValueError, match="values must be 1-D"):
+        tk.sequence_logprobs(x.view(1, N), cu_seqlens=CU)
+    with pytest.raises(ValueError, match="values must be 2-D"):
+        tk.sequence_logprobs(x, mask=torch.ones(N))
+    with pytest.raises(TypeError, match="values must be a floating"):
+        tk.sequence_logprobs(x.long(), cu_seqlens=CU)
+    with pytest.raises(ValueError, match="must end at the number of tokens"):
+        tk.sequence_logprobs(x[:5], cu_seqlens=CU)
+
+
+def test_group_advantages_errors():
+    r = torch.randn(6)
+    with pytest.raises(ValueError, match="exactly one of group_size or group_ids"):
+        tk.group_advantages(r)
+    with pytest.raises(ValueError, match="exactly one of group_size or group_ids"):
+        tk.group_advantages(r, 3, group_ids=torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="group_size=4 does not divide the number of rewards 6"):
+        tk.group_advantages(r, 4)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        tk.group_advantages(r, 0)
+    with pytest.raises(TypeError, match="group_ids must be an int32 or int64"):
+        tk.group_advantages(r, group_ids=torch.zeros(6))
+    with pytest.raises(ValueError, match="group_ids has shape"):
+        tk.group_advantages(r, group_ids=torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        tk.group_advantages(r, 3, eps=0)
+    with pytest.raises(ValueError, match="scale='std' is not supported"):
+        tk.group_advantages(r, 3, scale="std")
+    with pytest.raises(ValueError, match="std='unbiased' is not supported"):
+        tk.group_advantages(r, 3, std="unbiased")
+    with pytest.raises(ValueError, match="length_normalize=True needs lengths"):
+        tk.group_advantages(r, 3, length_normalize=True)
+    with pytest.raises(ValueError, match="lengths has shape"):
+        tk.group_advantages(r, 3, lengths=torch.ones(5), length_normalize=True)
+    with pytest.raises(ValueError, match="rewards must be 1-D"):
+        tk.group_advantages(r.view(2, 3), 3)
+    # integer rewards are fine
+    torch.testing.assert_close(tk.group_advantages(torch.tensor([0, 1, 1, 0]), 2),
+                               tk.group_advantages(torch.tensor([0.0, 1.0, 1.0, 0.0]), 2))

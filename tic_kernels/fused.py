@@ -1,0 +1,79 @@
+"""Op 4 from logits: log-softmax gather and the clipped ratio loss in one autograd node.
+
+Traffic over the (N, V) logits: one read in forward (logp, lse and entropy in one pass), one
+read and one write in backward (the gradient from the saved lse and a per-token coefficient).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from . import validation as check
+
+
+def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
+             ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+             dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
+             ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
+             num_sequences=None, max_len=None, inplace_backward=False):
+    """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
+
+    Args:
+        logits: packed (N, V) with ``cu_seqlens`` (B+1,) int32, or padded (B, T, V) with
+            ``mask`` (B, T) bool or 0/1 marking the loss tokens; float16, bfloat16 or float32
+            (float64 runs the reference). Masked rows are never read and get zero gradient.
+        targets: (N,) or (B, T) int32/int64 token ids in [0, V) at every loss token.
+        old_logprobs: per-token log-probabilities of the sampling policy, like targets.
+        advantages: (B,) per sequence.
+        temperature: > 0, the sampling temperature (logits are divided by it).
+        entropy_coef: weight of the entropy bonus, loss -= entropy_coef * aggregate(H).
+        inplace_backward: write the logits gradient into the logits buffer (no (N, V)
+            allocation; the logits are overwritten in backward, so do not reuse them).
+        Other keywords: as in :func:`tic_kernels.tic_loss_from_logprobs`.
+
+    Returns:
+        LossOutput(loss, stats): float32 scalar loss with autograd to logits, and a dict of
+        float32 statistics (see LossOutput), computed without a host sync.
+    """
+    check.float_tensor("logits", logits)
+    check.int_tensor("targets", targets)
+    check.positive("temperature", temperature)
+    check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+                       ref_logprobs, beta, num_tokens, num_sequences, max_len, mask is not None,
+                       entropy_coef)
+    check.layout(cu_seqlens, mask)
+    if logits.dim() != (2 if mask is None else 3):
+        want = "(B, T, V) with mask" if mask is not None else "(N, V) with cu_seqlens"
+        raise ValueError(f"logits must be {want}, got shape {tuple(logits.shape)}")
+    check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
+    check.same_device("logits", logits, targets=targets)
+    check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
+                      ref_logprobs, logits)
+    loss_targets = targets if mask is None else targets[mask.bool()] if check._checking_values() \
+        else targets
+    check.targets_in_range(loss_targets, logits.shape[-1])
+    options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
+                   dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
+                   ref_logprobs=ref_logprobs, beta=beta, num_tokens=num_tokens,
+                   num_sequences=num_sequences, max_len=max_len)
+    return reference.tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=cu_seqlens,
+                              mask=mask, temperature=temperature, entropy_coef=entropy_coef,
+                              **options)
+
+
+class TICLoss(torch.nn.Module):
+    """``tic_loss`` with its keywords fixed at construction; call-time keywords override them.
+
+    >>> loss_fn = TICLoss(ratio="trajectory", eps_low=0.2, eps_high=0.28)
+    >>> out = loss_fn(logits, targets, old_logprobs, advantages, mask=mask)
+    """
+
+    def __init__(self, **keywords):
+        super().__init__()
+        self.keywords = keywords
+
+    def forward(self, logits, targets, old_logprobs, advantages, **keywords):
+        return tic_loss(logits, targets, old_logprobs, advantages, **{**self.keywords, **keywords})
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())

@@ -1,0 +1,307 @@
+"""The executable specification: every op of ../SPEC in plain PyTorch.
+
+Tests, benchmarks and the CPU path all use these functions. They are written for clarity
+first, with two exceptions that matter at real sizes:
+
+* the logits are processed in row chunks, so a (16k, 152k) bf16 batch never has an fp32 copy of
+  the whole (N, V) matrix in memory (the backward recomputes each chunk's softmax);
+* log-ratios are formed per token (logp - logp_old) in fp32 before any reduction, never as a
+  difference of two per-sequence sums (that loses ~1e-2 of Delta at 8k tokens).
+
+Inputs are assumed valid (``tic_kernels.validation`` checks them in the public API). Float64
+inputs compute in float64 (for gradcheck); everything else computes in float32. Outputs that are
+log-probabilities, ratios, losses or statistics are float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import torch
+
+from .validation import LossOutput, default_aggregation
+
+# Elements of logits upcast at once (256 MiB of fp32 per temporary).
+CHUNK_ELEMENTS = 1 << 26
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Op 1: per-token log-softmax gather (with temperature and entropy)
+# --------------------------------------------------------------------------------------------
+def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """logp (and entropy, else zeros) of a 2-D block of rows in the compute dtype."""
+    z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    p = torch.softmax(z, dim=-1)
+    return logp, lse - (p * z).sum(-1)  # -sum p log p with log p = z - lse
+
+
+def _row_views(logits: torch.Tensor):
+    """(first flat row, 2-D view) pairs covering logits (..., V) without copying it."""
+    V = logits.shape[-1]
+    rows = max(1, CHUNK_ELEMENTS // max(V, 1))
+    if logits.dim() == 2:
+        mats = [(0, logits)]
+    else:  # (B, T, V): one (T, V) view per batch row, so strided inputs are never copied
+        T = logits.shape[1]
+        mats = [(b * T, logits[b]) for b in range(logits.shape[0])]
+    for base, mat in mats:
+        for start in range(0, mat.shape[0], rows):
+            yield base + start, mat[start:start + rows]
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Chunked forward; the backward recomputes each chunk and differentiates it with autograd."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy):
+        flat_t = targets.reshape(-1)
+        dt = compute_dtype(logits)
+        logp = torch.zeros(flat_t.numel(), dtype=dt, device=logits.device)
+        entropy = torch.zeros_like(logp)
+        for start, chunk in _row_views(logits):
+            t = flat_t[start:start + chunk.shape[0]]
+            keep = (t != ignore_index).nonzero().squeeze(-1)  # ignored rows are never read
+            lp, h = _rows_logprobs(chunk[keep].to(dt), t[keep], temperature, with_entropy)
+            logp[start + keep] = lp
+            entropy[start + keep] = h
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+        return logp.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logits, targets = ctx.saved_tensors
+        flat_t = targets.reshape(-1)
+        dt = compute_dtype(logits)
+        g_logp = g_logp.reshape(-1).to(dt)
+        g_entropy = g_entropy.reshape(-1).to(dt)
+        grad = torch.zeros_like(logits)
+        flat_grad = grad.view(-1, logits.shape[-1])
+        for start, chunk in _row_views(logits):
+            t = flat_t[start:start + chunk.shape[0]]
+            keep = (t != ctx.ignore_index).nonzero().squeeze(-1)
+            rows = start + keep
+            with torch.enable_grad():
+                z = chunk[keep].detach().to(dt).requires_grad_(True)
+                lp, h = _rows_logprobs(z, t[keep], ctx.temperature, ctx.with_entropy)
+                outs, grads = ((lp, h), (g_logp[rows], g_entropy[rows])) if ctx.with_entropy \
+                    else ((lp,), (g_logp[rows],))
+                (gz,) = torch.autograd.grad(outs, z, grads)
+            flat_grad[rows] = gz.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """logp[..., t] = log softmax(logits / temperature)[targets]; see SPEC op 1.
+
+    logits (..., V) float; targets (...) int. Returns logp (...) (and entropy (...)); rows whose
+    target equals ignore_index get 0 for both and a zero gradient.
+    """
+    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index),
+                                         bool(return_entropy))
+    return (logp, entropy) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: padded (B, T) + mask  <->  packed (N,) + cu_seqlens
+# --------------------------------------------------------------------------------------------
+def lengths_of(cu_seqlens=None, mask=None):
+    if cu_seqlens is not None:
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return mask.bool().sum(1)
+
+
+def pack(values, mask):
+    """(B, T, ...) -> (N, ...) keeping mask positions in row-major order; masked ones never read."""
+    return values[mask.bool()]
+
+
+def segment_ids(lengths):
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+
+
+def segment_sum(x, lengths):
+    out = torch.zeros(lengths.numel(), dtype=x.dtype, device=x.device)
+    return out.index_add(0, segment_ids(lengths), x)
+
+
+# --------------------------------------------------------------------------------------------
+# Op 2: per-sequence reduction
+# --------------------------------------------------------------------------------------------
+def sequence_logprobs(values, cu_seqlens=None, mask=None, reduce="sum"):
+    """S_i = sum of values over sequence i (reduce="sum") or S_i / max(L_i, 1) ("mean")."""
+    dt = compute_dtype(values)
+    if mask is not None:
+        values = pack(values, mask)
+    lengths = lengths_of(cu_seqlens, mask)
+    s = segment_sum(values.to(dt), lengths)
+    if reduce == "mean":
+        s = s / lengths.clamp(min=1).to(dt)
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# Op 3: group-normalised advantages
+# --------------------------------------------------------------------------------------------
+def group_advantages(rewards, group_size=None, group_ids=None, scale="group", std="sample",
+                     eps=1e-6, lengths=None, length_normalize=False):
+    """A_i = (r_i - mean_g) / (std + eps), see SPEC op 3. No gradient."""
+    dt = compute_dtype(rewards)
+    r = rewards.detach().to(dt)
+    if length_normalize:
+        r = r / lengths.clamp(min=1).to(dt)
+    B = r.numel()
+    if group_ids is None:
+        gid = torch.arange(B, device=r.device) // group_size
+    else:
+        gid = torch.unique(group_ids, return_inverse=True)[1]
+    G = int(gid.max()) + 1 if B else 0
+    count = torch.zeros(G, dtype=dt, device=r.device).index_add(0, gid, torch.ones_like(r))
+    mean = torch.zeros(G, dtype=dt, device=r.device).index_add(0, gid, r) / count
+    centered = r - mean[gid]
+    ddof = 1 if std == "sample" else 0
+    if scale == "group":
+        ss = torch.zeros(G, dtype=dt, device=r.device).index_add(0, gid, centered * centered)
+        sd = (ss / (count - ddof).clamp(min=1)).sqrt()[gid]
+    elif scale == "batch":
+        sd = r.std(correction=ddof) if B > ddof else r.new_zeros(())
+    else:
+        sd = None
+    adv = centered if sd is None else centered / (sd + eps)
+    # A group of one, or of equal rewards, has advantage exactly 0 (never NaN, never rounding).
+    lo = torch.full((G,), float("inf"), dtype=dt, device=r.device).scatter_reduce(0, gid, r, "amin")
+    hi = torch.full((G,), -float("inf"), dtype=dt, device=r.device).scatter_reduce(0, gid, r, "amax")
+    return torch.where((lo == hi)[gid], torch.zeros_like(adv), adv)
+
+
+# --------------------------------------------------------------------------------------------
+# Op 4: the clipped ratio loss
+# --------------------------------------------------------------------------------------------
+def clipped_objective(x, A, clip_mode="two_sided", eps_low=0.2, eps_high=0.28, dual_clip=None):
+    """J = min(x A, clip(x) A) [, max(J, c A) for A < 0]; returns J and the clipped mask.
+
+    dJ/dx is A where the unclipped branch is selected (ties included) and 0 where the constant
+    branch is: the constant branch is detached rather than left to min()'s tie rule.
+    """
+    hi = 1.0 + eps_high
+    xc = x.clamp(1.0 - eps_low, hi) if clip_mode == "two_sided" else x.clamp(max=hi)
+    unclipped, constant = x * A, xc * A
+    take = unclipped <= constant
+    J = torch.where(take, unclipped, constant.detach())
+    clipped = ~take
+    if dual_clip is not None:
+        floor = dual_clip * A
+        lift = (A < 0) & (J < floor)
+        J = torch.where(lift, floor.detach(), J)
+        clipped = clipped | lift
+    return J, clipped
+
+
+def _mean(x, n):
+    return x.sum() / n.clamp(min=1)
+
+
+def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, mask=None,
+                           ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+                           dual_clip=None, max_log_ratio=20.0, aggregation=None,
+                           ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
+                           max_len=None, entropy=None, entropy_coef=0.0):
+    """The SPEC op 4 loss on per-token log-probabilities; returns LossOutput(loss, stats).
+
+    ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic.
+    """
+    aggregation = aggregation or default_aggregation(ratio)
+    dt = compute_dtype(logprobs)
+    if mask is not None:
+        if max_len is None:
+            max_len = mask.shape[1]
+        logprobs, old_logprobs = pack(logprobs, mask), pack(old_logprobs, mask)
+        ref_logprobs = None if ref_logprobs is None else pack(ref_logprobs, mask)
+        entropy = None if entropy is None else pack(entropy, mask)
+    lengths = lengths_of(cu_seqlens, mask)
+    seg = segment_ids(lengths)
+    cap = float(max_log_ratio)
+
+    logp = logprobs.to(dt)
+    d = logp - old_logprobs.to(dt)  # per-token difference first (see the module docstring)
+    A = advantages.detach().to(dt)
+    L = lengths.to(dt)
+    nonempty = (lengths > 0).to(dt)
+    n_seq = nonempty.sum()
+    delta = segment_sum(d, lengths)
+
+    stats = {}
+    if ratio == "none":
+        J_tok = A[seg] * logp
+        zero = logp.new_zeros(())
+        stats.update(clip_fraction=zero, ratio_mean=zero + 1, ratio_max=zero + 1, cap_fraction=zero)
+    else:
+        if ratio == "token":
+            log_ratio, A_unit, n_units, unit_ok = d, A[seg], d.new_tensor(d.numel()), None
+        else:
+            log_ratio = delta if ratio == "trajectory" else delta / L.clamp(min=1)
+            A_unit, n_units, unit_ok = A, n_seq, nonempty.bool()
+        capped = log_ratio.abs() > cap
+        x = log_ratio.clamp(-cap, cap).exp()  # clamp's gradient is 0 beyond the cap
+        J_unit, clipped = clipped_objective(x, A_unit, clip_mode, eps_low, eps_high, dual_clip)
+        J_tok = J_unit if ratio == "token" else J_unit[seg]
+        xd = x.detach()
+        if unit_ok is not None:  # empty sequences are not units
+            clipped, capped, xd = clipped & unit_ok, capped & unit_ok, xd * unit_ok
+        seq_capped = capped if ratio != "token" else segment_sum(capped.to(dt), lengths) > 0
+        stats.update(clip_fraction=_mean(clipped.to(dt), n_units),
+                     ratio_mean=_mean(xd, n_units),
+                     ratio_max=xd.max() if xd.numel() else xd.new_zeros(()),
+                     cap_fraction=_mean(seq_capped.to(dt), n_seq))
+
+    n_tok = logp.new_tensor(float(logp.numel()))
+    if ref_logprobs is not None:
+        u = (ref_logprobs.to(dt) - logp).clamp(-cap, cap)
+        kl = u.exp() - u - 1.0  # k3 estimator; the cap keeps exp finite, gradient 0 beyond it
+        if beta:
+            J_tok = J_tok - beta * kl
+        stats["kl_mean"] = _mean(kl.detach(), n_tok)
+
+    B_eff = n_seq if num_sequences is None else torch.tensor(float(num_sequences), dtype=dt)
+    N_eff = n_tok if num_tokens is None else torch.tensor(float(num_tokens), dtype=dt)
+    B_eff, N_eff = B_eff.to(logp.device).clamp(min=1), N_eff.to(logp.device).clamp(min=1)
+    if aggregation == "seq-mean-token-mean":
+        w = 1.0 / (B_eff * L[seg])
+    elif aggregation == "token-mean":
+        w = 1.0 / N_eff.expand(logp.shape)
+    elif aggregation == "seq-mean-token-sum":
+        w = 1.0 / B_eff.expand(logp.shape)
+    else:  # seq-mean-token-sum-norm
+        w = 1.0 / (B_eff * float(max_len)).expand(logp.shape)
+    loss = -(w * J_tok).sum()
+    if entropy is not None:
+        H = entropy.to(dt)
+        if entropy_coef:
+            loss = loss - entropy_coef * (w * H).sum()
+        stats["entropy_mean"] = _mean(H.detach(), n_tok)
+
+    stats["delta_abs_mean"] = _mean(delta.detach().abs(), n_seq)
+    stats["logp_mean"] = _mean(logp.detach(), n_tok)
+    out_dt = torch.float64 if dt == torch.float64 else torch.float32
+    return LossOutput(loss.to(out_dt), {k: v.to(out_dt) for k, v in sorted(stats.items())})
+
+
+def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=None,
+             temperature=1.0, entropy_coef=0.0, inplace_backward=False, **loss_options):
+    """tic_loss_from_logprobs applied to token_logprobs(logits, targets); see SPEC op 4.
+
+    ``inplace_backward`` is accepted for signature parity and ignored: the reference allocates.
+    """
+    if mask is not None:  # masked rows are marked ignored, so they are never read
+        targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+    want_entropy = entropy_coef != 0.0
+    logp, entropy = token_logprobs(logits, targets, temperature, -100, return_entropy=True) \
+        if want_entropy else (token_logprobs(logits, targets, temperature, -100), None)
+    return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
+                                  mask=mask, entropy=entropy,
+                                  entropy_coef=entropy_coef, **loss_options)

@@ -1,0 +1,104 @@
+"""Tolerances and input generators shared by the tests and the benchmarks (one copy of each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# (atol, rtol) of a fused result against the reference computed from the same rounded inputs.
+# Both compute in fp32 from the same low-precision logits, so values agree to fp32 rounding of a
+# logsumexp over V terms, whatever the logits dtype: the input rounding is shared, not an error.
+VALUE_TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 2e-5),
+    torch.float16: (2e-5, 2e-5),
+}
+# Gradients w.r.t. logits are stored in the logits' dtype: half an ulp of bf16 (2^-8) or fp16
+# (2^-11) relative, plus an absolute floor for entries that round near zero.
+GRAD_TOL = {
+    torch.float32: (1e-6, 1e-5),
+    torch.bfloat16: (1e-6, 2 ** -8),
+    torch.float16: (1e-7, 2 ** -10),
+}
+# The O(N) loss: a few fp32 reductions in a different order than the reference's.
+LOSS_TOL = (1e-5, 1e-4)
+
+
+def tolerance(table, dtype):
+    atol, rtol = table[dtype]
+    return dict(atol=atol, rtol=rtol)
+
+
+def random_lengths(num_seqs, max_len, *, allow_empty=True, generator=None):
+    """(B,) int64 lengths in [0 or 1, max_len]."""
+    low = 0 if allow_empty else 1
+    return torch.randint(low, max_len + 1, (num_seqs,), generator=generator)
+
+
+def cu_seqlens_from(lengths):
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu
+
+
+def mask_from(lengths, T, *, left_pad=False, holes=False, generator=None):
+    """(B, T) bool mask with lengths[i] True entries per row: right- or left-padded, or scattered."""
+    B = lengths.numel()
+    pos = torch.arange(T).expand(B, T)
+    if holes:  # each row picks lengths[i] random positions
+        keys = torch.rand(B, T, generator=generator)
+        rank = keys.argsort(1).argsort(1)
+        return rank < lengths[:, None]
+    if left_pad:
+        return pos >= (T - lengths)[:, None]
+    return pos < lengths[:, None]
+
+
+@dataclass
+class LossBatch:
+    """Inputs of tic_loss in one layout; ``layout_kw`` is cu_seqlens=... or mask=..."""
+    logits: torch.Tensor
+    targets: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    layout_kw: dict = field(default_factory=dict)
+
+
+def loss_batch(lengths, vocab, *, dtype=torch.float32, padded=False, T=None, device="cpu",
+               drift=0.05, logit_scale=2.0, seed=0, target_dtype=torch.int64):
+    """A generated batch whose old/ref log-probs sit near the current ones (ratios near 1).
+
+    ``drift`` is the std of logp - logp_old per token, so some ratios fall outside the clip band.
+    Padded batches use T = max length (or the given T) with right padding and random holes off.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    B = lengths.numel()
+    if padded:
+        T = T if T is not None else max(int(lengths.max()) if B else 0, 1)
+        shape = (B, T)
+    else:
+        shape = (int(lengths.sum()),)
+    logits = (torch.randn(*shape, vocab, generator=g) * logit_scale).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    # log-probs of the rounded logits in fp32, so "old" differs from the current only by drift
+    z = logits.float()
+    logp = z.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+    old = logp + drift * torch.randn(shape, generator=g)
+    ref = logp + drift * torch.randn(shape, generator=g)
+    adv = torch.randn(B, generator=g)
+    if padded:
+        mask = mask_from(lengths, T)
+        # Masked positions hold garbage a kernel must never read into the loss.
+        targets = torch.where(mask, targets, torch.full_like(targets, -7))
+        logits = torch.where(mask[..., None], logits, torch.full_like(logits, float("nan")))
+        old = torch.where(mask, old, torch.full_like(old, float("nan")))
+        ref = torch.where(mask, ref, torch.full_like(ref, float("nan")))
+        layout = {"mask": mask}
+    else:
+        layout = {"cu_seqlens": cu_seqlens_from(lengths)}
+    to = dict(device=device)
+    return LossBatch(logits.to(**to), targets.to(device=device, dtype=target_dtype),
+                     old.to(**to), ref.to(**to), adv.to(**to),
+                     {k: v.to(**to) for k, v in layout.items()})
