@@ -3,13 +3,78 @@
     A_i = (r_i - mean_g) / (std_g + eps)       scale="group"
     A_i = (r_i - mean_g) / (std_batch + eps)   scale="batch"
     A_i = r_i - mean_g                         scale="none" (Dr. GRPO)
+
+One program per reward scans the whole batch for the members of its group (O(B^2) compares,
+a few microseconds at RL batch sizes), so arbitrary group ids need no sort, no unique and no
+host sync, and every group statistic is summed in the same order: bitwise reproducible.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
 from . import validation as check
+from .backend import use_triton
+
+BLOCK_B = 1024
+
+
+@triton.jit
+def _group_advantages_kernel(
+    rewards_ptr, group_ptr, batch_std_ptr, out_ptr, B, eps,
+    SCALE: tl.constexpr, SAMPLE_STD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # SCALE: 0 group, 1 batch, 2 none
+    i = tl.program_id(0)
+    gi = tl.load(group_ptr + i)
+    ri = tl.load(rewards_ptr + i)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.float32)
+    lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    hi = tl.full([BLOCK], -float("inf"), dtype=tl.float32)
+    for off in range(0, B, BLOCK):
+        j = off + tl.arange(0, BLOCK)
+        same = (j < B) & (tl.load(group_ptr + j, mask=j < B, other=0) == gi)
+        r = tl.load(rewards_ptr + j, mask=same, other=0.0)
+        total += r
+        count += same.to(tl.float32)
+        lo = tl.minimum(lo, tl.where(same, r, float("inf")))
+        hi = tl.maximum(hi, tl.where(same, r, -float("inf")))
+    n = tl.sum(count, 0)
+    mean = tl.sum(total, 0) / n
+    adv = ri - mean
+    if SCALE == 0:
+        # second pass: sum of squared deviations from the mean (two passes, not E[r^2] - mean^2)
+        ss = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, B, BLOCK):
+            j = off + tl.arange(0, BLOCK)
+            same = (j < B) & (tl.load(group_ptr + j, mask=j < B, other=0) == gi)
+            dev = tl.load(rewards_ptr + j, mask=same, other=0.0) - mean
+            ss += tl.where(same, dev * dev, 0.0)
+        denom = tl.maximum(n - 1.0, 1.0) if SAMPLE_STD else n
+        adv = adv / (tl.sqrt(tl.sum(ss, 0) / denom) + eps)
+    elif SCALE == 1:
+        adv = adv / (tl.load(batch_std_ptr) + eps)
+    # a group of one, or of equal rewards, gets exactly 0 (not a rounding residue, never NaN)
+    equal = tl.max(hi, 0) == tl.min(lo, 0)
+    tl.store(out_ptr + i, tl.where(equal, 0.0, adv))
+
+
+@torch.library.triton_op("tic_kernels::group_advantages", mutates_args=())
+def group_advantages_op(rewards: torch.Tensor, group: torch.Tensor, scale: str,
+                        sample_std: bool, eps: float) -> torch.Tensor:
+    """(B,) fp32 advantages of fp32 ``rewards`` grouped by int ``group`` ids."""
+    B = rewards.numel()
+    out = torch.empty(B, dtype=torch.float32, device=rewards.device)
+    ddof = 1 if sample_std else 0
+    batch_std = rewards.std(correction=ddof).reshape(1) if B > ddof else rewards.new_zeros(1)
+    if B:
+        torch.library.wrap_triton(_group_advantages_kernel)[(B,)](
+            rewards, group, batch_std, out, B, eps,
+            SCALE=check.SCALES.index(scale), SAMPLE_STD=sample_std, BLOCK=BLOCK_B)
+    return out
 
 
 def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group", std="sample",
@@ -59,5 +124,13 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group",
             raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
         check.shape("lengths", lengths, (B,), " (one length per reward)")
         check.same_device("rewards", rewards, lengths=lengths)
-    return reference.group_advantages(rewards, group_size, group_ids, scale, std, eps, lengths,
-                                      length_normalize)
+    if not use_triton(rewards):
+        return reference.group_advantages(rewards, group_size, group_ids, scale, std, eps,
+                                          lengths, length_normalize)
+    r = rewards.detach().float()
+    if length_normalize:
+        r = r / lengths.clamp(min=1).float()
+    if group_ids is None:
+        group_ids = torch.arange(B, device=r.device) // group_size
+    return group_advantages_op(r.contiguous(), group_ids.contiguous(), scale, std == "sample",
+                               float(eps))

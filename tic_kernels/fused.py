@@ -1,7 +1,10 @@
 """Op 4 from logits: log-softmax gather and the clipped ratio loss in one autograd node.
 
-Traffic over the (N, V) logits: one read in forward (logp, lse and entropy in one pass), one
-read and one write in backward (the gradient from the saved lse and a per-token coefficient).
+Traffic over the (N, V) logits, the only large tensor: one read in forward (logp, lse and
+entropy in one pass), one read and one write in backward (the gradient from the saved lse and
+the per-token coefficient the loss kernel wrote), so 3 N V s bytes for s-byte logits. With
+``inplace_backward`` the gradient overwrites the logits buffer and the loss allocates O(N).
+Padded rows under a zero mask are never read; their gradient rows are written with zeros.
 """
 from __future__ import annotations
 
@@ -9,6 +12,38 @@ import torch
 
 from . import reference
 from . import validation as check
+from .backend import use_triton
+from .logprobs import logits_grad, token_logprobs_fwd
+from .loss import loss_on_segments, stats_keys
+
+IGNORE = -100
+
+
+class _TICLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+                temperature, entropy_coef, inplace_backward, options):
+        if mask is not None:  # masked rows become ignored rows: the kernel never reads them
+            targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE))
+        with_entropy = entropy_coef != 0.0
+        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE, with_entropy)
+        loss, stats, coef, coef_ent, norm = loss_on_segments(
+            logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            entropy if with_entropy else None, entropy_coef=entropy_coef, **options)
+        ctx.save_for_backward(logits, targets, lse, entropy, coef, coef_ent, norm)
+        ctx.temperature, ctx.entropy_coef = temperature, entropy_coef
+        ctx.inplace_backward, ctx.with_entropy = inplace_backward, with_entropy
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, g_loss, *_stats):
+        logits, targets, lse, entropy, coef, coef_ent, norm = ctx.saved_tensors
+        scale = g_loss * norm
+        g_entropy = coef_ent * (ctx.entropy_coef * scale) if ctx.with_entropy else None
+        grad = logits_grad(logits, targets, lse, entropy, coef * scale, g_entropy,
+                           ctx.temperature, IGNORE, inplace=ctx.inplace_backward)
+        return (grad,) + (None,) * 10
 
 
 def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
@@ -54,11 +89,16 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     check.targets_in_range(loss_targets, logits.shape[-1])
     options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
                    dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
-                   ref_logprobs=ref_logprobs, beta=beta, num_tokens=num_tokens,
-                   num_sequences=num_sequences, max_len=max_len)
-    return reference.tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=cu_seqlens,
-                              mask=mask, temperature=temperature, entropy_coef=entropy_coef,
-                              **options)
+                   beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
+    if not use_triton(logits):
+        return reference.tic_loss(logits, targets, old_logprobs, advantages,
+                                  cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,
+                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, **options)
+    loss, *stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
+                                  ref_logprobs, float(temperature), float(entropy_coef),
+                                  bool(inplace_backward), options)
+    keys = stats_keys(entropy_coef != 0.0, ref_logprobs is not None)
+    return check.LossOutput(loss, dict(zip(keys, stats)))
 
 
 class TICLoss(torch.nn.Module):

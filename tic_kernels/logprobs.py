@@ -1,15 +1,199 @@
 """Op 1: per-token log-softmax gather, with temperature and entropy.
 
-    logp_t = z[t, y_t] / tau - logsumexp_v(z[t, v] / tau)
-    H_t    = -sum_v p[t, v] log p[t, v],              p_t = softmax(z_t / tau)
-    dL/dz[t, v] = (g_t (1[v = y_t] - p[t, v]) - gH_t p[t, v] (log p[t, v] + H_t)) / tau
+    z = logits / tau,  lse_t = logsumexp_v z[t, v],  p = exp(z - lse)
+    logp_t = z[t, y_t] - lse_t
+    H_t    = -sum_v p[t, v] log p[t, v] = lse_t - sum_v p[t, v] z[t, v]
+    dL/dlogits[t, v] = (g_t (1[v = y_t] - p[t, v]) - gH_t p[t, v] (log p[t, v] + H_t)) / tau
+
+Shapes: logits (R, V) or (B, T, V) with any strides, fp16/bf16/fp32; targets (R,) / (B, T).
+Bytes moved: forward reads the logits once (R V s bytes, s the element size) and writes 3 fp32
+per row; backward reads the logits once and writes the gradient once (2 R V s), from the lse
+saved by the forward. Rows whose target is ``ignore_index`` are not read; their gradient row is
+written with zeros.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from . import reference
 from . import validation as check
+from .backend import interpreting, use_triton
+
+
+@triton.jit
+def _row_offset(row, T, stride_b, stride_t):
+    # 64-bit: R * V passes 2^31 at ordinary sizes (16k tokens x 152k vocabulary).
+    row = row.to(tl.int64)
+    b = row // T
+    return b * stride_b + (row - b * T) * stride_t
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
+    stride_b, stride_t, stride_v,
+    T, V, inv_temperature, ignore_index,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    active = target != ignore_index
+    base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    cols = tl.arange(0, BLOCK_V)
+    # Online logsumexp in fp32: running max m, sum of exp(z - m), and sum of exp(z - m) z for
+    # the entropy, all rescaled when the max grows. Inactive rows run zero iterations.
+    m = -float("inf")
+    s = 0.0
+    sz = 0.0
+    n_v = tl.where(active, V, 0)
+    for start in range(0, n_v, BLOCK_V):
+        idx = start + cols
+        inside = idx < V
+        # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
+        z = tl.load(base + idx * stride_v, mask=inside, other=-float("inf")).to(tl.float32)
+        z = z * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, 0))
+        scale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s = s * scale + tl.sum(e, 0)
+        if WITH_ENTROPY:
+            sz = sz * scale + tl.sum(e * tl.where(inside, z, 0.0), 0)
+        m = m_new
+    s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
+    lse = m + tl.log(s)
+    in_vocab = (target >= 0) & (target < V)
+    z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
+    # An out-of-range target (only reachable when validation is skipped) gives NaN, never a
+    # plausible number.
+    logp = tl.where(in_vocab, z_t * inv_temperature - lse, float("nan"))
+    tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
+    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(active, lse - sz / s, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
+    stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
+    T, V, inv_temperature, ignore_index,
+    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    active = target != ignore_index
+    base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
+    gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
+    lse = tl.load(lse_ptr + row)
+    g = tl.where(active, tl.load(g_ptr + row), 0.0) * inv_temperature
+    if WITH_ENTROPY:
+        gH = tl.where(active, tl.load(g_entropy_ptr + row), 0.0) * inv_temperature
+        H = tl.load(entropy_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        inside = idx < V
+        # inactive rows: no read, a row of exact zeros written
+        z = tl.load(base + idx * stride_v, mask=inside & active, other=0.0).to(tl.float32)
+        log_p = z * inv_temperature - lse
+        p = tl.exp(log_p)
+        d = tl.where(idx == target, g, 0.0) - g * p
+        if WITH_ENTROPY:
+            d -= gH * p * (log_p + H)
+        d = tl.where(active, d, 0.0)
+        tl.store(gbase + idx * stride_gv, d.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+def _block_v(V: int) -> int:
+    # The interpreter runs programs one after another: fewer, larger blocks are faster there.
+    cap = 16384 if interpreting() else 4096
+    return min(triton.next_power_of_2(V), cap)
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def _rows_layout(logits):
+    """(T, stride_b, stride_t, stride_v) describing rows of a 2-D or 3-D logits tensor."""
+    if logits.dim() == 2:
+        return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
+    return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
+
+
+@torch.library.triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                       ignore_index: int, with_entropy: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, lse, entropy), each (R,) fp32 over the flattened rows; entropy is empty unless
+    with_entropy."""
+    V = logits.shape[-1]
+    R = targets.numel()
+    flat_targets = targets.reshape(-1)
+    logp = torch.empty(R, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(R, dtype=torch.float32, device=logits.device)
+    entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    T, sb, st, sv = _rows_layout(logits)
+    block = _block_v(V)
+    if R:
+        torch.library.wrap_triton(_token_logprobs_fwd_kernel)[(R,)](
+            logits, flat_targets, logp, lse, entropy, sb, st, sv, T, V, 1.0 / temperature,
+            ignore_index, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block))
+    return logp, lse, entropy
+
+
+@torch.library.triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
+def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
+                       lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
+                       g_entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
+    """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself: each block is read
+    before it is overwritten by the same program). g_entropy empty: no entropy term."""
+    V = logits.shape[-1]
+    R = targets.numel()
+    with_entropy = g_entropy.numel() > 0
+    T, sb, st, sv = _rows_layout(logits)
+    _, gb, gt, gv = _rows_layout(grad)
+    block = _block_v(V)
+    if R:
+        torch.library.wrap_triton(_token_logprobs_bwd_kernel)[(R,)](
+            logits, grad, targets.reshape(-1), lse, entropy, g_logp, g_entropy,
+            sb, st, sv, gb, gt, gv, T, V, 1.0 / temperature, ignore_index,
+            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block))
+
+
+def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+                inplace=False):
+    """dL/dlogits (in the logits' dtype) from the forward's lse; shared with the fused loss."""
+    grad = logits if inplace else torch.empty_like(logits)
+    empty = lse.new_empty(0)
+    token_logprobs_bwd(logits, grad, targets, lse,
+                       entropy if g_entropy is not None else empty,
+                       g_logp.reshape(-1).float().contiguous(),
+                       empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
+                       temperature, ignore_index)
+    return grad
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, temperature, ignore_index, with_entropy = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+
+
+def _backward(ctx, g_logp, g_lse, g_entropy):
+    logits, targets, lse, entropy = ctx.saved_tensors
+    g_entropy = g_entropy if ctx.with_entropy else None
+    if g_logp is None:  # only the entropy was used
+        g_logp = torch.zeros_like(lse)
+    grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
+                       ctx.ignore_index)
+    return grad, None, None, None, None
+
+
+token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -36,4 +220,12 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     check.same_device("logits", logits, targets=targets)
     check.positive("temperature", temperature)
     check.targets_in_range(targets, logits.shape[-1], ignore_index)
-    return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
+    if not use_triton(logits):
+        return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
+    shape = targets.shape
+    if logits.dim() > 3 or logits.dim() == 1:  # rows must be describable by (b, t) strides
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index),
+                                          bool(return_entropy))
+    logp = logp.view(shape)
+    return (logp, entropy.view(shape)) if return_entropy else logp

@@ -6,11 +6,292 @@ exp(Delta_i) ("trajectory", TIC-GRPO), exp(Delta_i / L_i) ("sequence_mean", GSPO
 [-max_log_ratio, max_log_ratio] before exp (gradient 0 beyond), then clipped:
 J = min(x A, clip(x) A) [max(J, c A) for A < 0 with dual_clip=c], minus beta * k3-KL, and the
 loss is -aggregate(J). See SPEC op 4 for the gradient of every mode.
+
+Kernel: one program per sequence makes two passes over its tokens (O(N) floats in all, next to
+the (N, V) logits). Pass 1 sums Delta_i, L_i and the statistics' sums; pass 2 evaluates the
+clipped objective and writes each token's loss gradient coefficient c_t, so the backward is
+dL/dlogp_t = c_t * norm * grad_loss with no further kernel. The aggregation weight of a token
+is norm * v_i with v_i = 1/L_i (seq-mean-token-mean) or 1, and norm = 1/B', 1/N_tok or
+1/(B' max_len) is applied once the per-sequence partial sums are reduced in a fixed order
+(bitwise reproducible, no atomics, no host sync).
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
 from . import validation as check
+from .backend import use_triton
+from .segments import segments
+
+BLOCK_TOKENS = 1024
+# columns of the per-sequence partial sums
+OBJ, ENT_OBJ, LEN, CLIPPED, RATIO_SUM, RATIO_MAX, DELTA_ABS, CAPPED, LOGP, KL, ENT, NPART = range(12)
+STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_abs_mean",
+             "logp_mean", "entropy_mean", "kl_mean")
+
+
+@triton.jit
+def _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED: tl.constexpr,
+                       DUAL: tl.constexpr):
+    """(J, dJ/dx, clipped) for ratio x and advantage A: scalars or blocks alike."""
+    hi = 1.0 + eps_high
+    if TWO_SIDED:
+        xc = tl.minimum(tl.maximum(x, 1.0 - eps_low), hi)
+    else:
+        xc = tl.minimum(x, hi)
+    unclipped = x * A
+    constant = xc * A
+    take = unclipped <= constant  # ties (x inside the band) pass the gradient A
+    J = tl.where(take, unclipped, constant)
+    dJ = tl.where(take, A, 0.0)
+    clipped = (~take).to(tl.float32)
+    if DUAL:
+        floor = dual_clip * A
+        # (A < 0) and (J < floor), as arithmetic: `&` of two scalar compares fails in the
+        # interpreter
+        lift = ((A < 0).to(tl.float32) * (J < floor).to(tl.float32)) > 0
+        J = tl.where(lift, floor, J)
+        dJ = tl.where(lift, 0.0, dJ)
+        clipped = tl.where(lift, 1.0, clipped)
+    return J, dJ, clipped
+
+
+@triton.jit
+def _capped_exp(log_ratio, cap):
+    """(exp(clamp(log_ratio)), 1.0 where the cap is not hit else 0.0)."""
+    inside = tl.abs(log_ratio) <= cap
+    return tl.exp(tl.minimum(tl.maximum(log_ratio, -cap), cap)), inside.to(tl.float32)
+
+
+@triton.jit
+def _ratio_loss_fwd_kernel(
+    logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr,
+    coef_ptr, coef_ent_ptr, part_ptr,
+    eps_low, eps_high, dual_clip, cap, beta,
+    RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
+    NPART: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # RATIO: 0 trajectory, 1 sequence_mean, 2 token, 3 none
+    i = tl.program_id(0)
+    start = tl.load(cu_ptr + i)
+    end = tl.load(cu_ptr + i + 1)
+    A = tl.load(adv_ptr + i).to(tl.float32)
+    cols = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+
+    # pass 1: Delta_i, L_i and the sums of the statistics
+    delta, count, logp_sum, kl_sum, ent_sum = zero, zero, zero, zero, zero
+    for off in range(start, end, BLOCK):
+        idx = off + cols
+        keep = idx < end
+        if HAS_MASK:
+            keep &= tl.load(mask_ptr + idx, mask=keep, other=0) != 0
+        lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+        delta += lp - old  # the per-token difference, reduced in fp32 (never two sums)
+        count += keep.to(tl.float32)
+        logp_sum += lp
+        if HAS_REF:
+            u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
+            uc = tl.minimum(tl.maximum(u, -cap), cap)
+            kl_sum += tl.where(keep, tl.exp(uc) - uc - 1.0, 0.0)
+        if HAS_ENT:
+            ent_sum += tl.load(ent_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+    Delta = tl.sum(delta, 0)
+    L = tl.sum(count, 0)
+    nonempty = L > 0
+    v = 1.0 / tl.maximum(L, 1.0) if PER_SEQ_MEAN else 1.0
+
+    obj = 0.0
+    clipped_units = 0.0
+    ratio_sum = 0.0
+    ratio_max = 0.0
+    capped_any = 0.0
+    g_seq = 0.0
+    if RATIO < 2:  # one ratio per sequence
+        log_ratio = Delta if RATIO == 0 else Delta / tl.maximum(L, 1.0)
+        x, chi = _capped_exp(log_ratio, cap)
+        J, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED, DUAL)
+        obj = v * L * J
+        # dL/dlogp_t / norm = -W_i dJ/dx x chi (/ L_i for GSPO), W_i / norm = v L
+        g_seq = -v * L * dJ * x * chi
+        if RATIO == 1:
+            g_seq = g_seq / tl.maximum(L, 1.0)
+        unit = nonempty.to(tl.float32)
+        clipped_units = clipped * unit
+        ratio_sum = x * unit
+        ratio_max = x * unit
+        capped_any = (1.0 - chi) * unit
+
+    # pass 2: per-token objective and gradient coefficient
+    obj_acc, ent_obj_acc = zero, zero
+    clip_acc, rsum_acc, rmax_acc, cap_acc = zero, zero, zero, zero
+    for off in range(start, end, BLOCK):
+        idx = off + cols
+        inside = idx < end
+        keep = inside
+        if HAS_MASK:
+            keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
+        lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+        c = zero + g_seq
+        if RATIO == 2:
+            old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+            x, chi = _capped_exp(lp - old, cap)
+            J, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED, DUAL)
+            obj_acc += tl.where(keep, v * J, 0.0)
+            c = -v * dJ * x * chi
+            k = keep.to(tl.float32)
+            clip_acc += clipped * k
+            rsum_acc += x * k
+            rmax_acc = tl.maximum(rmax_acc, x * k)
+            cap_acc = tl.maximum(cap_acc, (1.0 - chi) * k)
+        elif RATIO == 3:
+            obj_acc += v * A * lp
+            c = zero - v * A
+        if HAS_REF:
+            u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
+            uc = tl.minimum(tl.maximum(u, -cap), cap)
+            obj_acc -= tl.where(keep, v * beta * (tl.exp(uc) - uc - 1.0), 0.0)
+            c += v * beta * (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
+        tl.store(coef_ptr + idx, tl.where(keep, c, 0.0), mask=inside)
+        if HAS_ENT:
+            H = tl.load(ent_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+            ent_obj_acc += v * H
+            tl.store(coef_ent_ptr + idx, tl.where(keep, -v, 0.0), mask=inside)
+
+    if RATIO == 2:
+        clipped_units = tl.sum(clip_acc, 0)
+        ratio_sum = tl.sum(rsum_acc, 0)
+        ratio_max = tl.max(rmax_acc, 0)
+        capped_any = tl.max(cap_acc, 0)
+    row = part_ptr + i * NPART
+    tl.store(row + 0, obj + tl.sum(obj_acc, 0))
+    tl.store(row + 1, tl.sum(ent_obj_acc, 0))
+    tl.store(row + 2, L)
+    tl.store(row + 3, clipped_units)
+    tl.store(row + 4, ratio_sum)
+    tl.store(row + 5, ratio_max)
+    tl.store(row + 6, tl.abs(Delta) * nonempty.to(tl.float32))
+    tl.store(row + 7, capped_any)
+    tl.store(row + 8, tl.sum(logp_sum, 0))
+    tl.store(row + 9, tl.sum(kl_sum, 0))
+    tl.store(row + 10, tl.sum(ent_sum, 0))
+
+
+def _finalize(part, ratio, aggregation, entropy_coef, num_tokens, num_sequences, max_len):
+    """(loss, stats (8,), norm) from the per-sequence partial sums, on the device."""
+    L = part[:, LEN]
+    n_seq = (L > 0).sum().float()
+    n_tok = L.sum()
+    B_eff = n_seq if num_sequences is None else part.new_tensor(num_sequences)
+    N_eff = n_tok if num_tokens is None else part.new_tensor(num_tokens)
+    B_eff, N_eff = B_eff.clamp(min=1), N_eff.clamp(min=1)
+    if aggregation == "token-mean":
+        norm = 1.0 / N_eff
+    elif aggregation == "seq-mean-token-sum-norm":
+        norm = 1.0 / (B_eff * max_len)
+    else:
+        norm = 1.0 / B_eff
+    loss = -norm * (part[:, OBJ].sum() + entropy_coef * part[:, ENT_OBJ].sum())
+    if ratio == "none":
+        one = part.new_ones(())
+        clip_fraction, ratio_mean, ratio_max, cap_fraction = one * 0, one, one, one * 0
+    else:
+        units = (n_tok if ratio == "token" else n_seq).clamp(min=1)
+        clip_fraction = part[:, CLIPPED].sum() / units
+        ratio_mean = part[:, RATIO_SUM].sum() / units
+        ratio_max = torch.cat([part[:, RATIO_MAX], part.new_zeros(1)]).max()
+        cap_fraction = part[:, CAPPED].sum() / n_seq.clamp(min=1)
+    per_tok = n_tok.clamp(min=1)
+    stats = torch.stack([clip_fraction, ratio_mean, ratio_max, cap_fraction,
+                         part[:, DELTA_ABS].sum() / n_seq.clamp(min=1),
+                         part[:, LOGP].sum() / per_tok, part[:, ENT].sum() / per_tok,
+                         part[:, KL].sum() / per_tok])
+    return loss, stats, norm
+
+
+@torch.library.triton_op("tic_kernels::ratio_loss", mutates_args=())
+def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, cu: torch.Tensor,
+               mask: Optional[torch.Tensor], ref: Optional[torch.Tensor],
+               entropy: Optional[torch.Tensor], ratio: str, clip_mode: str, eps_low: float,
+               eps_high: float, dual_clip: Optional[float], max_log_ratio: float,
+               aggregation: str, beta: float, entropy_coef: float, num_tokens: Optional[float],
+               num_sequences: Optional[float], max_len: Optional[float]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats (8,), coef (R,), coef_entropy (R,) or (0,), norm) over flat per-token
+    tensors of R positions split by the segments (cu, mask); see the module docstring."""
+    R, B = logp.numel(), cu.numel() - 1
+    dev = logp.device
+    coef = torch.empty(R, dtype=torch.float32, device=dev)
+    coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
+    part = torch.empty(B, NPART, dtype=torch.float32, device=dev)
+    if B:
+        torch.library.wrap_triton(_ratio_loss_fwd_kernel)[(B,)](
+            logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
+            advantages, cu, logp if mask is None else mask, coef, coef_ent, part,
+            eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,
+            RATIO=check.RATIOS.index(ratio), TWO_SIDED=clip_mode == "two_sided",
+            DUAL=dual_clip is not None, PER_SEQ_MEAN=aggregation == "seq-mean-token-mean",
+            HAS_MASK=mask is not None, HAS_REF=ref is not None, HAS_ENT=entropy is not None,
+            NPART=NPART, BLOCK=BLOCK_TOKENS)
+    loss, stats, norm = _finalize(part, ratio, aggregation, entropy_coef, num_tokens,
+                                  num_sequences, max_len)
+    return loss, stats, coef, coef_ent, norm
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, _, _, _, entropy, *_ = inputs
+    _, _, coef, coef_ent, norm = output
+    ctx.save_for_backward(coef, coef_ent, norm)
+    ctx.entropy_coef = inputs[15]
+    ctx.has_entropy = entropy is not None
+
+
+def _backward(ctx, g_loss, *_unused):
+    coef, coef_ent, norm = ctx.saved_tensors
+    scale = g_loss * norm
+    g_ent = coef_ent * (ctx.entropy_coef * scale) if ctx.has_entropy else None
+    return (coef * scale, None, None, None, None, None, g_ent) + (None,) * 12
+
+
+ratio_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def stats_keys(has_entropy, has_ref):
+    """The statistics reported, in sorted order (entropy and KL only when computed)."""
+    return sorted(k for k in STAT_KEYS
+                  if (k != "entropy_mean" or has_entropy) and (k != "kl_mean" or has_ref))
+
+
+def stats_dict(stats, has_entropy, has_ref):
+    return {k: stats[STAT_KEYS.index(k)] for k in stats_keys(has_entropy, has_ref)}
+
+
+def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, *,
+                     ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+                     beta, entropy_coef, num_tokens, num_sequences, max_len):
+    """Runs the ratio_loss op on either layout; returns (loss, stats dict, coef, coef_ent, norm)."""
+    aggregation = aggregation or check.default_aggregation(ratio)
+    if mask is not None and max_len is None:
+        max_len = mask.shape[1]
+    cu, flat_mask = segments(cu_seqlens, mask, logp.device)
+
+    def flat(t):
+        return None if t is None else t.reshape(-1).contiguous()
+    loss, stats, coef, coef_ent, norm = ratio_loss(
+        flat(logp), flat(old), advantages.detach().float().contiguous(), cu, flat_mask,
+        flat(ref_logprobs), flat(entropy), ratio, clip_mode, float(eps_low), float(eps_high),
+        None if dual_clip is None else float(dual_clip), float(max_log_ratio), aggregation,
+        float(beta), float(entropy_coef), None if num_tokens is None else float(num_tokens),
+        None if num_sequences is None else float(num_sequences),
+        None if max_len is None else float(max_len))
+    return loss, stats_dict(stats, entropy is not None, ref_logprobs is not None), coef, coef_ent, norm
 
 
 def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
@@ -44,8 +325,13 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                        ref_logprobs, beta, num_tokens, num_sequences, max_len, mask is not None)
     check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
                       ref_logprobs, logprobs)
-    return reference.tic_loss_from_logprobs(
-        logprobs, old_logprobs, advantages, cu_seqlens=cu_seqlens, mask=mask, ratio=ratio,
-        clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-        max_log_ratio=max_log_ratio, aggregation=aggregation, ref_logprobs=ref_logprobs,
-        beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
+    options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
+                   dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
+                   beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
+    if not use_triton(logprobs):
+        return reference.tic_loss_from_logprobs(logprobs, old_logprobs, advantages,
+                                                cu_seqlens=cu_seqlens, mask=mask,
+                                                ref_logprobs=ref_logprobs, **options)
+    loss, stats, *_ = loss_on_segments(logprobs, old_logprobs, advantages, cu_seqlens, mask,
+                                       ref_logprobs, None, entropy_coef=0.0, **options)
+    return check.LossOutput(loss, stats)

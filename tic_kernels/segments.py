@@ -4,11 +4,120 @@
     M_i = S_i / max(L_i, 1)               (reduce="mean")
 Backward broadcasts dL/dS_i (divided by max(L_i, 1) for "mean") to the tokens of sequence i;
 masked positions get exactly zero.
+
+Both layouts become *segments*: sequence i covers flat positions [cu[i], cu[i+1]) of the
+token array, and with a padded mask only the positions whose mask is set count (cu = i * T).
+One program per sequence sums its tokens in order, so results are bitwise reproducible.
+Bytes moved: the N values (and mask) once; B outputs.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
 from . import reference
 from . import validation as check
+from .backend import use_triton
+
+BLOCK_TOKENS = 1024
+
+
+def segments(cu_seqlens, mask, device):
+    """(cu (B+1,) int64, flat bool mask or None) for either layout, without a host sync."""
+    if cu_seqlens is not None:
+        return cu_seqlens.to(device=device, dtype=torch.int64), None
+    B, T = mask.shape
+    cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    return cu, mask.reshape(-1).to(torch.bool)
+
+
+@triton.jit
+def _segment_sum_fwd_kernel(
+    values_ptr, cu_ptr, mask_ptr, out_ptr, count_ptr,
+    HAS_MASK: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    start = tl.load(cu_ptr + i)
+    end = tl.load(cu_ptr + i + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK], dtype=tl.int32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        keep = idx < end
+        if HAS_MASK:
+            keep &= tl.load(mask_ptr + idx, mask=keep, other=0) != 0
+        acc += tl.load(values_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+        cnt += keep.to(tl.int32)
+    total = tl.sum(acc, 0)
+    n = tl.sum(cnt, 0)
+    if MEAN:
+        total = total / tl.maximum(n, 1).to(tl.float32)
+    tl.store(out_ptr + i, total)
+    tl.store(count_ptr + i, n)
+
+
+@triton.jit
+def _segment_sum_bwd_kernel(
+    grad_out_ptr, cu_ptr, mask_ptr, count_ptr, grad_ptr,
+    HAS_MASK: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    start = tl.load(cu_ptr + i)
+    end = tl.load(cu_ptr + i + 1)
+    g = tl.load(grad_out_ptr + i).to(tl.float32)
+    if MEAN:
+        g = g / tl.maximum(tl.load(count_ptr + i), 1).to(tl.float32)
+    for off in range(start, end, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        inside = idx < end
+        d = tl.zeros([BLOCK], dtype=tl.float32) + g
+        if HAS_MASK:
+            d = tl.where(tl.load(mask_ptr + idx, mask=inside, other=0) != 0, d, 0.0)
+        tl.store(grad_ptr + idx, d.to(grad_ptr.dtype.element_ty), mask=inside)
+
+
+@torch.library.triton_op("tic_kernels::segment_sum_fwd", mutates_args=())
+def segment_sum_fwd(values: torch.Tensor, cu: torch.Tensor, mask: Optional[torch.Tensor],
+                    mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums or means (B,) fp32, counts (B,) int32) of flat ``values`` over the segments."""
+    B = cu.numel() - 1
+    out = torch.empty(B, dtype=torch.float32, device=values.device)
+    count = torch.empty(B, dtype=torch.int32, device=values.device)
+    if B:
+        torch.library.wrap_triton(_segment_sum_fwd_kernel)[(B,)](
+            values, cu, values if mask is None else mask, out, count,
+            HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
+    return out, count
+
+
+@torch.library.triton_op("tic_kernels::segment_sum_bwd", mutates_args=())
+def segment_sum_bwd(grad_out: torch.Tensor, cu: torch.Tensor, mask: Optional[torch.Tensor],
+                    count: torch.Tensor, mean: bool, like: torch.Tensor) -> torch.Tensor:
+    """dL/dvalues, shaped and typed like the flat ``like`` (the forward's values)."""
+    grad = torch.zeros_like(like)  # positions outside every segment (none when cu ends at N)
+    B = cu.numel() - 1
+    if B:
+        torch.library.wrap_triton(_segment_sum_bwd_kernel)[(B,)](
+            grad_out.contiguous(), cu, grad if mask is None else mask, count, grad,
+            HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
+    return grad
+
+
+def _setup_context(ctx, inputs, output):
+    values, cu, mask, mean = inputs
+    ctx.save_for_backward(cu, mask, output[1], values)
+    ctx.mean = mean
+
+
+def _backward(ctx, grad_out, _grad_count):
+    cu, mask, count, values = ctx.saved_tensors
+    return segment_sum_bwd(grad_out, cu, mask, count, ctx.mean, values), None, None, None
+
+
+segment_sum_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
@@ -36,4 +145,8 @@ def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
             raise ValueError(f"values must be 2-D (B, T) with mask, got shape {tuple(values.shape)}")
         check.mask_ok(mask, values.shape)
         check.same_device("values", values, mask=mask)
-    return reference.sequence_logprobs(values, cu_seqlens, mask, reduce)
+    if not use_triton(values):
+        return reference.sequence_logprobs(values, cu_seqlens, mask, reduce)
+    cu, flat_mask = segments(cu_seqlens, mask, values.device)
+    out, _ = segment_sum_fwd(values.reshape(-1).contiguous(), cu, flat_mask, reduce == "mean")
+    return out

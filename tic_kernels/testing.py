@@ -13,11 +13,12 @@ VALUE_TOL = {
     torch.bfloat16: (2e-5, 2e-5),
     torch.float16: (2e-5, 2e-5),
 }
-# Gradients w.r.t. logits are stored in the logits' dtype: half an ulp of bf16 (2^-8) or fp16
-# (2^-11) relative, plus an absolute floor for entries that round near zero.
+# Gradients w.r.t. logits are stored in the logits' dtype: two fp32 values that differ in the
+# last bits can round to neighbouring bf16/fp16 numbers, so one ulp relative (2^-7, 2^-10),
+# plus an absolute floor for entries that round near zero.
 GRAD_TOL = {
     torch.float32: (1e-6, 1e-5),
-    torch.bfloat16: (1e-6, 2 ** -8),
+    torch.bfloat16: (1e-6, 2 ** -7),
     torch.float16: (1e-7, 2 ** -10),
 }
 # The O(N) loss: a few fp32 reductions in a different order than the reference's.
