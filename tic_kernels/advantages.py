@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import use_triton
+from .backend import launch, triton_op, use_triton
 
 BLOCK_B = 1024
 
@@ -62,7 +62,7 @@ def _group_advantages_kernel(
     tl.store(out_ptr + i, tl.where(equal, 0.0, adv))
 
 
-@torch.library.triton_op("tic_kernels::group_advantages", mutates_args=())
+@triton_op("tic_kernels::group_advantages", mutates_args=())
 def group_advantages_op(rewards: torch.Tensor, group: torch.Tensor, scale: str,
                         sample_std: bool, eps: float) -> torch.Tensor:
     """(B,) fp32 advantages of fp32 ``rewards`` grouped by int ``group`` ids."""
@@ -71,7 +71,7 @@ def group_advantages_op(rewards: torch.Tensor, group: torch.Tensor, scale: str,
     ddof = 1 if sample_std else 0
     batch_std = rewards.std(correction=ddof).reshape(1) if B > ddof else rewards.new_zeros(1)
     if B:
-        torch.library.wrap_triton(_group_advantages_kernel)[(B,)](
+        launch(_group_advantages_kernel, (B,),
             rewards, group, batch_std, out, B, eps,
             SCALE=check.SCALES.index(scale), SAMPLE_STD=sample_std, BLOCK=BLOCK_B)
     return out

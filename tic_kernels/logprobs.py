@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import interpreting, use_triton
+from .backend import interpreting, launch, triton_op, use_triton
 
 
 @triton.jit
@@ -28,6 +28,22 @@ def _row_offset(row, T, stride_b, stride_t):
     row = row.to(tl.int64)
     b = row // T
     return b * stride_b + (row - b * T) * stride_t
+
+
+@triton.jit
+def cast_for_store(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x (fp32) rounded to ``dtype`` to nearest-even. The GPU does that in ``.to``; the
+    interpreter truncates fp32 -> bf16, so there (EMULATE_RNE) the rounding is done on the bits."""
+    if EMULATE_RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+def emulate_rne(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
 
 
 @triton.jit
@@ -79,7 +95,7 @@ def _token_logprobs_bwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
     stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
     T, V, inv_temperature, ignore_index,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -103,7 +119,8 @@ def _token_logprobs_bwd_kernel(
         if WITH_ENTROPY:
             d -= gH * p * (log_p + H)
         d = tl.where(active, d, 0.0)
-        tl.store(gbase + idx * stride_gv, d.to(grad_ptr.dtype.element_ty), mask=inside)
+        d = cast_for_store(d, grad_ptr.dtype.element_ty, EMULATE_RNE)
+        tl.store(gbase + idx * stride_gv, d, mask=inside)
 
 
 def _block_v(V: int) -> int:
@@ -123,7 +140,7 @@ def _rows_layout(logits):
     return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
 
 
-@torch.library.triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
+@triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,13 +155,13 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
     T, sb, st, sv = _rows_layout(logits)
     block = _block_v(V)
     if R:
-        torch.library.wrap_triton(_token_logprobs_fwd_kernel)[(R,)](
+        launch(_token_logprobs_fwd_kernel, (R,),
             logits, flat_targets, logp, lse, entropy, sb, st, sv, T, V, 1.0 / temperature,
             ignore_index, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block))
     return logp, lse, entropy
 
 
-@torch.library.triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
+@triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
 def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
                        lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
                        g_entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
@@ -157,10 +174,11 @@ def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.
     _, gb, gt, gv = _rows_layout(grad)
     block = _block_v(V)
     if R:
-        torch.library.wrap_triton(_token_logprobs_bwd_kernel)[(R,)](
+        launch(_token_logprobs_bwd_kernel, (R,),
             logits, grad, targets.reshape(-1), lse, entropy, g_logp, g_entropy,
             sb, st, sv, gb, gt, gv, T, V, 1.0 / temperature, ignore_index,
-            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block))
+            WITH_ENTROPY=with_entropy, EMULATE_RNE=emulate_rne(grad.dtype), BLOCK_V=block,
+            num_warps=_num_warps(block))
 
 
 def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,

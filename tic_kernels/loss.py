@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import use_triton
+from .backend import launch, triton_op, use_triton
 from .segments import segments
 
 BLOCK_TOKENS = 1024
@@ -216,7 +216,7 @@ def _finalize(part, ratio, aggregation, entropy_coef, num_tokens, num_sequences,
     return loss, stats, norm
 
 
-@torch.library.triton_op("tic_kernels::ratio_loss", mutates_args=())
+@triton_op("tic_kernels::ratio_loss", mutates_args=())
 def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, cu: torch.Tensor,
                mask: Optional[torch.Tensor], ref: Optional[torch.Tensor],
                entropy: Optional[torch.Tensor], ratio: str, clip_mode: str, eps_low: float,
@@ -232,7 +232,7 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
     part = torch.empty(B, NPART, dtype=torch.float32, device=dev)
     if B:
-        torch.library.wrap_triton(_ratio_loss_fwd_kernel)[(B,)](
+        launch(_ratio_loss_fwd_kernel, (B,),
             logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
             advantages, cu, logp if mask is None else mask, coef, coef_ent, part,
             eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import use_triton
+from .backend import launch, triton_op, use_triton
+from .logprobs import cast_for_store, emulate_rne
 
 BLOCK_TOKENS = 1024
 
@@ -62,7 +63,7 @@ def _segment_sum_fwd_kernel(
 @triton.jit
 def _segment_sum_bwd_kernel(
     grad_out_ptr, cu_ptr, mask_ptr, count_ptr, grad_ptr,
-    HAS_MASK: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, MEAN: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
     start = tl.load(cu_ptr + i)
@@ -76,10 +77,11 @@ def _segment_sum_bwd_kernel(
         d = tl.zeros([BLOCK], dtype=tl.float32) + g
         if HAS_MASK:
             d = tl.where(tl.load(mask_ptr + idx, mask=inside, other=0) != 0, d, 0.0)
-        tl.store(grad_ptr + idx, d.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_ptr + idx, cast_for_store(d, grad_ptr.dtype.element_ty, EMULATE_RNE),
+                 mask=inside)
 
 
-@torch.library.triton_op("tic_kernels::segment_sum_fwd", mutates_args=())
+@triton_op("tic_kernels::segment_sum_fwd", mutates_args=())
 def segment_sum_fwd(values: torch.Tensor, cu: torch.Tensor, mask: Optional[torch.Tensor],
                     mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums or means (B,) fp32, counts (B,) int32) of flat ``values`` over the segments."""
@@ -87,22 +89,23 @@ def segment_sum_fwd(values: torch.Tensor, cu: torch.Tensor, mask: Optional[torch
     out = torch.empty(B, dtype=torch.float32, device=values.device)
     count = torch.empty(B, dtype=torch.int32, device=values.device)
     if B:
-        torch.library.wrap_triton(_segment_sum_fwd_kernel)[(B,)](
+        launch(_segment_sum_fwd_kernel, (B,),
             values, cu, values if mask is None else mask, out, count,
             HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
     return out, count
 
 
-@torch.library.triton_op("tic_kernels::segment_sum_bwd", mutates_args=())
+@triton_op("tic_kernels::segment_sum_bwd", mutates_args=())
 def segment_sum_bwd(grad_out: torch.Tensor, cu: torch.Tensor, mask: Optional[torch.Tensor],
                     count: torch.Tensor, mean: bool, like: torch.Tensor) -> torch.Tensor:
     """dL/dvalues, shaped and typed like the flat ``like`` (the forward's values)."""
     grad = torch.zeros_like(like)  # positions outside every segment (none when cu ends at N)
     B = cu.numel() - 1
     if B:
-        torch.library.wrap_triton(_segment_sum_bwd_kernel)[(B,)](
+        launch(_segment_sum_bwd_kernel, (B,),
             grad_out.contiguous(), cu, grad if mask is None else mask, count, grad,
-            HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
+            HAS_MASK=mask is not None, MEAN=mean, EMULATE_RNE=emulate_rne(grad.dtype),
+            BLOCK=BLOCK_TOKENS)
     return grad
 
 

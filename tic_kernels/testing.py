@@ -14,12 +14,14 @@ VALUE_TOL = {
     torch.float16: (2e-5, 2e-5),
 }
 # Gradients w.r.t. logits are stored in the logits' dtype: two fp32 values that differ in the
-# last bits can round to neighbouring bf16/fp16 numbers, so one ulp relative (2^-7, 2^-10),
-# plus an absolute floor for entries that round near zero.
+# last bits can round to neighbouring bf16/fp16 numbers, so one ulp relative (2^-7, 2^-10).
+# The absolute floor covers the fp32 reference's own error: its entropy (lse - sum p z, two
+# numbers near log V that cancel) is off by up to ~2e-5 at V = 50k, and enters every entry
+# of the gradient multiplied by p * dL/dH (the kernel's entropy is ~10x closer to float64).
 GRAD_TOL = {
-    torch.float32: (1e-6, 1e-5),
-    torch.bfloat16: (1e-6, 2 ** -7),
-    torch.float16: (1e-7, 2 ** -10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 2 ** -7),
+    torch.float16: (1e-5, 2 ** -10),
 }
 # The O(N) loss: a few fp32 reductions in a different order than the reference's.
 LOSS_TOL = (1e-5, 1e-4)

@@ -1,0 +1,180 @@
+"""Fused tic_loss and tic_loss_from_logprobs against the reference, every option."""
+import pytest
+import torch
+
+import tic_kernels as tk
+from tic_kernels import reference as ref
+from tic_kernels.loss import ratio_loss
+from tic_kernels.segments import segments
+from tic_kernels.testing import GRAD_TOL, LOSS_TOL, loss_batch, tolerance
+
+LENGTHS = [3, 0, 6, 1, 5]
+RATIOS = ["trajectory", "sequence_mean", "token", "none"]
+AGGS = [None, "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def _run(fn, batch, **kw):
+    x = batch.logits.clone().requires_grad_(True)
+    out = fn(x, batch.targets, batch.old_logprobs, batch.advantages, **batch.layout_kw, **kw)
+    out.loss.backward()
+    return out, x.grad
+
+
+def _compare(batch, dtype=torch.float32, **kw):
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    atol, rtol = LOSS_TOL
+    assert out.loss.dtype == torch.float32 and grad.dtype == batch.logits.dtype
+    torch.testing.assert_close(out.loss, want.loss, atol=atol, rtol=rtol)
+    assert set(out.stats) == set(want.stats)
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], atol=atol, rtol=rtol, msg=k)
+    if "mask" in batch.layout_kw:  # padded rows: never read (they hold NaN), zero gradient
+        assert (grad[~batch.layout_kw["mask"]] == 0).all()
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, dtype))
+    return out
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("clip_mode", ["two_sided", "upper"])
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("aggregation", AGGS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_every_option(ratio, clip_mode, dual_clip, aggregation, padded, device):
+    batch = loss_batch(LENGTHS + [2, 7, 4], 97, padded=padded, device=device, drift=0.5, seed=3)
+    kw = dict(ratio=ratio, clip_mode=clip_mode, dual_clip=dual_clip, aggregation=aggregation)
+    if aggregation == "seq-mean-token-sum-norm" and not padded:
+        kw["max_len"] = 8
+    out = _compare(batch, **kw)
+    if ratio != "none":
+        assert 0 < out.stats["clip_fraction"] < 1  # the batch exercises both branches
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [5, 3001])
+def test_dtypes_kl_entropy_temperature(ratio, dtype, V, device):
+    batch = loss_batch(LENGTHS, V, dtype=dtype, device=device, seed=4, target_dtype=torch.int32)
+    _compare(batch, dtype, ratio=ratio, ref_logprobs=batch.ref_logprobs, beta=0.04,
+             entropy_coef=0.02, temperature=0.8)
+
+
+@pytest.mark.parametrize("kw", [dict(ratio="token", num_tokens=50),
+                                dict(ratio="trajectory", num_sequences=11),
+                                dict(ratio="sequence_mean", aggregation="seq-mean-token-sum",
+                                     num_sequences=7),
+                                dict(ratio="trajectory", eps_low=0.05, eps_high=0.6,
+                                     max_log_ratio=0.3)])
+def test_normalisers_eps_cap(kw, device):
+    _compare(loss_batch(LENGTHS, 33, device=device, drift=0.3, seed=5), **kw)
+
+
+def test_edge_shapes(device):
+    _compare(loss_batch([1], 17, device=device))                  # one token
+    _compare(loss_batch([0, 0, 4, 0], 17, device=device))         # empty sequences
+    _compare(loss_batch([2300, 2], 9, device=device, drift=0.002), ratio="trajectory")  # long
+    _compare(loss_batch([2300, 2], 9, device=device, drift=0.002), ratio="token")
+    out = _compare(loss_batch([0, 0], 17, device=device))         # no tokens at all
+    assert out.loss == 0
+
+
+def test_all_masked(device):
+    batch = loss_batch([3, 2], 11, padded=True, device=device)
+    batch.layout_kw["mask"][:] = False
+    out, grad = _run(tk.tic_loss, batch, entropy_coef=0.1)
+    assert out.loss == 0 and (grad == 0).all()
+    assert all(torch.isfinite(v) for v in out.stats.values())
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_huge_log_ratio_finite(ratio, device):
+    batch = loss_batch([4, 3], 13, device=device)
+    for sign in (1.0, -1.0):
+        batch.old_logprobs = batch.old_logprobs - sign * 2500.0  # |Delta| = 1e4 on sequence 0
+        for A in ((1.0, -1.0), (-1.0, 1.0)):
+            batch.advantages = torch.tensor(A, device=device)
+            out, grad = _run(tk.tic_loss, batch, ratio=ratio, ref_logprobs=batch.old_logprobs,
+                             beta=0.1)
+            assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+            assert all(torch.isfinite(v) for v in out.stats.values())
+            _compare(batch, ratio=ratio, ref_logprobs=batch.old_logprobs, beta=0.1)
+
+
+def test_inplace_backward(device):
+    batch = loss_batch(LENGTHS, 50, device=device, dtype=torch.bfloat16)
+    _, want = _run(tk.tic_loss, batch, entropy_coef=0.05)
+    x = batch.logits.clone()
+    h = x.detach().requires_grad_(False)
+    leaf = x.requires_grad_(True)
+    out = tk.tic_loss(leaf, batch.targets, batch.old_logprobs, batch.advantages,
+                      entropy_coef=0.05, inplace_backward=True, **batch.layout_kw)
+    out.loss.backward()
+    torch.testing.assert_close(leaf.grad, want, atol=0, rtol=0)
+    # the gradient was written over the logits' storage
+    assert torch.equal(h, want)
+
+
+def test_bitwise_deterministic(device):
+    batch = loss_batch([40, 7, 0, 90], 300, device=device, dtype=torch.bfloat16, padded=True)
+    runs = [_run(tk.tic_loss, batch, ref_logprobs=batch.ref_logprobs, beta=0.1, entropy_coef=0.01)
+            for _ in range(2)]
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1.loss, o2.loss) and torch.equal(g1, g2)
+    assert all(torch.equal(o1.stats[k], o2.stats[k]) for k in o1.stats)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_from_logprobs_matches_reference(ratio, padded, device):
+    batch = loss_batch(LENGTHS, 40, padded=padded, device=device, drift=0.2, seed=6)
+    logp = ref.token_logprobs(batch.logits.nan_to_num(), batch.targets.clamp(min=0))
+    kw = dict(ratio=ratio, dual_clip=3.0, ref_logprobs=batch.ref_logprobs, beta=0.02,
+              **batch.layout_kw)
+    x, y = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
+    a = tk.tic_loss_from_logprobs(x, batch.old_logprobs, batch.advantages, **kw)
+    b = ref.tic_loss_from_logprobs(y, batch.old_logprobs, batch.advantages, **kw)
+    a.loss.backward()
+    b.loss.backward()
+    atol, rtol = LOSS_TOL
+    torch.testing.assert_close(a.loss, b.loss, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=rtol)
+    for k in b.stats:
+        torch.testing.assert_close(a.stats[k], b.stats[k], atol=atol, rtol=rtol)
+
+
+def test_ticloss_module(device):
+    batch = loss_batch(LENGTHS, 21, device=device)
+    fn = tk.TICLoss(ratio="token", eps_high=0.3)
+    assert "ratio='token'" in repr(fn)
+    a = fn(batch.logits, batch.targets, batch.old_logprobs, batch.advantages, **batch.layout_kw)
+    b = tk.tic_loss(batch.logits, batch.targets, batch.old_logprobs, batch.advantages,
+                    ratio="token", eps_high=0.3, **batch.layout_kw)
+    assert torch.equal(a.loss, b.loss)
+
+
+def test_compile_fullgraph(device):
+    batch = loss_batch(LENGTHS, 29, device=device, padded=True)
+
+    def step(logits):
+        return tk.tic_loss(logits, batch.targets, batch.old_logprobs, batch.advantages,
+                           ref_logprobs=batch.ref_logprobs, beta=0.1, entropy_coef=0.01,
+                           **batch.layout_kw)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x, y = batch.logits.clone().requires_grad_(True), batch.logits.clone().requires_grad_(True)
+    a, b = compiled(x), step(y)
+    a.loss.backward()
+    b.loss.backward()
+    torch.testing.assert_close(a.loss, b.loss, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, y.grad, atol=0, rtol=0)
+
+
+def test_ratio_loss_opcheck(device):
+    batch = loss_batch(LENGTHS, 13, device=device)
+    cu, _ = segments(batch.layout_kw["cu_seqlens"], None, device)
+    logp = torch.randn(sum(LENGTHS), device=device, requires_grad=True)
+    ent = torch.rand(sum(LENGTHS), device=device, requires_grad=True)
+    args = (logp, batch.old_logprobs, batch.advantages, cu, None, batch.ref_logprobs, ent,
+            "trajectory", "two_sided", 0.2, 0.28, 2.0, 20.0, "seq-mean-token-mean", 0.1, 0.01,
+            None, None, None)
+    torch.library.opcheck(ratio_loss, args)
