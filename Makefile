@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench clean
+.PHONY: run test check-cuda-build clean
 
-$(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py
+$(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -19,5 +19,9 @@ run: $(VENV)/.ready
 test: $(VENV)/.ready
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# compiles csrc/*.cu against the CUDA build of torch (CI runs it; needs nvcc, not a GPU)
+check-cuda-build:
+	bash scripts/check_cuda_build.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info tic_kernels/*.so
+	rm -rf $(VENV) .venv-cuda build *.egg-info tic_kernels/*.so

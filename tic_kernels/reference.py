@@ -116,7 +116,7 @@ def lengths_of(cu_seqlens=None, mask=None):
     return mask.bool().sum(1)
 
 
-def pack(values, mask):
+def masked_rows(values, mask):
     """(B, T, ...) -> (N, ...) keeping mask positions in row-major order; masked ones never read."""
     return values[mask.bool()]
 
@@ -137,7 +137,7 @@ def sequence_logprobs(values, cu_seqlens=None, mask=None, reduce="sum"):
     """S_i = sum of values over sequence i (reduce="sum") or S_i / max(L_i, 1) ("mean")."""
     dt = compute_dtype(values)
     if mask is not None:
-        values = pack(values, mask)
+        values = masked_rows(values, mask)
     lengths = lengths_of(cu_seqlens, mask)
     s = segment_sum(values.to(dt), lengths)
     if reduce == "mean":
@@ -220,9 +220,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     if mask is not None:
         if max_len is None:
             max_len = mask.shape[1]
-        logprobs, old_logprobs = pack(logprobs, mask), pack(old_logprobs, mask)
-        ref_logprobs = None if ref_logprobs is None else pack(ref_logprobs, mask)
-        entropy = None if entropy is None else pack(entropy, mask)
+        logprobs, old_logprobs = masked_rows(logprobs, mask), masked_rows(old_logprobs, mask)
+        ref_logprobs = None if ref_logprobs is None else masked_rows(ref_logprobs, mask)
+        entropy = None if entropy is None else masked_rows(entropy, mask)
     lengths = lengths_of(cu_seqlens, mask)
     seg = segment_ids(lengths)
     cap = float(max_log_ratio)
@@ -305,3 +305,43 @@ def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=No
     return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
                                   mask=mask, entropy=entropy,
                                   entropy_coef=entropy_coef, **loss_options)
+
+
+# --------------------------------------------------------------------------------------------
+# Op 5: variable-length packing (the C++/CUDA extension computes the same)
+# --------------------------------------------------------------------------------------------
+def varlen_pack(input_ids, attention_mask, completion_mask):
+    """Padded (B, T) batch -> packed tokens; see tic_kernels.packing.pack for the fields.
+
+    Returns (input_ids, cu_seqlens, position_ids, indices, loss_rows, loss_targets,
+    loss_cu_seqlens, max_seqlen). A loss row is a packed position whose next kept token in the
+    same sequence is a completion token; its target is that token.
+    """
+    B, T = attention_mask.shape
+    keep = attention_mask.bool()
+    lengths = keep.sum(1)
+    indices = keep.reshape(-1).nonzero().squeeze(1)
+    packed = input_ids.reshape(-1)[indices]
+    position_ids = (keep.long().cumsum(1) - 1).reshape(-1)[indices]
+    completion = completion_mask.bool().reshape(-1)[indices]
+    has_prev = position_ids > 0
+    src = (completion & has_prev).nonzero().squeeze(1)  # packed positions of predicted tokens
+    loss_rows = src - 1
+    seq = segment_ids(lengths)
+    loss_lengths = torch.bincount(seq[src], minlength=B)
+    return (packed, _cumsum0(lengths), position_ids, indices, loss_rows, packed[src],
+            _cumsum0(loss_lengths), int(lengths.max()) if B and T else 0)
+
+
+def _cumsum0(lengths):
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu
+
+
+def varlen_unpack(values, indices, batch, seqlen, pad=0.0):
+    """(N, ...) values scattered to (batch, seqlen, ...) at the flat ``indices``; ``pad``
+    elsewhere. Differentiable w.r.t. values."""
+    out = values.new_full((batch * seqlen, *values.shape[1:]), pad)
+    out = out.index_put((indices,), values)
+    return out.view(batch, seqlen, *values.shape[1:])
