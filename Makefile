@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check-cuda-build clean
+.PHONY: run test bench check-cuda-build clean
 
 $(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,16 @@ $(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	touch $@
 
 run: $(VENV)/.ready
-	$(PY) -m tic_kernels.demo
+	$(PY) -m tic_kernels.train
 
 test: $(VENV)/.ready
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# CPU benchmarks against the peers (installs trl, liger-kernel and matplotlib into .venv)
+bench: $(VENV)/.ready
+	$(PY) -m pip install -q trl liger-kernel==0.8.5 matplotlib
+	$(PY) benchmarks/run.py --device cpu --quick
+	$(PY) benchmarks/report.py
 
 # compiles csrc/*.cu against the CUDA build of torch (CI runs it; needs nvcc, not a GPU)
 check-cuda-build:

@@ -1,0 +1,171 @@
+"""Benchmark of the logits -> loss path (forward, backward, forward+backward).
+
+Providers: tic_kernels fused (and with inplace_backward), the reference, torch.compile of the
+reference, and when they import: Liger-Kernel's Triton GRPO loss (token level = DAPO, sequence
+level = GSPO), flash-attn's Triton cross_entropy followed by the loss in PyTorch (verl's path),
+TRL's selective_log_softmax followed by the loss in PyTorch.
+
+Byte model (minimum traffic over the (N, V) logits of s bytes each): forward N V s, backward
+2 N V s (read logits, write gradient), forward+backward 3 N V s.
+
+    python benchmarks/bench_tic_loss.py --device cuda --shapes 16384x151936 --dtypes bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import tic_kernels as tk  # noqa: E402
+from tic_kernels import reference as ref  # noqa: E402
+
+OP = "tic_loss"
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+
+def make_batch(N, V, dtype, device, seqlen=1024, seed=0):
+    """Padded (B, T) batch with every position a loss token, old log-probs near the current."""
+    T = min(seqlen, N)
+    B = N // T
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty(B, T, V, device=device, dtype=dtype)
+    for b in range(B):  # row by row: no fp32 (N, V) temporary
+        logits[b] = (torch.randn(T, V, device=device, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (B, T), device=device, generator=g)
+    with torch.no_grad():
+        logp = ref.token_logprobs(logits, targets)
+    old = logp + 0.02 * torch.randn(B, T, device=device, generator=g)
+    adv = torch.randn(B, device=device, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask)
+
+
+def _load_flash_attn_ce():
+    """flash-attn's Triton cross_entropy; loaded from its file when the package's compiled
+    module is missing (the Triton op itself needs only torch and triton)."""
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        return cross_entropy_loss
+    except Exception:
+        spec = importlib.util.find_spec("flash_attn")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = os.path.join(spec.submodule_search_locations[0], "ops", "triton", "cross_entropy.py")
+        if not os.path.exists(path):
+            return None
+        mod_spec = importlib.util.spec_from_file_location("_fa_cross_entropy", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(mod)
+        except Exception:
+            return None
+        return mod.cross_entropy_loss
+
+
+def providers(batch, mode):
+    """name -> (loss_fn(logits) -> scalar loss, inplace?) for the providers that apply."""
+    t, old, adv, mask = batch["targets"], batch["old"], batch["adv"], batch["mask"]
+    kw = dict(mask=mask, ratio=mode)
+    out = {
+        "tic_kernels": (lambda x: tk.tic_loss(x, t, old, adv, **kw).loss, False),
+        "tic_kernels_inplace": (lambda x: tk.tic_loss(x, t, old, adv, inplace_backward=True,
+                                                      **kw).loss, True),
+        "reference": (lambda x: ref.tic_loss(x, t, old, adv, **kw).loss, False),
+    }
+    compiled = torch.compile(lambda x: ref.tic_loss(x, t, old, adv, **kw).loss)
+    out["torch_compile_reference"] = (compiled, False)
+
+    def loss_from_logp(logp):
+        return ref.tic_loss_from_logprobs(logp, old, adv, **kw).loss
+
+    try:
+        from trl.trainer.utils import selective_log_softmax
+        out["trl_selective_log_softmax+torch"] = (
+            lambda x: loss_from_logp(selective_log_softmax(x, t)), False)
+    except Exception:
+        pass
+    ce = _load_flash_attn_ce() if batch["logits"].is_cuda else None
+    if ce is not None:
+        def fa_loss(x):
+            losses = ce(x.reshape(-1, x.shape[-1]), t.reshape(-1))
+            losses = losses[0] if isinstance(losses, tuple) else losses
+            return loss_from_logp(-losses.view(t.shape))
+        out["flash_attn_ce+torch"] = (fa_loss, False)
+    level = {"token": "token", "sequence_mean": "sequence"}.get(mode)
+    if level is not None and batch["logits"].is_cuda:
+        try:
+            from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+            def liger(x):
+                # Liger takes (B, T + 1, V) and drops the last position itself
+                loss, _ = triton_grpo_loss(x, old, None, t, adv, mask.int(), temperature=1.0,
+                                           beta=0.0, eps_low=0.2, eps_high=0.28, inplace=False,
+                                           loss_type="dapo" if level == "token" else "grpo",
+                                           importance_sampling_level=level, reduce=True)
+                return loss
+            out[f"liger_grpo_{level}"] = (liger, False)
+        except Exception:
+            pass
+    return out
+
+
+def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None):
+    env = harness.environment(device)
+    copy = harness.copy_bandwidth_gbps(device)
+    records = [harness.record("copy", "torch.copy_", pass_="copy", shape={}, dtype="float32",
+                              env=env) | {"gbps": round(copy, 1)}]
+    print(f"# {env['device']}: device copy {copy:.0f} GB/s", flush=True)
+    for N, V in shapes:
+        for dtype in dtypes:
+            batch = make_batch(N, V, dtype, device)
+            shape = {"N": N, "V": V}
+            for mode in modes:
+                want = harness.loss_and_grad(lambda x: ref.tic_loss(
+                    x, batch["targets"], batch["old"], batch["adv"], mask=batch["mask"],
+                    ratio=mode).loss, batch["logits"])
+                for name, (fn, inplace) in providers(batch, mode).items():
+                    if only and name not in only:
+                        continue
+                    logits = batch["logits"]
+                    if name.startswith("liger"):  # takes (B, T + 1, V), drops the last position
+                        logits = torch.cat([logits, logits[:, :1]], 1)
+                    recs = harness.bench_logits_provider(
+                        OP, name, fn, logits, want, passes, shape=shape, dtype=dtype, mode=mode,
+                        inplace=inplace, copy_gbps=copy, env=env, device=device, reps=reps)
+                    harness.print_table(recs)
+                    records += recs
+            del batch
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+    return records
+
+
+def parse_shapes(text):
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", default="16384x151936", help="NxV,NxV,...")
+    p.add_argument("--dtypes", default="bfloat16")
+    p.add_argument("--modes", default="token,trajectory")
+    p.add_argument("--providers", default=None, help="comma-separated subset")
+    p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default=None, help="JSON file name (default: tic_loss_<device>)")
+    args = p.parse_args(argv)
+    recs = run(args.device, parse_shapes(args.shapes),
+               [getattr(torch, d) for d in args.dtypes.split(",")], args.modes.split(","),
+               only=args.providers.split(",") if args.providers else None)
+    path = harness.save(recs, args.out, args.name or f"{OP}_{torch.device(args.device).type}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Shared benchmark machinery: timing, the measured copy bandwidth, peak memory, records.
+
+- CUDA: device-event timing (triton.testing.do_bench for whole calls; paired events around
+  the timed part when each rep needs an untimed set-up, e.g. a forward before a backward).
+- CPU: time.perf_counter around the same calls.
+- Every figure is reported as p20/p50/p80 over the reps, GB/s from the op's *minimum* byte
+  model (what any implementation must move), and that GB/s as a fraction of the device copy
+  bandwidth measured in the same run (bytes read + written by a large tensor copy).
+- A provider is checked against the reference before it is timed; one that disagrees is
+  recorded as "wrong" and never timed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _quantiles(ms):
+    ms = sorted(ms)
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else ms * 9
+    return {"p20": q[1], "p50": statistics.median(ms), "p80": q[7]}
+
+
+def time_ms(fn, device, *, setup=None, reps=None, warmup=2):
+    """p20/p50/p80 milliseconds of fn(); ``setup()`` runs untimed before each rep and its
+    result is passed to fn."""
+    cuda = torch.device(device).type == "cuda"
+    reps = reps or (20 if cuda else 5)
+    for _ in range(warmup):
+        fn(setup() if setup else None)
+    sync(device)
+    if cuda and setup is None:
+        import triton.testing
+
+        q = triton.testing.do_bench(lambda: fn(None), quantiles=[0.2, 0.5, 0.8], return_mode="median")
+        return dict(zip(("p20", "p50", "p80"), q))
+    times = []
+    for _ in range(reps):
+        arg = setup() if setup else None
+        sync(device)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(arg)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(arg)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return _quantiles(times)
+
+
+def copy_bandwidth_gbps(device):
+    """Bytes read + written per second by a device copy of a large buffer (GB/s, 1e9)."""
+    cuda = torch.device(device).type == "cuda"
+    n = (1 << 30) if cuda else (1 << 28)  # bytes
+    src = torch.empty(n // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda _: dst.copy_(src), device, reps=10 if cuda else 5)["p50"]
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or the process's VmHWM on
+    Linux CPUs (reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    @staticmethod
+    def _status(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = self._status("VmHWM") - self.base
+        return False
+
+
+def environment(device):
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        commit = None
+    cuda = torch.device(device).type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "triton": version("triton"),
+        "liger_kernel": version("liger_kernel"), "trl": version("trl"),
+        "git_commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def record(op, provider, *, pass_, shape, dtype, mode=None, ms=None, bytes_moved=None,
+           copy_gbps=None, peak_bytes=None, status="ok", error=None, env=None):
+    rec = {"op": op, "provider": provider, "mode": mode, "pass": pass_, "shape": shape,
+           "dtype": str(dtype).replace("torch.", ""), "status": status}
+    if ms is not None:
+        rec["ms"] = {k: round(v, 4) for k, v in ms.items()}
+        if bytes_moved:
+            gbps = bytes_moved / (ms["p50"] * 1e-3) / 1e9
+            rec["gbps"] = round(gbps, 2)
+            rec["copy_fraction"] = round(gbps / copy_gbps, 4) if copy_gbps else None
+    if peak_bytes is not None:
+        rec["peak_mib"] = round(peak_bytes / 2**20, 1)
+    if error:
+        rec["error"] = error[:500]
+    if env:
+        rec.update(env)
+    return rec
+
+
+def save(records, out_dir, name):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(records, indent=1))
+    return path
+
+
+def print_table(records):
+    for r in records:
+        ms = r.get("ms", {}).get("p50")
+        line = (f"{r['op']:15s} {r['provider']:24s} {str(r.get('mode') or ''):12s} "
+                f"{r['pass']:8s} {str(r['shape']):28s} {r['dtype']:9s} ")
+        if r["status"] != "ok":
+            line += f"{r['status']}: {r.get('error', '')[:80]}"
+        else:
+            line += f"{ms:9.3f} ms"
+            if "gbps" in r:
+                line += f" {r['gbps']:8.1f} GB/s ({100 * (r['copy_fraction'] or 0):5.1f}% of copy)"
+            if "peak_mib" in r:
+                line += f" peak {r['peak_mib']:.0f} MiB"
+        print(line, flush=True)
+
+
+# Agreement demanded of every provider before it is timed: the loss, and the gradient as a
+# relative L2 error (robust to the per-element rounding of low-precision gradients).
+CHECK_TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 2e-2), torch.float16: (1e-2, 1e-2)}
+BYTES_PER_PASS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}  # (N, V) logits passes in the byte model
+
+
+def loss_and_grad(fn, logits):
+    x = logits.clone().requires_grad_(True)
+    loss = fn(x)
+    loss.backward()
+    return loss.detach().float(), x.grad.float()
+
+
+def _error_records(op, name, passes, status, err, common):
+    return [record(op, name, pass_=p, status=status, error=err, **common) for p in passes]
+
+
+def bench_logits_provider(op, name, fn, logits, want, passes, *, shape, dtype, mode, inplace,
+                          copy_gbps, env, device, reps=None):
+    """Checks ``fn(logits) -> scalar`` (loss and dL/dlogits) against ``want``, then times the
+    forward, the backward and both. ``logits`` may have extra trailing positions on dim 1
+    (Liger's (B, T + 1, V)): the gradient is compared on the leading ones."""
+    common = dict(shape=shape, dtype=dtype, mode=mode, env=env)
+    want_loss, want_grad = want
+    try:
+        loss, grad = loss_and_grad(fn, logits)
+        grad = grad[tuple(slice(0, n) for n in want_grad.shape)]
+        loss_tol, grad_tol = CHECK_TOL[dtype]
+        loss_err = abs(loss.item() - want_loss.item()) / max(abs(want_loss.item()), 1e-6)
+        grad_err = ((grad - want_grad).norm() / want_grad.norm().clamp(min=1e-30)).item()
+        del grad
+        if not (loss_err <= loss_tol and grad_err <= grad_tol):
+            return _error_records(op, name, passes, "wrong", (
+                f"loss rel err {loss_err:.2e}, grad rel L2 err {grad_err:.2e}"), common)
+    except torch.cuda.OutOfMemoryError as e:
+        return _error_records(op, name, passes, "oom", str(e), common)
+    except Exception as e:  # a provider that cannot run here is reported, not fatal
+        msg = str(e).strip().splitlines()
+        return _error_records(op, name, passes, "error",
+                              f"{type(e).__name__}: {msg[-1] if msg else ''}", common)
+    x = logits.clone().requires_grad_(True)
+
+    def fresh():
+        x.grad = None
+        if inplace:  # the previous backward overwrote the logits
+            with torch.no_grad():
+                x.copy_(logits)
+
+    def forward_for_backward():
+        fresh()
+        return fn(x)
+
+    timed = {"fwd": (lambda _: fn(x), fresh),
+             "bwd": (lambda loss: loss.backward(), forward_for_backward),
+             "fwd+bwd": (lambda _: fn(x).backward(), fresh)}
+    n_bytes = shape["N"] * shape["V"] * logits.element_size()
+    out = []
+    for p in passes:
+        body, setup = timed[p]
+        try:
+            ms = time_ms(body, device, setup=setup, reps=reps)
+            arg = forward_for_backward() if p == "bwd" else fresh()
+            with PeakMemory(device) as mem:
+                body(arg)
+            out.append(record(op, name, pass_=p, ms=ms, bytes_moved=BYTES_PER_PASS[p] * n_bytes,
+                              copy_gbps=copy_gbps, peak_bytes=mem.peak, **common))
+        except torch.cuda.OutOfMemoryError as e:
+            out += _error_records(op, name, [p], "oom", str(e), common)
+    return out

@@ -1,0 +1,56 @@
+"""Runs every benchmark and writes JSON under --out (default benchmarks/results/).
+
+    python benchmarks/run.py --quick            # GPU: < 8 min with the build and CUDA tests
+    python benchmarks/run.py                    # GPU: the full grid
+    python benchmarks/run.py --device cpu       # CPU: the reference and fallback costs
+
+Full grid (GPU): N in {4096, 16384, 32768} x V in {32000, 128256, 151936}, bf16 and fp32,
+ratio modes token and trajectory (and sequence_mean, Liger's sequence level). On the CPU only
+the reference path against TRL's selective_log_softmax path, and the packing extension
+against its PyTorch fallback, are timed: the Triton kernels there are the interpreter.
+Then ``python benchmarks/report.py`` makes the plots and the README table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_packing  # noqa: E402
+import bench_tic_loss  # noqa: E402
+import bench_token_logprobs  # noqa: E402
+import harness  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    dev = torch.device(args.device).type
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if dev == "cuda" and args.quick:
+        shapes, dtypes, modes = [(16384, 151936)], [bf16], ["token", "trajectory"]
+        only = None
+    elif dev == "cuda":
+        shapes = [(n, v) for n in (4096, 16384, 32768) for v in (32000, 128256, 151936)]
+        dtypes, modes, only = [bf16, fp32], ["token", "trajectory", "sequence_mean"], None
+    else:
+        shapes = [(2048, 32000)] if args.quick else [(2048, 32000), (4096, 151936)]
+        dtypes, modes = [fp32, bf16], ["token", "trajectory"]
+        only = ["reference", "trl_selective_log_softmax+torch", "trl_selective_log_softmax"]
+    tag = f"{dev}{'_quick' if args.quick else ''}"
+    recs = bench_tic_loss.run(args.device, shapes, dtypes, modes, only=only)
+    print("wrote", harness.save(recs, args.out, f"tic_loss_{tag}"))
+    recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only)
+    print("wrote", harness.save(recs, args.out, f"token_logprobs_{tag}"))
+    recs = bench_packing.run(args.device, [(64, 4096)])
+    print("wrote", harness.save(recs, args.out, f"packing_{tag}"))
+
+
+if __name__ == "__main__":
+    main()
