@@ -47,9 +47,10 @@ def table(recs):
         lines.append("| op | shape | provider | pass | ms (p50) | GB/s | % of copy | peak MiB |")
         lines.append("|---|---|---|---|---:|---:|---:|---:|")
         for r in rows:
-            if r["status"] != "ok":
+            if r["status"] != "ok":  # say why: the check's numbers or the error
+                why = r.get("error", "").replace("|", "/")[:90]
                 lines.append(f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
-                             f"{r['status']} | | | |")
+                             f"{r['status']}: {why} | | | |")
                 continue
             frac = r.get("copy_fraction")
             lines.append(f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "

@@ -46,6 +46,13 @@ void check_unpack_inputs(const at::Tensor& values, const at::Tensor& indices, in
   TORCH_CHECK(indices.device() == values.device(), "indices and values must be on one device");
 }
 
+PackOutputs pack_outputs(const at::Tensor& input_ids, int64_t n_all, int64_t n_loss) {
+  const auto ids = input_ids.options();
+  const auto longs = ids.dtype(at::kLong);
+  return {at::empty({n_all}, ids), at::empty({n_all}, longs), at::empty({n_all}, longs),
+          at::empty({n_loss}, longs), at::empty({n_loss}, ids)};
+}
+
 std::vector<int64_t> unpacked_shape(const at::Tensor& values, int64_t rows) {
   std::vector<int64_t> shape{rows};
   for (int64_t d = 1; d < values.dim(); ++d) shape.push_back(values.size(d));
@@ -105,12 +112,7 @@ PackResult pack_cpu(const at::Tensor& input_ids, const at::Tensor& attention_mas
     max_seqlen = std::max(max_seqlen, n);
   }
   const int64_t n_all = cu_p[B], n_loss = lcu_p[B];
-  auto long_opts = input_ids.options().dtype(at::kLong);
-  auto packed = at::empty({n_all}, input_ids.options());
-  auto pos = at::empty({n_all}, long_opts);
-  auto indices = at::empty({n_all}, long_opts);
-  auto loss_rows = at::empty({n_loss}, long_opts);
-  auto loss_targets = at::empty({n_loss}, input_ids.options());
+  auto [packed, pos, indices, loss_rows, loss_targets] = pack_outputs(input_ids, n_all, n_loss);
   AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "pack_cpu", [&] {
     pack_rows_cpu<index_t>(ids.data_ptr<index_t>(), k, c, B, T, cu_p, lcu_p,
                            packed.data_ptr<index_t>(), pos.data_ptr<int64_t>(),

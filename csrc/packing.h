@@ -14,6 +14,10 @@ namespace tic_kernels {
 using PackResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                               at::Tensor, at::Tensor, at::Tensor>;
 
+// packed ids, position ids, indices, loss rows, loss targets: allocated, not filled
+using PackOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+PackOutputs pack_outputs(const at::Tensor& input_ids, int64_t n_all, int64_t n_loss);
+
 void check_pack_inputs(const at::Tensor& input_ids, const at::Tensor& attention_mask,
                        const at::Tensor& completion_mask);
 void check_unpack_inputs(const at::Tensor& values, const at::Tensor& indices, int64_t batch,

@@ -147,12 +147,7 @@ PackResult pack_cuda(const at::Tensor& input_ids, const at::Tensor& attention_ma
   const int64_t n_all = sizes[0].item<int32_t>(), n_loss = sizes[1].item<int32_t>();
   const int64_t max_seqlen = sizes[2].item<int32_t>();
 
-  auto long_opts = input_ids.options().dtype(at::kLong);
-  auto packed = at::empty({n_all}, input_ids.options());
-  auto pos = at::empty({n_all}, long_opts);
-  auto indices = at::empty({n_all}, long_opts);
-  auto loss_rows = at::empty({n_loss}, long_opts);
-  auto loss_targets = at::empty({n_loss}, input_ids.options());
+  auto [packed, pos, indices, loss_rows, loss_targets] = pack_outputs(input_ids, n_all, n_loss);
   if (n_all > 0) {
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "pack_cuda", [&] {
       pack_rows_kernel<index_t><<<B, kThreads, 0, stream>>>(

@@ -239,6 +239,9 @@ def run(args):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     tokenizer = None
     if args.model:
         from transformers import AutoTokenizer

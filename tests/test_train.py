@@ -1,0 +1,148 @@
+"""The thin trainer: learning, layouts, resume, flags, data parallel."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tic_kernels import train
+
+FAST = ["--prompts", "8", "--group", "4", "--quiet", "--save-every", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    # The trainer runs on CPU tensors: the kernels' CPU path is the reference; the interpreter
+    # would only make these tests slow (the kernels have their own tests).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def _args(tmp_path, *extra):
+    p = train.parser()
+    args = p.parse_args(["--out", str(tmp_path), *FAST, *extra])
+    train.check_args(p, args)
+    return args
+
+
+def _mean(log, key, sl):
+    vals = [r[key] for r in log[sl]]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.parametrize("algo", ["tic", "grpo", "gspo", "no_is"])
+def test_reward_improves(algo, tmp_path):
+    log, _ = train.run(_args(tmp_path, "--algo", algo, "--steps", "70", "--seed", "1",
+                             "--prompts", "16", "--group", "8"))
+    first, last = _mean(log, "reward", slice(0, 10)), _mean(log, "reward", slice(-10, None))
+    assert last > first + 0.1, (first, last)
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoint" / "trainer_state.pt").exists()
+
+
+def test_packed_and_padded_give_the_same_loss():
+    task = train.CountingTask()
+    args = train.parser().parse_args([])
+    lm = train.build_model(args, task)
+    policy = train.LossRowsLM(lm)
+    g = torch.Generator().manual_seed(0)
+    # uneven completions (some stop early at EOS) and left-padded prompts of two lengths
+    prompts = task.sample_prompts(6, g)
+    prompts[::2] = [[task.eq] + p for p in prompts[::2]]
+    ids, attn, comp, _, _ = train.sample(lm, task, prompts, 3, 1.5, g)
+    adv = torch.randn(ids.shape[0], generator=g)
+    losses, grads = [], []
+    for layout in ("packed", "padded"):
+        lm.zero_grad()
+        inputs, targets, kw = train.loss_view(ids, attn, comp, layout)
+        logits = train._view_logits(policy(**inputs), kw)
+        old = train.tk.token_logprobs(logits.detach(), targets) + 0.05
+        out = train.tk.tic_loss(logits, targets, old, adv, **kw)
+        out.loss.backward()
+        losses.append(out.loss)
+        grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_resume_continues_identically(tmp_path):
+    straight, lm_a = train.run(_args(tmp_path / "a", "--steps", "6"))
+    train.run(_args(tmp_path / "b", "--steps", "3"))
+    resumed, lm_b = train.run(_args(tmp_path / "b", "--steps", "6", "--resume"))
+    keys = ("reward", "loss", "clip_fraction", "ratio_mean")
+    assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in resumed]
+    for a, b in zip(lm_a.parameters(), lm_b.parameters()):
+        assert torch.equal(a, b)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--group", "1"], "--group must be >= 2"),
+    (["--lr", "0"], "--lr must be a finite number > 0"),
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--hidden", "30"], "--hidden must be a multiple of 4"),
+    (["--algos", "tic,ppo"], "unknown \\['ppo'\\]"),
+    (["--model", "/no/such/dir"], "--model must be a local directory"),
+    (["--algo", "ppo"], "invalid choice: 'ppo'"),
+    (["--layout", "ragged"], "invalid choice: 'ragged'"),
+])
+def test_bad_flags(flags, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(flags)
+    assert e.value.code == 2
+    assert pytest.importorskip("re").search(msg, capsys.readouterr().err)
+
+
+def test_bad_task_and_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="--task must look like"):
+        train.run(_args(tmp_path, "--task", "nocolon"))
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        train.run(_args(tmp_path / "empty", "--resume"))
+
+
+def test_custom_task_plugs_in(tmp_path, monkeypatch):
+    mod = tmp_path / "my_task.py"
+    mod.write_text(textwrap.dedent("""
+        from tic_kernels.train import CountingTask
+        class Short(CountingTask):
+            def __init__(self):
+                super().__init__(length=2)
+        def make(tokenizer):
+            return Short()
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log, _ = train.run(_args(tmp_path / "out", "--task", "my_task:make", "--steps", "2"))
+    assert len(log) == 2
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as dist
+    from tic_kernels import train
+    p = train.parser()
+    args = p.parse_args(sys.argv[1:])
+    log, lm = train.run(args)
+    flat = torch.cat([q.detach().flatten() for q in lm.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    same = all(torch.equal(gathered[0], g) for g in gathered)
+    if dist.get_rank() == 0:
+        json.dump({"same": same, "steps": len(log), "world": dist.get_world_size()},
+                  open(args.out + "/ddp.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_ddp_two_processes_keep_identical_weights(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29517", str(script), "--out", str(tmp_path), "--steps", "3",
+           *FAST, "--device", "cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "ddp.json").read_text())
+    assert out == {"same": True, "steps": 3, "world": 2}
