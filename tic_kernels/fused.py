@@ -84,9 +84,7 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     check.same_device("logits", logits, targets=targets)
     check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
                       ref_logprobs, logits)
-    loss_targets = targets if mask is None else targets[mask.bool()] if check._checking_values() \
-        else targets
-    check.targets_in_range(loss_targets, logits.shape[-1])
+    check.targets_in_range(targets, logits.shape[-1], mask=mask)
     options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
                    dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
                    beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)

@@ -18,8 +18,9 @@ import torch
 
 from .validation import LossOutput, default_aggregation
 
-# Elements of logits upcast at once (256 MiB of fp32 per temporary).
-CHUNK_ELEMENTS = 1 << 26
+# Elements of logits upcast at once: 64 MiB of fp32 per temporary. On 2 CPU cores, at
+# (2048, 32000) fp32, 2^26 peaked 2.5x higher for ~20% less time, 2^22 took 1.7x longer.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -78,12 +78,15 @@ def same_device(ref_name, ref, **tensors):
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def targets_in_range(targets, vocab, ignore_index=None):
+def targets_in_range(targets, vocab, ignore_index=None, mask=None):
+    """Targets in [0, vocab) (or equal to ignore_index); with a mask, only where it is set."""
     if not _checking_values() or targets.numel() == 0:
         return
     bad = (targets < 0) | (targets >= vocab)
     if ignore_index is not None:
         bad &= targets != ignore_index
+    if mask is not None:
+        bad &= mask.bool()
     if bool(bad.any()):
         first = targets[bad][0].item()
         allowed = f"[0, {vocab})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")

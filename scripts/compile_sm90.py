@@ -1,0 +1,103 @@
+"""Compiles every Triton kernel of tic_kernels for an H100 (sm_90) without a GPU.
+
+The interpreter runs the kernels' semantics on the CPU but never runs Triton's GPU compiler; this
+script does (Triton's front end, its LLVM back end and the ptxas it ships need no device), over
+the constexpr variants and element types the ops launch, so a kernel that would not compile on
+the GPU fails here. Prints each variant's registers, stack (spill) bytes and shared memory, read
+from the cubin with Triton's cuobjdump; exits non-zero
+on any failure. Must run without TRITON_INTERPRET.
+
+    python scripts/compile_sm90.py
+"""
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_sm90: unset TRITON_INTERPRET (the kernels must be JIT functions)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tic_kernels import advantages, logprobs, loss, segments  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def variants():
+    """(name, kernel, {arg: type}, {constexpr: value}, num_warps)"""
+    for dt, ent in itertools.product(FLOATS, (False, True)):
+        yield (f"token_logprobs_fwd[{dt},entropy={ent}]", logprobs._token_logprobs_fwd_kernel,
+               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
+                    entropy_ptr="*fp32", stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
+                    V="i32", inv_temperature="fp32", ignore_index="i32"),
+               dict(WITH_ENTROPY=ent, BLOCK_V=4096), 8)
+        yield (f"token_logprobs_bwd[{dt},entropy={ent}]", logprobs._token_logprobs_bwd_kernel,
+               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", lse_ptr="*fp32",
+                    entropy_ptr="*fp32", g_ptr="*fp32", g_entropy_ptr="*fp32", stride_b="i64",
+                    stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
+                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32"),
+               dict(WITH_ENTROPY=ent, EMULATE_RNE=False, BLOCK_V=4096), 8)
+    for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
+        yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_fwd_kernel,
+               dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32", count_ptr="*i32"),
+               dict(HAS_MASK=has_mask, MEAN=mean, BLOCK=segments.BLOCK_TOKENS), 4)
+        yield (f"segment_sum_bwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_bwd_kernel,
+               dict(grad_out_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", count_ptr="*i32",
+                    grad_ptr=f"*{dt}"),
+               dict(HAS_MASK=has_mask, MEAN=mean, EMULATE_RNE=False, BLOCK=segments.BLOCK_TOKENS), 4)
+    for scale, sample in itertools.product(range(3), (False, True)):
+        yield (f"group_advantages[scale={scale},sample={sample}]", advantages._group_advantages_kernel,
+               dict(rewards_ptr="*fp32", group_ptr="*i64", batch_std_ptr="*fp32", out_ptr="*fp32",
+                    B="i32", eps="fp32"),
+               dict(SCALE=scale, SAMPLE_STD=sample, BLOCK=advantages.BLOCK_B), 4)
+    for ratio, (two_sided, dual, per_seq, mask, ref, ent) in itertools.product(
+            range(4), [(True, False, True, False, False, False), (False, True, False, True, True, True),
+                       (True, True, True, True, True, False)]):
+        yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
+               f"ref={ref},ent={ent}]", loss._ratio_loss_fwd_kernel,
+               dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
+                    adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", coef_ptr="*fp32",
+                    coef_ent_ptr="*fp32", part_ptr="*fp32", eps_low="fp32", eps_high="fp32",
+                    dual_clip="fp32", cap="fp32", beta="fp32"),
+               dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
+                    HAS_MASK=mask, HAS_REF=ref, HAS_ENT=ent, NPART=loss.NPART,
+                    BLOCK=loss.BLOCK_TOKENS), 4)
+
+
+def resource_usage(cubin):
+    """(registers, spill stores, spill loads) from the cubin, read by Triton's cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    spills = re.search(r"STACK:(\d+)", text)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+
+
+def main():
+    failures = 0
+    for name, kernel, types, consts, warps in variants():
+        signature = {a: types.get(a, "constexpr") for a in kernel.arg_names}
+        try:
+            out = triton.compile(ASTSource(kernel, signature, constexprs=consts), target=TARGET,
+                                 options={"num_warps": warps})
+            regs, stack = resource_usage(out.asm["cubin"])
+            print(f"ok    {name}: {regs} registers, {stack} B stack (spills), "
+                  f"{out.metadata.shared} B shared", flush=True)
+        except Exception as e:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip()[:2000]}", flush=True)
+    print(f"{failures} failed" if failures else "all kernels compile for sm_90")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
