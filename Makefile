@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench check-cuda-build clean
+.PHONY: run test bench wheels check-cuda-build clean
 
 $(VENV)/.ready: requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ bench: $(VENV)/.ready
 	$(PY) -m pip install -q trl liger-kernel==0.8.5 matplotlib
 	$(PY) benchmarks/run.py --device cpu --quick
 	$(PY) benchmarks/report.py
+
+# peers' pure-Python wheels for the GPU machine (no package index there): Liger-Kernel and
+# flash-attn's Python parts (its Triton cross_entropy); carried as .whl/ by the device tool
+wheels: $(VENV)/.ready
+	mkdir -p .whl
+	$(PY) -m pip install -q packaging psutil ninja einops
+	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE $(PY) -m pip wheel -q \
+		--no-build-isolation --no-deps flash-attn==2.8.3.post2 -w .whl
+	$(PY) -m pip download -q --no-deps liger-kernel==0.8.5 -d .whl
 
 # compiles csrc/*.cu against the CUDA build of torch (CI runs it; needs nvcc, not a GPU)
 check-cuda-build:
