@@ -32,10 +32,12 @@ def _mean(log, key, sl):
     return sum(vals) / len(vals)
 
 
-@pytest.mark.parametrize("algo", ["tic", "grpo", "gspo", "no_is"])
-def test_reward_improves(algo, tmp_path):
+@pytest.mark.parametrize("algo,layout", [("tic", "padded"), ("grpo", "padded"),
+                                         ("gspo", "padded"), ("no_is", "padded"),
+                                         ("tic", "packed")])
+def test_reward_improves(algo, layout, tmp_path):
     log, _ = train.run(_args(tmp_path, "--algo", algo, "--steps", "70", "--seed", "1",
-                             "--prompts", "16", "--group", "8"))
+                             "--prompts", "16", "--group", "8", "--layout", layout))
     first, last = _mean(log, "reward", slice(0, 10)), _mean(log, "reward", slice(-10, None))
     assert last > first + 0.1, (first, last)
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoint" / "trainer_state.pt").exists()
@@ -43,8 +45,9 @@ def test_reward_improves(algo, tmp_path):
 
 def test_packed_and_padded_give_the_same_loss():
     task = train.CountingTask()
-    args = train.parser().parse_args([])
+    args = train.parser().parse_args(["--layers", "2"])
     lm = train.build_model(args, task)
+    train._register_varlen()
     policy = train.LossRowsLM(lm)
     g = torch.Generator().manual_seed(0)
     # uneven completions (some stop early at EOS) and left-padded prompts of two lengths
@@ -64,6 +67,25 @@ def test_packed_and_padded_give_the_same_loss():
         grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
     torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_varlen_attention_matches_packed_sdpa():
+    """The tic_varlen attention separates packed sequences exactly like sdpa over the
+    block-diagonal mask transformers builds from restarting position ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    train._register_varlen()
+    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    lm = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 16, (1, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    want = lm(ids, position_ids=pos, use_cache=False).logits
+    with train.attention(lm, "tic_varlen"):
+        got = lm(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=4, max_length_k=4).logits
+    torch.testing.assert_close(got, want)
+    assert lm.config._attn_implementation == "sdpa"
 
 
 def test_resume_continues_identically(tmp_path):

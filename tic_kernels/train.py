@@ -8,7 +8,9 @@
 
 Each step: sample G completions for each of P prompts (temperature), score them, turn rewards
 into group advantages, take the old log-probabilities under no_grad with the same kernels, then
-mu optimisation steps of tic_loss on the packed loss tokens. Algorithms:
+mu optimisation steps of tic_loss on the loss tokens: packed with varlen attention on CUDA
+(flash-attn when it imports, torch.nn.attention.varlen otherwise), padded sdpa on the CPU; only
+the loss rows go through the LM head. Algorithms:
   tic    trajectory ratio exp(sum of token log-ratios), clip 0.2 / 0.28 (TIC-GRPO)
   grpo   token ratio, clip-higher 0.2 / 0.28, token-mean (GRPO / DAPO)
   gspo   length-normalised sequence ratio, clip 3e-4 / 4e-4 (GSPO)
@@ -103,20 +105,80 @@ def build_model(args, task):
     return LlamaForCausalLM(cfg)
 
 
+# ------------------------------------------------------------------ varlen attention
+def _cuda_varlen():
+    """(q, k, v, cu, max_len, scale) -> out on (S, H, D) tensors: flash-attn's varlen kernel
+    when it imports, else torch's built-in varlen flash attention."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(
+            q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)
+    except ImportError:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        return lambda q, k, v, cu, n, scale: varlen_attn(q, k, v, cu, cu, n, n, scale=scale, **causal)
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """A transformers attention function for packed sequences: query/key/value (1, H, S, D),
+    sequences delimited by ``cu_seq_lens_q`` (passed through the model's forward). On CUDA the
+    varlen flash kernels; elsewhere causal sdpa per sequence (the same function, slowly)."""
+    if cu_seq_lens_q is None:
+        raise ValueError("tic_varlen attention needs cu_seq_lens_q and max_length_q")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each kv head
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    if query.is_cuda:
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+        out = _cuda_varlen()(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling)
+        return out[None], None
+    bounds = cu_seq_lens_q.tolist()
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
+        for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+def _register_varlen():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    AttentionInterface.register("tic_varlen", varlen_attention)
+    # like flash-attn: no dense (S, S) mask for packed sequences
+    AttentionMaskInterface.register("tic_varlen", flash_attention_mask)
+
+
+@contextlib.contextmanager
+def attention(lm, implementation):
+    """Runs ``lm`` with another attention implementation (sdpa or tic_varlen) for a while."""
+    before = lm.config._attn_implementation
+    lm.config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        lm.config._attn_implementation = before
+
+
 class LossRowsLM(torch.nn.Module):
     """Logits of the loss rows only: the LM head runs on the rows that carry a loss.
 
-    Packed: input_ids (1, N_all) with position_ids restarting per sequence (use_cache=False
-    keeps the sequences apart); padded: (B, T) with an attention mask. ``rows`` index the
-    flattened hidden states."""
+    Packed: input_ids (1, N_all) with position_ids restarting per sequence and the varlen
+    attention over ``cu_seq_lens_q``; padded: (B, T) with an attention mask and sdpa.
+    ``rows`` index the flattened hidden states."""
 
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, rows, position_ids=None, attention_mask=None):
-        hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
-                                    attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, rows, position_ids=None, attention_mask=None, **varlen):
+        with attention(self.lm, "tic_varlen" if varlen else "sdpa"):
+            hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
+                                        attention_mask=attention_mask, use_cache=False,
+                                        **varlen).last_hidden_state
         return self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[rows]).float()
 
 
@@ -154,7 +216,9 @@ def loss_view(ids, attn, comp, layout):
     """The model inputs and tic_loss layout for either layout (same tokens, same order)."""
     if layout == "packed":
         b = pack(ids, attn, comp)
-        inputs = dict(input_ids=b.input_ids[None], position_ids=b.position_ids[None], rows=b.loss_rows)
+        inputs = dict(input_ids=b.input_ids[None], position_ids=b.position_ids[None], rows=b.loss_rows,
+                      cu_seq_lens_q=b.cu_seqlens, cu_seq_lens_k=b.cu_seqlens,
+                      max_length_q=b.max_seqlen, max_length_k=b.max_seqlen)
         return inputs, b.loss_targets, dict(cu_seqlens=b.loss_cu_seqlens)
     B, T = ids.shape
     rows = torch.arange(B * T, device=ids.device).view(B, T)[:, :-1].reshape(-1)
@@ -257,6 +321,9 @@ def run(args):
         lm = type(lm).from_pretrained(ckpt, local_files_only=True, attn_implementation="sdpa")
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     lm.to(device)
+    _register_varlen()
+    if args.layout == "auto":
+        args.layout = "packed" if device.type == "cuda" else "padded"
     policy = LossRowsLM(lm)
     if world > 1:
         policy = torch.nn.parallel.DistributedDataParallel(policy)
@@ -382,7 +449,9 @@ def parser():
                    "default: a tiny random-init Llama built from a config")
     g.add_argument("--hidden", type=int, default=64)
     g.add_argument("--layers", type=int, default=2)
-    g.add_argument("--layout", choices=["packed", "padded"], default="packed")
+    g.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
+                   help="packed sequences with varlen attention (auto on CUDA) or padded sdpa "
+                   "(auto on CPU)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=int, default=400)
