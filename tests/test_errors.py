@@ -163,3 +163,21 @@ def test_group_advantages_errors():
     # integer rewards are fine
     torch.testing.assert_close(tk.group_advantages(torch.tensor([0, 1, 1, 0]), 2),
                                tk.group_advantages(torch.tensor([0.0, 1.0, 1.0, 0.0]), 2))
+
+
+def test_value_checks_can_be_switched_off(monkeypatch, device):
+    """TIC_KERNELS_CHECK_VALUES=0 skips the host-syncing value checks; the kernels then turn an
+    out-of-range target into NaN (the Triton path) or an indexing error (the reference)."""
+    from tic_kernels.backend import use_triton
+    logits = torch.randn(3, V, device=device)
+    bad = torch.tensor([1, V + 3, 2], device=device)
+    monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
+    if use_triton(logits):
+        lp = tk.token_logprobs(logits, bad)
+        assert torch.isnan(lp[1]) and torch.isfinite(lp[[0, 2]]).all()
+    else:
+        with pytest.raises(RuntimeError):
+            tk.token_logprobs(logits, bad)
+    monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "1")
+    with pytest.raises(ValueError, match="targets must lie in"):
+        tk.token_logprobs(logits, bad)

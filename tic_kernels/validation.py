@@ -2,13 +2,15 @@
 
 Every check raises a Python exception that names the argument and says what was wrong. Checks
 on tensor *values* (target range, cu_seqlens monotonicity, 0/1 masks) read a few bytes back to
-the host; they run in eager mode and are skipped while torch.compile traces, where the kernels
-fall back to their documented behaviour (an out-of-range target yields NaN, never a wrong
-finite number).
+the host, a synchronisation on a GPU. They run in eager mode, and are skipped while
+torch.compile traces or when TIC_KERNELS_CHECK_VALUES=0 (for training loops that validate
+their data once): the kernels then keep their documented behaviour (an out-of-range target
+yields NaN, never a wrong finite number). Shape, dtype and option checks always run.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -36,7 +38,7 @@ def default_aggregation(ratio: str) -> str:
 
 
 def _checking_values() -> bool:
-    return not torch.compiler.is_compiling()
+    return os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
 
 
 def choice(name, value, accepted):
