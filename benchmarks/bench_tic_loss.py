@@ -140,7 +140,7 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None):
                         inplace=inplace, copy_gbps=copy, env=env, device=device, reps=reps)
                     harness.print_table(recs)
                     records += recs
-            del batch
+            batch = None  # free this shape's tensors before the next one is made
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     return records

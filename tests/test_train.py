@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tic_kernels import train
+from tic_kernels.attention import attention, register_varlen_attention
 
 FAST = ["--prompts", "8", "--group", "4", "--quiet", "--save-every", "0"]
 
@@ -47,7 +48,7 @@ def test_packed_and_padded_give_the_same_loss():
     task = train.CountingTask()
     args = train.parser().parse_args(["--layers", "2"])
     lm = train.build_model(args, task)
-    train._register_varlen()
+    register_varlen_attention()
     policy = train.LossRowsLM(lm)
     g = torch.Generator().manual_seed(0)
     # uneven completions (some stop early at EOS) and left-padded prompts of two lengths
@@ -73,7 +74,7 @@ def test_varlen_attention_matches_packed_sdpa():
     """The tic_varlen attention separates packed sequences exactly like sdpa over the
     block-diagonal mask transformers builds from restarting position ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    train._register_varlen()
+    register_varlen_attention()
     cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
     lm = LlamaForCausalLM(cfg)
@@ -81,7 +82,7 @@ def test_varlen_attention_matches_packed_sdpa():
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])
     cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
     want = lm(ids, position_ids=pos, use_cache=False).logits
-    with train.attention(lm, "tic_varlen"):
+    with attention(lm, "tic_varlen"):
         got = lm(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                  max_length_q=4, max_length_k=4).logits
     torch.testing.assert_close(got, want)

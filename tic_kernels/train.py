@@ -21,7 +21,6 @@ Logs one line per step and metrics.jsonl; checkpoints with save_pretrained (--re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import tic_kernels as tk
+from tic_kernels.attention import attention, register_varlen_attention
 from tic_kernels.packing import pack
 
 ALGOS = {  # tic_loss keywords of each algorithm
@@ -103,64 +103,6 @@ def build_model(args, task):
                       pad_token_id=task.pad_id, attn_implementation="sdpa")
     torch.manual_seed(args.seed)
     return LlamaForCausalLM(cfg)
-
-
-# ------------------------------------------------------------------ varlen attention
-def _cuda_varlen():
-    """(q, k, v, cu, max_len, scale) -> out on (S, H, D) tensors: flash-attn's varlen kernel
-    when it imports, else torch's built-in varlen flash attention."""
-    try:
-        from flash_attn import flash_attn_varlen_func
-
-        return lambda q, k, v, cu, n, scale: flash_attn_varlen_func(
-            q, k, v, cu, cu, n, n, softmax_scale=scale, causal=True)
-    except ImportError:
-        import inspect
-
-        from torch.nn.attention.varlen import varlen_attn
-        params = inspect.signature(varlen_attn).parameters
-        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-        return lambda q, k, v, cu, n, scale: varlen_attn(q, k, v, cu, cu, n, n, scale=scale, **causal)
-
-
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """A transformers attention function for packed sequences: query/key/value (1, H, S, D),
-    sequences delimited by ``cu_seq_lens_q`` (passed through the model's forward). On CUDA the
-    varlen flash kernels; elsewhere causal sdpa per sequence (the same function, slowly)."""
-    if cu_seq_lens_q is None:
-        raise ValueError("tic_varlen attention needs cu_seq_lens_q and max_length_q")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: share each kv head
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    if query.is_cuda:
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-        out = _cuda_varlen()(q, k, v, cu_seq_lens_q.to(torch.int32), int(max_length_q), scaling)
-        return out[None], None
-    bounds = cu_seq_lens_q.tolist()
-    outs = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
-        for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
-
-
-def _register_varlen():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-    AttentionInterface.register("tic_varlen", varlen_attention)
-    # like flash-attn: no dense (S, S) mask for packed sequences
-    AttentionMaskInterface.register("tic_varlen", flash_attention_mask)
-
-
-@contextlib.contextmanager
-def attention(lm, implementation):
-    """Runs ``lm`` with another attention implementation (sdpa or tic_varlen) for a while."""
-    before = lm.config._attn_implementation
-    lm.config._attn_implementation = implementation
-    try:
-        yield
-    finally:
-        lm.config._attn_implementation = before
 
 
 class LossRowsLM(torch.nn.Module):
@@ -321,7 +263,7 @@ def run(args):
         lm = type(lm).from_pretrained(ckpt, local_files_only=True, attn_implementation="sdpa")
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     lm.to(device)
-    _register_varlen()
+    register_varlen_attention()
     if args.layout == "auto":
         args.layout = "packed" if device.type == "cuda" else "padded"
     policy = LossRowsLM(lm)
