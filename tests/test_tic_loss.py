@@ -178,3 +178,43 @@ def test_ratio_loss_opcheck(device):
             "trajectory", "two_sided", 0.2, 0.28, 2.0, 20.0, "seq-mean-token-mean", 0.1, 0.01,
             None, None, None)
     torch.library.opcheck(ratio_loss, args)
+
+
+class _AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every new storage that an op's outputs live in (views
+    and ``base`` itself are not allocations)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.seen = {base.untyped_storage().data_ptr()}
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                self.seen.add(t.untyped_storage().data_ptr())
+                self.sizes.append(t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_no_logits_sized_intermediate(inplace, device):
+    """Forward + backward allocate no (N, V) tensor besides the gradient, and none at all with
+    inplace_backward (the gradient is written over the logits). As in training, the logits
+    come out of an LM head: a leaf's .grad would be a copy autograd makes, not the loss's."""
+    batch = loss_batch([30, 0, 21, 13], 257, device=device, padded=True)
+    B, T, V = batch.logits.shape
+    hidden = torch.randn(B, T, 16, device=device, requires_grad=True)
+    head = torch.randn(16, V, device=device, requires_grad=True)
+    logits = hidden @ head
+    NV = logits.numel()
+    with _AllocationRecorder(logits) as rec:
+        out = tk.tic_loss(logits, batch.targets, batch.old_logprobs, batch.advantages,
+                          ref_logprobs=batch.ref_logprobs, beta=0.1, entropy_coef=0.01,
+                          inplace_backward=inplace, **batch.layout_kw)
+        out.loss.backward()
+    big = [n for n in rec.sizes if n >= NV // 2]
+    assert big == ([] if inplace else [NV]), big
+    assert max(n for n in rec.sizes if n < NV // 2) <= 16 * V  # O(N) and the head's gradient
+    assert head.grad is not None and torch.isfinite(head.grad).all()
