@@ -169,3 +169,30 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "ddp.json").read_text())
     assert out == {"same": True, "steps": 3, "world": 2}
+
+
+def _local_model_dir(path):
+    """A tiny Llama and a word-level tokenizer saved like a Hugging Face model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    words = ["<unk>", "<s>", "</s>", "<pad>", "=", *map(str, range(10)), "x"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return fast
+
+
+def test_local_model_directory(tmp_path):
+    tok = _local_model_dir(tmp_path / "model")
+    task = train.CountingTask(tokenizer=tok)
+    assert task.digits == [tok.convert_tokens_to_ids(str(d)) for d in range(10)]
+    assert (task.eos_id, task.pad_id, task.vocab_size) == (2, 3, 16)
+    log, lm = train.run(_args(tmp_path / "out", "--model", str(tmp_path / "model"), "--steps", "3"))
+    assert len(log) == 3 and all(0 <= r["reward"] <= 1 for r in log)
+    assert lm.config.vocab_size == 16 and (tmp_path / "out" / "checkpoint" / "config.json").exists()
