@@ -115,7 +115,9 @@ def providers(batch, mode):
     return out
 
 
-def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None):
+def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save_as=None):
+    """Records of every provider; with ``save_as=(out_dir, name)`` the JSON is rewritten after
+    each provider, so a run cut short by a time limit keeps what it measured."""
     env = harness.environment(device)
     copy = harness.copy_bandwidth_gbps(device)
     records = [harness.record("copy", "torch.copy_", pass_="copy", shape={}, dtype="float32",
@@ -140,6 +142,8 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None):
                         inplace=inplace, copy_gbps=copy, env=env, device=device, reps=reps)
                     harness.print_table(recs)
                     records += recs
+                    if save_as:
+                        harness.save(records, *save_as)
             batch = None  # free this shape's tensors before the next one is made
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()

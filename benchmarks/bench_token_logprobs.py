@@ -41,7 +41,7 @@ def providers(targets, w, device):
     return out
 
 
-def run(device, shapes, dtypes, only=None, reps=None):
+def run(device, shapes, dtypes, only=None, reps=None, save_as=None):
     env = harness.environment(device)
     copy = harness.copy_bandwidth_gbps(device)
     records = []
@@ -61,6 +61,8 @@ def run(device, shapes, dtypes, only=None, reps=None):
                     copy_gbps=copy, env=env, device=device, reps=reps)
                 harness.print_table(recs)
                 records += recs
+                if save_as:  # keep what was measured if the run is cut short
+                    harness.save(records, *save_as)
     return records
 
 

@@ -36,11 +36,13 @@ def _quantiles(ms):
     return {"p20": q[1], "p50": statistics.median(ms), "p80": q[7]}
 
 
-def time_ms(fn, device, *, setup=None, reps=None, warmup=2):
+def time_ms(fn, device, *, setup=None, reps=None, warmup=2, budget_s=None):
     """p20/p50/p80 milliseconds of fn(); ``setup()`` runs untimed before each rep and its
-    result is passed to fn."""
+    result is passed to fn. Reps stop at ``reps`` or once the timed total passes ``budget_s``
+    (at least 3), so slow providers (the reference at full size) keep the run short."""
     cuda = torch.device(device).type == "cuda"
     reps = reps or (20 if cuda else 5)
+    budget_s = budget_s if budget_s is not None else (2.0 if cuda else 5.0)
     for _ in range(warmup):
         fn(setup() if setup else None)
     sync(device)
@@ -50,7 +52,7 @@ def time_ms(fn, device, *, setup=None, reps=None, warmup=2):
         q = triton.testing.do_bench(lambda: fn(None), quantiles=[0.2, 0.5, 0.8], return_mode="median")
         return dict(zip(("p20", "p50", "p80"), q))
     times = []
-    for _ in range(reps):
+    while len(times) < reps and (len(times) < 3 or sum(times) < 1e3 * budget_s):
         arg = setup() if setup else None
         sync(device)
         if cuda:

@@ -44,12 +44,15 @@ def main(argv=None):
         dtypes, modes = [fp32, bf16], ["token", "trajectory"]
         only = ["reference", "trl_selective_log_softmax+torch", "trl_selective_log_softmax"]
     tag = f"{dev}{'_quick' if args.quick else ''}"
-    recs = bench_tic_loss.run(args.device, shapes, dtypes, modes, only=only)
-    print("wrote", harness.save(recs, args.out, f"tic_loss_{tag}"))
-    recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only)
-    print("wrote", harness.save(recs, args.out, f"token_logprobs_{tag}"))
+    # packing first: it is quick, and the JSON files are rewritten as results come in
     recs = bench_packing.run(args.device, [(64, 4096)])
     print("wrote", harness.save(recs, args.out, f"packing_{tag}"))
+    recs = bench_tic_loss.run(args.device, shapes, dtypes, modes, only=only,
+                              save_as=(args.out, f"tic_loss_{tag}"))
+    print("wrote", harness.save(recs, args.out, f"tic_loss_{tag}"))
+    recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only,
+                                    save_as=(args.out, f"token_logprobs_{tag}"))
+    print("wrote", harness.save(recs, args.out, f"token_logprobs_{tag}"))
 
 
 if __name__ == "__main__":
