@@ -246,11 +246,10 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, _, _, entropy, *_ = inputs
+    entropy, entropy_coef = inputs[6], inputs[15]  # positions in ratio_loss's signature
     _, _, coef, coef_ent, norm = output
     ctx.save_for_backward(coef, coef_ent, norm)
-    ctx.entropy_coef = inputs[15]
-    ctx.has_entropy = entropy is not None
+    ctx.entropy_coef, ctx.has_entropy = entropy_coef, entropy is not None
 
 
 def _backward(ctx, g_loss, *_unused):

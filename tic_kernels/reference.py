@@ -330,11 +330,11 @@ def varlen_pack(input_ids, attention_mask, completion_mask):
     loss_rows = src - 1
     seq = segment_ids(lengths)
     loss_lengths = torch.bincount(seq[src], minlength=B)
-    return (packed, _cumsum0(lengths), position_ids, indices, loss_rows, packed[src],
-            _cumsum0(loss_lengths), int(lengths.max()) if B and T else 0)
+    return (packed, cu_seqlens_from(lengths), position_ids, indices, loss_rows, packed[src],
+            cu_seqlens_from(loss_lengths), int(lengths.max()) if B and T else 0)
 
 
-def _cumsum0(lengths):
+def cu_seqlens_from(lengths):
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
     cu[1:] = torch.cumsum(lengths, 0)
     return cu

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .reference import cu_seqlens_from  # one definition, for the generators and the tests
+
 # (atol, rtol) of a fused result against the reference computed from the same rounded inputs.
 # Both compute in fp32 from the same low-precision logits, so values agree to fp32 rounding of a
 # logsumexp over V terms, whatever the logits dtype: the input rounding is shared, not an error.
@@ -36,12 +38,6 @@ def random_lengths(num_seqs, max_len, *, allow_empty=True, generator=None):
     """(B,) int64 lengths in [0 or 1, max_len]."""
     low = 0 if allow_empty else 1
     return torch.randint(low, max_len + 1, (num_seqs,), generator=generator)
-
-
-def cu_seqlens_from(lengths):
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    return cu
 
 
 def mask_from(lengths, T, *, left_pad=False, holes=False, generator=None):

@@ -125,6 +125,11 @@ class LossRowsLM(torch.nn.Module):
 
 
 # ------------------------------------------------------------------ rollouts
+def _positions(attn):
+    """Position ids that count only attended tokens (left padding starts at 0)."""
+    return (attn.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def sample(lm, task, prompts, group, temperature, generator):
     """G completions per prompt: (input_ids, attention_mask, completion_mask) (B, T) and the
@@ -141,7 +146,7 @@ def sample(lm, task, prompts, group, temperature, generator):
     comp = torch.zeros_like(attn)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(task.max_new_tokens):
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        pos = _positions(attn)
         logits = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, -1]
         probs = torch.softmax(logits.float() / temperature, -1)
         nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
@@ -164,7 +169,7 @@ def loss_view(ids, attn, comp, layout):
         return inputs, b.loss_targets, dict(cu_seqlens=b.loss_cu_seqlens)
     B, T = ids.shape
     rows = torch.arange(B * T, device=ids.device).view(B, T)[:, :-1].reshape(-1)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    pos = _positions(attn)
     inputs = dict(input_ids=ids, attention_mask=attn, position_ids=pos, rows=rows)
     return inputs, ids[:, 1:], dict(mask=comp[:, 1:].bool())
 

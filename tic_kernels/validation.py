@@ -111,15 +111,16 @@ def cu_seqlens_ok(cu_seqlens, n):
         raise ValueError(f"cu_seqlens must end at the number of tokens {n}, got {cu[-1]}")
 
 
-def mask_ok(mask, expected_shape):
+def mask_ok(mask, expected_shape, name="mask"):
+    """A (B, T) tensor of the expected shape holding only 0 and 1 (or bool)."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2:
-        raise ValueError(f"mask must be 2-D (B, T), got shape {tuple(mask.shape)}")
-    shape("mask", mask, expected_shape)
+        raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(mask.shape)}")
+    shape(name, mask, expected_shape)
     if mask.dtype != torch.bool and _checking_values() and mask.numel():
         if bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask must hold only 0 and 1 (or be a bool tensor)")
+            raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor)")
 
 
 def layout(cu_seqlens, mask):
