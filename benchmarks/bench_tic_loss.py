@@ -46,9 +46,22 @@ def make_batch(N, V, dtype, device, seqlen=1024, seed=0):
     return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask)
 
 
+def flash_attn_logprobs():
+    """logp(logits (..., V), targets (...)) through flash-attn's Triton cross_entropy (minus its
+    per-token loss), or None. The module is loaded from its file when the package's compiled
+    part is missing (the Triton op itself needs only torch and triton)."""
+    ce = _load_flash_attn_ce()
+    if ce is None:
+        return None
+
+    def logprobs(logits, targets):
+        losses = ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        losses = losses[0] if isinstance(losses, tuple) else losses
+        return -losses.view(targets.shape)
+    return logprobs
+
+
 def _load_flash_attn_ce():
-    """flash-attn's Triton cross_entropy; loaded from its file when the package's compiled
-    module is missing (the Triton op itself needs only torch and triton)."""
     try:
         from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
         return cross_entropy_loss
@@ -90,13 +103,9 @@ def providers(batch, mode):
             lambda x: loss_from_logp(selective_log_softmax(x, t)), False)
     except Exception:
         pass
-    ce = _load_flash_attn_ce() if batch["logits"].is_cuda else None
-    if ce is not None:
-        def fa_loss(x):
-            losses = ce(x.reshape(-1, x.shape[-1]), t.reshape(-1))
-            losses = losses[0] if isinstance(losses, tuple) else losses
-            return loss_from_logp(-losses.view(t.shape))
-        out["flash_attn_ce+torch"] = (fa_loss, False)
+    fa_logp = flash_attn_logprobs() if batch["logits"].is_cuda else None
+    if fa_logp is not None:
+        out["flash_attn_ce+torch"] = (lambda x: loss_from_logp(fa_logp(x, t)), False)
     level = {"token": "token", "sequence_mean": "sequence"}.get(mode)
     if level is not None and batch["logits"].is_cuda:
         try:

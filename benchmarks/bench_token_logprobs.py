@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_tic_loss import _load_flash_attn_ce, make_batch, parse_shapes  # noqa: E402
+from bench_tic_loss import flash_attn_logprobs, make_batch, parse_shapes  # noqa: E402
 
 import tic_kernels as tk  # noqa: E402
 from tic_kernels import reference as ref  # noqa: E402
@@ -31,13 +31,9 @@ def providers(targets, w, device):
         out["trl_selective_log_softmax"] = lambda x: (selective_log_softmax(x, targets) * w).sum()
     except Exception:
         pass
-    ce = _load_flash_attn_ce() if torch.device(device).type == "cuda" else None
-    if ce is not None:
-        def fa(x):
-            losses = ce(x.reshape(-1, x.shape[-1]), targets.reshape(-1))
-            losses = losses[0] if isinstance(losses, tuple) else losses
-            return -(losses.view(targets.shape) * w).sum()
-        out["flash_attn_ce"] = fa
+    fa_logp = flash_attn_logprobs() if torch.device(device).type == "cuda" else None
+    if fa_logp is not None:
+        out["flash_attn_ce"] = lambda x: (fa_logp(x, targets) * w).sum()
     return out
 
 

@@ -59,6 +59,12 @@ std::vector<int64_t> unpacked_shape(const at::Tensor& values, int64_t rows) {
   return shape;
 }
 
+at::Tensor as_padded(const at::Tensor& rows, int64_t batch, int64_t seqlen) {
+  std::vector<int64_t> shape{batch, seqlen};
+  for (int64_t d = 1; d < rows.dim(); ++d) shape.push_back(rows.size(d));
+  return rows.view(shape);
+}
+
 namespace {
 
 template <typename id_t>
@@ -128,9 +134,7 @@ at::Tensor unpack_cpu(const at::Tensor& values, const at::Tensor& indices, int64
   check_unpack_inputs(values, indices, batch, seqlen);
   auto out = at::full(unpacked_shape(values, batch * seqlen), pad, values.options());
   out.index_copy_(0, indices, values);  // bounds-checked on the CPU
-  auto shape = unpacked_shape(values, seqlen);
-  shape.insert(shape.begin(), batch);
-  return out.view(shape);
+  return as_padded(out, batch, seqlen);
 }
 
 }  // namespace

@@ -23,5 +23,7 @@ void check_pack_inputs(const at::Tensor& input_ids, const at::Tensor& attention_
 void check_unpack_inputs(const at::Tensor& values, const at::Tensor& indices, int64_t batch,
                          int64_t seqlen);
 std::vector<int64_t> unpacked_shape(const at::Tensor& values, int64_t rows);
+// (batch * seqlen, ...) -> a (batch, seqlen, ...) view
+at::Tensor as_padded(const at::Tensor& rows, int64_t batch, int64_t seqlen);
 
 }  // namespace tic_kernels

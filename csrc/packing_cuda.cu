@@ -181,9 +181,7 @@ at::Tensor unpack_cuda(const at::Tensor& values, const at::Tensor& indices, int6
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  auto shape = unpacked_shape(values, seqlen);
-  shape.insert(shape.begin(), batch);
-  return out.view(shape);
+  return as_padded(out, batch, seqlen);
 }
 
 }  // namespace
