@@ -31,25 +31,30 @@ FLOATS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 def variants():
     """(name, kernel, {arg: type}, {constexpr: value}, num_warps)"""
-    for dt, ent in itertools.product(FLOATS, (False, True)):
-        yield (f"token_logprobs_fwd[{dt},entropy={ent}]", logprobs._token_logprobs_fwd_kernel,
+    for dt, ent, unit in itertools.product(FLOATS, (False, True), (True, False)):
+        # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets
+        yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit}]",
+               logprobs._token_logprobs_fwd_kernel,
                dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
                     entropy_ptr="*fp32", stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
                     V="i32", inv_temperature="fp32", ignore_index="i32"),
-               dict(WITH_ENTROPY=ent, BLOCK_V=4096), 8)
-        yield (f"token_logprobs_bwd[{dt},entropy={ent}]", logprobs._token_logprobs_bwd_kernel,
+               dict(WITH_ENTROPY=ent, UNIT_STRIDE_V=unit, BLOCK_V=4096), 8)
+        yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
+               logprobs._token_logprobs_bwd_kernel,
                dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", lse_ptr="*fp32",
                     entropy_ptr="*fp32", g_ptr="*fp32", g_entropy_ptr="*fp32", stride_b="i64",
                     stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
                     stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32"),
-               dict(WITH_ENTROPY=ent, EMULATE_RNE=False, BLOCK_V=4096), 8)
+               dict(WITH_ENTROPY=ent, EMULATE_RNE=False, UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit,
+                    BLOCK_V=4096), 8)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_fwd_kernel,
-               dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32", count_ptr="*i32"),
+               dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32", count_ptr="*i32",
+                    N="i32"),
                dict(HAS_MASK=has_mask, MEAN=mean, BLOCK=segments.BLOCK_TOKENS), 4)
         yield (f"segment_sum_bwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_bwd_kernel,
                dict(grad_out_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", count_ptr="*i32",
-                    grad_ptr=f"*{dt}"),
+                    grad_ptr=f"*{dt}", N="i32"),
                dict(HAS_MASK=has_mask, MEAN=mean, EMULATE_RNE=False, BLOCK=segments.BLOCK_TOKENS), 4)
     for scale, sample in itertools.product(range(3), (False, True)):
         yield (f"group_advantages[scale={scale},sample={sample}]", advantages._group_advantages_kernel,
@@ -63,10 +68,10 @@ def variants():
                f"ref={ref},ent={ent}]", loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", coef_ptr="*fp32",
-                    coef_ent_ptr="*fp32", part_ptr="*fp32", eps_low="fp32", eps_high="fp32",
-                    dual_clip="fp32", cap="fp32", beta="fp32"),
+                    coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32", eps_low="fp32",
+                    eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
-                    HAS_MASK=mask, HAS_REF=ref, HAS_ENT=ent, NPART=loss.NPART,
+                    HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, NPART=loss.NPART,
                     BLOCK=loss.BLOCK_TOKENS), 4)
 
 

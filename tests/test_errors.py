@@ -181,3 +181,47 @@ def test_value_checks_can_be_switched_off(monkeypatch, device):
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "1")
     with pytest.raises(ValueError, match="targets must lie in"):
         tk.token_logprobs(logits, bad)
+
+
+def test_option_types_and_value_bounds():
+    """Silently accepted before: a non-int ignore_index, a non-bool switch, negative lengths, a
+    max_len below the longest sequence, repeated unpack indices."""
+    logits, targets = torch.randn(N, V), torch.randint(0, V, (N,))
+    for bad in (2.5, None, True, "-100"):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            tk.token_logprobs(logits, targets, ignore_index=bad)
+    with pytest.raises(TypeError, match="return_entropy must be True or False"):
+        tk.token_logprobs(logits, targets, return_entropy=1)
+    with pytest.raises(TypeError, match="inplace_backward must be True or False"):
+        _loss(dict(inplace_backward="yes"))
+    with pytest.raises(ValueError, match="eps_high must lie"):
+        _loss(dict(eps_high=True))
+    with pytest.raises(ValueError, match=r"max_len=3 is smaller than the longest sequence \(4 tokens\)"):
+        _loss(dict(aggregation="seq-mean-token-sum-norm", max_len=3))
+    logits3, t3 = torch.randn(B, 5, V), torch.randint(0, V, (B, 5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"max_len=2 is smaller than the longest sequence \(3"):
+        tk.tic_loss(logits3, t3, torch.randn(B, 5), torch.randn(B), mask=mask, max_len=2,
+                    aggregation="seq-mean-token-sum-norm")
+    assert torch.isfinite(tk.tic_loss(logits3, t3, torch.randn(B, 5), torch.randn(B), mask=mask,
+                                      max_len=3, aggregation="seq-mean-token-sum-norm").loss)
+    with pytest.raises(ValueError, match="lengths must be >= 0, found -2"):
+        tk.group_advantages(torch.randn(4), 2, lengths=torch.tensor([3, -2, 1, 1]),
+                            length_normalize=True)
+    with pytest.raises(TypeError, match="lengths must be an integer or floating tensor"):
+        tk.group_advantages(torch.randn(4), 2, lengths=torch.ones(4, dtype=torch.bool))
+    from tic_kernels.packing import unpack
+    with pytest.raises(ValueError, match="indices must not repeat"):
+        unpack(torch.randn(3, 2), torch.tensor([0, 4, 0]), 2, 3)
+
+
+def test_device_checks_come_before_value_checks():
+    """A tensor on another device is named as such, never read (a meta cu_seqlens used to
+    fail with "Cannot copy out of meta tensor")."""
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but logits is on cpu"):
+        _loss(dict(cu_seqlens=CU.to("meta")))
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but values is on cpu"):
+        tk.sequence_logprobs(torch.randn(N), cu_seqlens=CU.to("meta"))
+    with pytest.raises(ValueError, match="mask is on meta but logits is on cpu"):
+        tk.tic_loss(torch.randn(B, 4, V), torch.randint(0, V, (B, 4)), torch.randn(B, 4),
+                    torch.randn(B), mask=torch.ones(B, 4, device="meta"))

@@ -103,10 +103,10 @@ def test_huge_log_ratio_finite(ratio, device):
 def test_inplace_backward(device):
     batch = loss_batch(LENGTHS, 50, device=device, dtype=torch.bfloat16)
     _, want = _run(tk.tic_loss, batch, entropy_coef=0.05)
-    x = batch.logits.clone()
-    h = x.detach().requires_grad_(False)
-    leaf = x.requires_grad_(True)
-    out = tk.tic_loss(leaf, batch.targets, batch.old_logprobs, batch.advantages,
+    leaf = batch.logits.clone().requires_grad_(True)
+    logits = leaf * 1  # the logits an LM head produced: not a leaf, their storage the loss's
+    h = logits.detach()
+    out = tk.tic_loss(logits, batch.targets, batch.old_logprobs, batch.advantages,
                       entropy_coef=0.05, inplace_backward=True, **batch.layout_kw)
     out.loss.backward()
     torch.testing.assert_close(leaf.grad, want, atol=0, rtol=0)

@@ -30,6 +30,8 @@ def _group_advantages_kernel(
     i = tl.program_id(0)
     gi = tl.load(group_ptr + i)
     ri = tl.load(rewards_ptr + i)
+    # Sums run over r - r_i (shifted by this program's own reward), so large rewards with small
+    # differences (1e7 and 1e7 + 1) keep their differences exactly in fp32.
     total = tl.zeros([BLOCK], dtype=tl.float32)
     count = tl.zeros([BLOCK], dtype=tl.float32)
     lo = tl.full([BLOCK], float("inf"), dtype=tl.float32)
@@ -38,20 +40,20 @@ def _group_advantages_kernel(
         j = off + tl.arange(0, BLOCK)
         same = (j < B) & (tl.load(group_ptr + j, mask=j < B, other=0) == gi)
         r = tl.load(rewards_ptr + j, mask=same, other=0.0)
-        total += r
+        total += tl.where(same, r - ri, 0.0)
         count += same.to(tl.float32)
         lo = tl.minimum(lo, tl.where(same, r, float("inf")))
         hi = tl.maximum(hi, tl.where(same, r, -float("inf")))
     n = tl.sum(count, 0)
-    mean = tl.sum(total, 0) / n
-    adv = ri - mean
+    shifted_mean = tl.sum(total, 0) / n  # mean_g - r_i
+    adv = -shifted_mean
     if SCALE == 0:
         # second pass: sum of squared deviations from the mean (two passes, not E[r^2] - mean^2)
         ss = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(0, B, BLOCK):
             j = off + tl.arange(0, BLOCK)
             same = (j < B) & (tl.load(group_ptr + j, mask=j < B, other=0) == gi)
-            dev = tl.load(rewards_ptr + j, mask=same, other=0.0) - mean
+            dev = (tl.load(rewards_ptr + j, mask=same, other=0.0) - ri) - shifted_mean
             ss += tl.where(same, dev * dev, 0.0)
         denom = tl.maximum(n - 1.0, 1.0) if SAMPLE_STD else n
         adv = adv / (tl.sqrt(tl.sum(ss, 0) / denom) + eps)
@@ -69,10 +71,12 @@ def group_advantages_op(rewards: torch.Tensor, group: torch.Tensor, scale: str,
     B = rewards.numel()
     out = torch.empty(B, dtype=torch.float32, device=rewards.device)
     ddof = 1 if sample_std else 0
-    batch_std = rewards.std(correction=ddof).reshape(1) if B > ddof else rewards.new_zeros(1)
+    # the batch std in float64 (O(B) work), like the group statistics shifted in the kernel
+    batch_std = (rewards.double().std(correction=ddof).float().reshape(1) if B > ddof
+                 else rewards.new_zeros(1))
     if B:
         launch(_group_advantages_kernel, (B,),
-            rewards, group, batch_std, out, B, eps,
+            rewards.contiguous(), group.contiguous(), batch_std, out, B, eps,
             SCALE=check.SCALES.index(scale), SAMPLE_STD=sample_std, BLOCK=BLOCK_B)
     return out
 
@@ -122,8 +126,11 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group",
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor):
             raise TypeError(f"lengths must be a torch.Tensor, got {type(lengths).__name__}")
+        if lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"lengths must be an integer or floating tensor, got {lengths.dtype}")
         check.shape("lengths", lengths, (B,), " (one length per reward)")
         check.same_device("rewards", rewards, lengths=lengths)
+        check.nonnegative("lengths", lengths)
     if not use_triton(rewards):
         return reference.group_advantages(rewards, group_size, group_ids, scale, std, eps,
                                           lengths, length_normalize)
@@ -132,5 +139,4 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group",
         r = r / lengths.clamp(min=1).float()
     if group_ids is None:
         group_ids = torch.arange(B, device=r.device) // group_size
-    return group_advantages_op(r.contiguous(), group_ids.contiguous(), scale, std == "sample",
-                               float(eps))
+    return group_advantages_op(r, group_ids, scale, std == "sample", float(eps))

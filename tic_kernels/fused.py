@@ -8,6 +8,8 @@ Padded rows under a zero mask are never read; their gradient rows are written wi
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import reference
@@ -37,6 +39,7 @@ class _TICLoss(torch.autograd.Function):
         return (loss, *stats.values())
 
     @staticmethod
+    @check.first_order_only
     def backward(ctx, g_loss, *_stats):
         logits, targets, lse, entropy, coef, coef_ent, norm = ctx.saved_tensors
         scale = g_loss * norm
@@ -44,6 +47,40 @@ class _TICLoss(torch.autograd.Function):
         grad = logits_grad(logits, targets, lse, entropy, coef * scale, g_entropy,
                            ctx.temperature, IGNORE, inplace=ctx.inplace_backward)
         return (grad,) + (None,) * 10
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """True when two indices of t may share an element (an expanded tensor): dimensions sorted
+    by stride must each step past everything the smaller ones span."""
+    span = 0
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
+
+
+def inplace_refusal(logits: torch.Tensor):
+    """Why the gradient must not be written over ``logits``, or None when it may.
+
+    The logits buffer may be overwritten when it is produced by autograd (an LM head's output
+    or a slice of it) and its elements do not overlap. A leaf, or a view of a leaf that
+    requires grad, is the caller's storage (a parameter); an expanded tensor would have one
+    element written by many rows. A graph node that saved the logits themselves (say a tanh
+    whose output they are) sees them modified and autograd raises its in-place error.
+    """
+    if not logits.requires_grad:
+        return None  # no backward will run
+    if _overlapping(logits):
+        return "their elements overlap (an expanded or stride-0 tensor)"
+    if torch.compiler.is_compiling():
+        return None
+    if logits.is_leaf:
+        return "they are a leaf tensor, whose storage belongs to the caller"
+    base = logits._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        return "they are a view of a leaf tensor that requires grad (a parameter)"
+    return None
 
 
 def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
@@ -63,7 +100,10 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         temperature: > 0, the sampling temperature (logits are divided by it).
         entropy_coef: weight of the entropy bonus, loss -= entropy_coef * aggregate(H).
         inplace_backward: write the logits gradient into the logits buffer (no (N, V)
-            allocation; the logits are overwritten in backward, so do not reuse them).
+            allocation; the logits are overwritten in backward, so do not reuse them). Only
+            for logits that autograd produced (a model's output or a slice of it) whose
+            elements do not overlap; for a leaf, a view of a leaf that requires grad, or an
+            expanded tensor the gradient is allocated instead, with a warning.
         Other keywords: as in :func:`tic_kernels.tic_loss_from_logprobs`.
 
     Returns:
@@ -83,8 +123,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
     check.same_device("logits", logits, targets=targets)
     check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, logits)
+                      ref_logprobs, logits, max_len)
     check.targets_in_range(targets, logits.shape[-1], mask=mask)
+    check.boolean("inplace_backward", inplace_backward)
     options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
                    dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
                    beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
@@ -92,6 +133,10 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
                                   cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,
                                   entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, **options)
+    if inplace_backward and (why := inplace_refusal(logits)) is not None:
+        warnings.warn(f"tic_loss: inplace_backward=True ignored, the gradient is allocated: the "
+                      f"logits cannot be overwritten because {why}", stacklevel=2)
+        inplace_backward = False
     loss, *stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
                                   ref_logprobs, float(temperature), float(entropy_coef),
                                   bool(inplace_backward), options)

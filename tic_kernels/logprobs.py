@@ -47,19 +47,31 @@ def emulate_rne(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _col_offsets(idx, stride_v, UNIT_STRIDE_V: tl.constexpr):
+    """Element offsets of columns ``idx`` in a row. 64-bit unless the columns are contiguous:
+    (V - 1) * stride_v passes 2^31 for a (N, V) view of a transposed (V, N) buffer."""
+    if UNIT_STRIDE_V:
+        return idx
+    else:
+        return idx.to(tl.int64) * stride_v
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
     stride_b, stride_t, stride_v,
     T, V, inv_temperature, ignore_index,
-    WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     cols = tl.arange(0, BLOCK_V)
-    # Online logsumexp in fp32: running max m, sum of exp(z - m), and sum of exp(z - m) z for
-    # the entropy, all rescaled when the max grows. Inactive rows run zero iterations.
+    # Online logsumexp in fp32: running max m and s = sum exp(z - m); for the entropy,
+    # sz = sum exp(z - m) (z - m), kept relative to the running max so that it cannot overflow
+    # even for logits near FLT_MAX. Both are rescaled when the max grows. Inactive rows run
+    # zero iterations.
     m = -float("inf")
     s = 0.0
     sz = 0.0
@@ -68,26 +80,37 @@ def _token_logprobs_fwd_kernel(
         idx = start + cols
         inside = idx < V
         # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
-        z = tl.load(base + idx * stride_v, mask=inside, other=-float("inf")).to(tl.float32)
+        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside,
+                    other=-float("inf")).to(tl.float32)
         z = z * inv_temperature
         m_new = tl.maximum(m, tl.max(z, 0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * scale + tl.sum(e, 0)
+        # while every logit so far is -inf (a masked-out vocabulary block), shift by 0:
+        # exp(-inf - (-inf)) would be NaN
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        scale = tl.exp(m - shift)
+        e = tl.exp(z - shift)
         if WITH_ENTROPY:
-            sz = sz * scale + tl.sum(e * tl.where(inside, z, 0.0), 0)
+            # sum_old e (z - m_new) = scale * (sz - s (m_new - m)); nothing moves while m = -inf
+            moved = scale * (shift - tl.where(m == -float("inf"), shift, m))
+            # e = 0 at z = -inf, where e (z - shift) would be 0 * -inf: the term is exactly 0
+            sz = sz * scale - s * moved + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
+        s = s * scale + tl.sum(e, 0)
         m = m_new
     s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     in_vocab = (target >= 0) & (target < V)
     z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
+    # logp = (z_t - m) - log s: forming lse = m + log s first would round log s away when
+    # |m| is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
     # An out-of-range target (only reachable when validation is skipped) gives NaN, never a
     # plausible number.
-    logp = tl.where(in_vocab, z_t * inv_temperature - lse, float("nan"))
+    logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
-    tl.store(lse_ptr + row, tl.where(active, lse, 0.0))
+    tl.store(lse_ptr + 2 * row, tl.where(active, m, 0.0))
+    tl.store(lse_ptr + 2 * row + 1, tl.where(active, log_s, 0.0))
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, tl.where(active, lse - sz / s, 0.0))
+        # H = lse - sum p z = log s - sz / s: no cancellation of two numbers near the max
+        tl.store(entropy_ptr + row, tl.where(active, log_s - sz / s, 0.0))
 
 
 @triton.jit
@@ -95,14 +118,16 @@ def _token_logprobs_bwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
     stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
     T, V, inv_temperature, ignore_index,
-    WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+    UNIT_STRIDE_GV: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(lse_ptr + 2 * row)
+    log_s = tl.load(lse_ptr + 2 * row + 1)
     g = tl.where(active, tl.load(g_ptr + row), 0.0) * inv_temperature
     if WITH_ENTROPY:
         gH = tl.where(active, tl.load(g_entropy_ptr + row), 0.0) * inv_temperature
@@ -112,15 +137,17 @@ def _token_logprobs_bwd_kernel(
         idx = start + cols
         inside = idx < V
         # inactive rows: no read, a row of exact zeros written
-        z = tl.load(base + idx * stride_v, mask=inside & active, other=0.0).to(tl.float32)
-        log_p = z * inv_temperature - lse
+        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside & active,
+                    other=0.0).to(tl.float32)
+        log_p = (z * inv_temperature - m) - log_s
         p = tl.exp(log_p)
         d = tl.where(idx == target, g, 0.0) - g * p
         if WITH_ENTROPY:
-            d -= gH * p * (log_p + H)
+            # p log p -> 0 as p -> 0: a -inf logit contributes 0, not 0 * -inf
+            d -= gH * p * tl.where(p > 0.0, log_p + H, 0.0)
         d = tl.where(active, d, 0.0)
         d = cast_for_store(d, grad_ptr.dtype.element_ty, EMULATE_RNE)
-        tl.store(gbase + idx * stride_gv, d, mask=inside)
+        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV), d, mask=inside)
 
 
 def _block_v(V: int) -> int:
@@ -135,6 +162,8 @@ def _num_warps(block: int) -> int:
 
 def _rows_layout(logits):
     """(T, stride_b, stride_t, stride_v) describing rows of a 2-D or 3-D logits tensor."""
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"the kernels take 2-D or 3-D logits, got shape {tuple(logits.shape)}")
     if logits.dim() == 2:
         return max(logits.shape[0], 1), 0, logits.stride(0), logits.stride(1)
     return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
@@ -144,20 +173,23 @@ def _rows_layout(logits):
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, lse, entropy), each (R,) fp32 over the flattened rows; entropy is empty unless
-    with_entropy."""
+    """(logp (R,), lse (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
+    unless with_entropy. lse holds each row's logsumexp in two parts, lse[2r] the max m of
+    logits / temperature and lse[2r + 1] log sum exp(logits / temperature - m), for the
+    backward."""
     V = logits.shape[-1]
     R = targets.numel()
-    flat_targets = targets.reshape(-1)
+    flat_targets = targets.reshape(-1).contiguous()  # the kernel reads targets[row]
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(R, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
     T, sb, st, sv = _rows_layout(logits)
     block = _block_v(V)
     if R:
         launch(_token_logprobs_fwd_kernel, (R,),
             logits, flat_targets, logp, lse, entropy, sb, st, sv, T, V, 1.0 / temperature,
-            ignore_index, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=_num_warps(block))
+            ignore_index, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
+            num_warps=_num_warps(block))
     return logp, lse, entropy
 
 
@@ -175,9 +207,11 @@ def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.
     block = _block_v(V)
     if R:
         launch(_token_logprobs_bwd_kernel, (R,),
-            logits, grad, targets.reshape(-1), lse, entropy, g_logp, g_entropy,
+            logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
+            entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(),
             sb, st, sv, gb, gt, gv, T, V, 1.0 / temperature, ignore_index,
-            WITH_ENTROPY=with_entropy, EMULATE_RNE=emulate_rne(grad.dtype), BLOCK_V=block,
+            WITH_ENTROPY=with_entropy, EMULATE_RNE=emulate_rne(grad.dtype),
+            UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block,
             num_warps=_num_warps(block))
 
 
@@ -201,11 +235,12 @@ def _setup_context(ctx, inputs, output):
     ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
 
 
+@check.first_order_only
 def _backward(ctx, g_logp, g_lse, g_entropy):
     logits, targets, lse, entropy = ctx.saved_tensors
     g_entropy = g_entropy if ctx.with_entropy else None
     if g_logp is None:  # only the entropy was used
-        g_logp = torch.zeros_like(lse)
+        g_logp = lse.new_zeros(lse.shape[0] // 2)
     grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
                        ctx.ignore_index)
     return grad, None, None, None, None
@@ -237,12 +272,18 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, retur
     check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
     check.same_device("logits", logits, targets=targets)
     check.positive("temperature", temperature)
+    check.integer("ignore_index", ignore_index)
+    check.boolean("return_entropy", return_entropy)
     check.targets_in_range(targets, logits.shape[-1], ignore_index)
     if not use_triton(logits):
         return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
     shape = targets.shape
-    if logits.dim() > 3 or logits.dim() == 1:  # rows must be describable by (b, t) strides
-        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    # the kernels describe rows by (b, t) strides: (V,) is one row; (..., T, V) merges the
+    # leading dimensions (a view where the strides allow, else a copy autograd differentiates)
+    if logits.dim() == 1:
+        logits, targets = logits.unsqueeze(0), targets.reshape(1)
+    elif logits.dim() > 3:
+        logits, targets = logits.flatten(0, -3), targets.flatten(0, -2)
     logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index),
                                           bool(return_entropy))
     logp = logp.view(shape)

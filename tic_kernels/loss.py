@@ -26,7 +26,7 @@ import triton.language as tl
 from . import reference
 from . import validation as check
 from .backend import launch, triton_op, use_triton
-from .segments import segments
+from .segments import segment_bounds, segments
 
 BLOCK_TOKENS = 1024
 # columns of the per-sequence partial sums
@@ -71,16 +71,15 @@ def _capped_exp(log_ratio, cap):
 @triton.jit
 def _ratio_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr,
-    coef_ptr, coef_ent_ptr, part_ptr,
+    coef_ptr, coef_ent_ptr, part_ptr, N,
     eps_low, eps_high, dual_clip, cap, beta,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
-    NPART: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+    HAS_ENT: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # RATIO: 0 trajectory, 1 sequence_mean, 2 token, 3 none
     i = tl.program_id(0)
-    start = tl.load(cu_ptr + i)
-    end = tl.load(cu_ptr + i + 1)
+    start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
     cols = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
@@ -114,11 +113,13 @@ def _ratio_loss_fwd_kernel(
     ratio_max = 0.0
     capped_any = 0.0
     g_seq = 0.0
+    J_seq = 0.0
     if RATIO < 2:  # one ratio per sequence
         log_ratio = Delta if RATIO == 0 else Delta / tl.maximum(L, 1.0)
         x, chi = _capped_exp(log_ratio, cap)
-        J, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED, DUAL)
-        obj = v * L * J
+        J_seq, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED,
+                                                DUAL)
+        obj = tl.where(nonempty, v * L * J_seq, 0.0)  # an empty sequence adds nothing, not NaN
         # dL/dlogp_t / norm = -W_i dJ/dx x chi (/ L_i for GSPO), W_i / norm = v L
         g_seq = -v * L * dJ * x * chi
         if RATIO == 1:
@@ -140,11 +141,13 @@ def _ratio_loss_fwd_kernel(
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c = zero + g_seq
+        J_tok = zero + J_seq  # the token's objective, to apply the NaN rule below
         if RATIO == 2:
             old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
             x, chi = _capped_exp(lp - old, cap)
-            J, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED, DUAL)
-            obj_acc += tl.where(keep, v * J, 0.0)
+            J_tok, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip,
+                                                    TWO_SIDED, DUAL)
+            obj_acc += tl.where(keep, v * J_tok, 0.0)
             c = -v * dJ * x * chi
             k = keep.to(tl.float32)
             clip_acc += clipped * k
@@ -152,13 +155,19 @@ def _ratio_loss_fwd_kernel(
             rmax_acc = tl.maximum(rmax_acc, x * k)
             cap_acc = tl.maximum(cap_acc, (1.0 - chi) * k)
         elif RATIO == 3:
-            obj_acc += v * A * lp
+            J_tok = A * lp
+            obj_acc += tl.where(keep, v * J_tok, 0.0)
             c = zero - v * A
-        if HAS_REF:
+        if KL_IN_LOSS:
             u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
             uc = tl.minimum(tl.maximum(u, -cap), cap)
-            obj_acc -= tl.where(keep, v * beta * (tl.exp(uc) - uc - 1.0), 0.0)
+            kl = tl.exp(uc) - uc - 1.0
+            J_tok -= beta * kl
+            obj_acc -= tl.where(keep, v * beta * kl, 0.0)
             c += v * beta * (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
+        # The NaN rule: a token whose objective is NaN gets a NaN gradient coefficient (for the
+        # sequence ratios, every token of the sequence), whichever branch NaN fell through.
+        c = tl.where(J_tok != J_tok, float("nan"), c)
         tl.store(coef_ptr + idx, tl.where(keep, c, 0.0), mask=inside)
         if HAS_ENT:
             H = tl.load(ent_ptr + idx, mask=keep, other=0.0).to(tl.float32)
@@ -231,15 +240,18 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
     part = torch.empty(B, NPART, dtype=torch.float32, device=dev)
+
+    def flat(t):  # the kernel reads flat positions and per-sequence entries by index
+        return logp if t is None else t.reshape(-1).contiguous()
     if B:
         launch(_ratio_loss_fwd_kernel, (B,),
-            logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
-            advantages, cu, logp if mask is None else mask, coef, coef_ent, part,
+            flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
+            cu.contiguous(), flat(mask), coef, coef_ent, part, R,
             eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,
             RATIO=check.RATIOS.index(ratio), TWO_SIDED=clip_mode == "two_sided",
             DUAL=dual_clip is not None, PER_SEQ_MEAN=aggregation == "seq-mean-token-mean",
-            HAS_MASK=mask is not None, HAS_REF=ref is not None, HAS_ENT=entropy is not None,
-            NPART=NPART, BLOCK=BLOCK_TOKENS)
+            HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=beta > 0,
+            HAS_ENT=entropy is not None, NPART=NPART, BLOCK=BLOCK_TOKENS)
     loss, stats, norm = _finalize(part, ratio, aggregation, entropy_coef, num_tokens,
                                   num_sequences, max_len)
     return loss, stats, coef, coef_ent, norm
@@ -252,6 +264,7 @@ def _setup_context(ctx, inputs, output):
     ctx.entropy_coef, ctx.has_entropy = entropy_coef, entropy is not None
 
 
+@check.first_order_only
 def _backward(ctx, g_loss, *_unused):
     coef, coef_ent, norm = ctx.saved_tensors
     scale = g_loss * norm
@@ -282,9 +295,9 @@ def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entr
     cu, flat_mask = segments(cu_seqlens, mask, logp.device)
 
     def flat(t):
-        return None if t is None else t.reshape(-1).contiguous()
+        return None if t is None else t.reshape(-1)
     loss, stats, coef, coef_ent, norm = ratio_loss(
-        flat(logp), flat(old), advantages.detach().float().contiguous(), cu, flat_mask,
+        flat(logp), flat(old), advantages.detach().float(), cu, flat_mask,
         flat(ref_logprobs), flat(entropy), ratio, clip_mode, float(eps_low), float(eps_high),
         None if dual_clip is None else float(dual_clip), float(max_log_ratio), aggregation,
         float(beta), float(entropy_coef), None if num_tokens is None else float(num_tokens),
@@ -323,7 +336,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
     check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
                        ref_logprobs, beta, num_tokens, num_sequences, max_len, mask is not None)
     check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, logprobs)
+                      ref_logprobs, logprobs, max_len)
     options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
                    dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
                    beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)

@@ -108,8 +108,11 @@ def unpack(values, indices, B, T, pad=0.0):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     check.same_device("values", values, indices=indices)
-    if indices.numel() and bool(((indices < 0) | (indices >= B * T)).any()):
-        raise ValueError(f"indices must lie in [0, B*T) = [0, {B * T})")
+    if check.checking_values(indices) and indices.numel():
+        if bool(((indices < 0) | (indices >= B * T)).any()):
+            raise ValueError(f"indices must lie in [0, B*T) = [0, {B * T})")
+        if indices.unique().numel() != indices.numel():
+            raise ValueError("indices must not repeat (two rows would be scattered to one place)")
     if _has_kernel("unpack", values.device):
         return torch.ops.tic_kernels.unpack(values, indices, B, T, pad)
     return reference.varlen_unpack(values, indices, B, T, pad)

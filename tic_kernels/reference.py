@@ -14,9 +14,11 @@ log-probabilities, ratios, losses or statistics are float32 (float64 for float64
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .validation import LossOutput, default_aggregation
+from .validation import LossOutput, default_aggregation, first_order_only
 
 # Elements of logits upcast at once: 64 MiB of fp32 per temporary. On 2 CPU cores, at
 # (2048, 32000) fp32, 2^26 peaked 2.5x higher for ~20% less time, 2^22 took 1.7x longer.
@@ -31,26 +33,43 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 # Op 1: per-token log-softmax gather (with temperature and entropy)
 # --------------------------------------------------------------------------------------------
 def _rows_logprobs(z: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
-    """logp (and entropy, else zeros) of a 2-D block of rows in the compute dtype."""
+    """logp (and entropy, else zeros) of a 2-D block of rows in the compute dtype.
+
+    Every log-probability is formed relative to the row's max m, (z - m) - log sum exp(z - m):
+    subtracting a logsumexp of logits near FLT_MAX would round its log-sum away.
+    """
     z = z / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    m = z.detach().amax(-1, keepdim=True)
+    zs = z - torch.where(m == -torch.inf, 0.0, m)  # a row of -inf (no distribution) keeps its NaN
+    log_s = torch.logsumexp(zs, dim=-1)
+    logp = zs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_s
     if not with_entropy:
         return logp, torch.zeros_like(logp)
-    p = torch.softmax(z, dim=-1)
-    return logp, lse - (p * z).sum(-1)  # -sum p log p with log p = z - lse
+    log_p = zs - log_s.unsqueeze(-1)
+    p = log_p.exp()
+    # p log p -> 0 as p -> 0: a -inf logit (a masked-out vocabulary entry) contributes exactly
+    # 0, where 0 * -inf would be NaN; log_p is replaced before the product so that the
+    # gradient is clean too
+    return logp, -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
+
+
+def _matrices(x: torch.Tensor, base: int = 0):
+    """(first flat row, 2-D view) pairs covering x (..., V) in row-major order, as views
+    whatever the rank and strides (a (V,) tensor is one row)."""
+    if x.dim() <= 2:
+        yield base, x.reshape(1, -1) if x.dim() == 1 else x
+        return
+    rows = math.prod(x.shape[1:-1])
+    for b in range(x.shape[0]):
+        yield from _matrices(x[b], base + b * rows)
 
 
 def _row_views(logits: torch.Tensor):
-    """(first flat row, 2-D view) pairs covering logits (..., V) without copying it."""
+    """(first flat row, 2-D view) pairs covering logits (..., V) without copying it, in chunks
+    of at most CHUNK_ELEMENTS elements."""
     V = logits.shape[-1]
     rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    if logits.dim() == 2:
-        mats = [(0, logits)]
-    else:  # (B, T, V): one (T, V) view per batch row, so strided inputs are never copied
-        T = logits.shape[1]
-        mats = [(b * T, logits[b]) for b in range(logits.shape[0])]
-    for base, mat in mats:
+    for base, mat in _matrices(logits):
         for start in range(0, mat.shape[0], rows):
             yield base + start, mat[start:start + rows]
 
@@ -75,13 +94,15 @@ class _TokenLogprobs(torch.autograd.Function):
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_logp, g_entropy):
         logits, targets = ctx.saved_tensors
         flat_t = targets.reshape(-1)
         dt = compute_dtype(logits)
         g_logp = g_logp.reshape(-1).to(dt)
         g_entropy = g_entropy.reshape(-1).to(dt)
-        grad = torch.zeros_like(logits)
+        # contiguous, whatever the logits' strides (a permuted or expanded input included)
+        grad = logits.new_zeros(logits.shape)
         flat_grad = grad.view(-1, logits.shape[-1])
         for start, chunk in _row_views(logits):
             t = flat_t[start:start + chunk.shape[0]]
@@ -151,8 +172,13 @@ def sequence_logprobs(values, cu_seqlens=None, mask=None, reduce="sum"):
 # --------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size=None, group_ids=None, scale="group", std="sample",
                      eps=1e-6, lengths=None, length_normalize=False):
-    """A_i = (r_i - mean_g) / (std + eps), see SPEC op 3. No gradient."""
-    dt = compute_dtype(rewards)
+    """A_i = (r_i - mean_g) / (std + eps), see SPEC op 3. No gradient.
+
+    The O(B) statistics are computed in float64 whatever the input (rewards 1e7 apart by 1 are
+    exact there), and the result is cast to the compute dtype.
+    """
+    out_dt = compute_dtype(rewards)
+    dt = torch.float64
     r = rewards.detach().to(dt)
     if length_normalize:
         r = r / lengths.clamp(min=1).to(dt)
@@ -177,7 +203,7 @@ def group_advantages(rewards, group_size=None, group_ids=None, scale="group", st
     # A group of one, or of equal rewards, has advantage exactly 0 (never NaN, never rounding).
     lo = torch.full((G,), float("inf"), dtype=dt, device=r.device).scatter_reduce(0, gid, r, "amin")
     hi = torch.full((G,), -float("inf"), dtype=dt, device=r.device).scatter_reduce(0, gid, r, "amax")
-    return torch.where((lo == hi)[gid], torch.zeros_like(adv), adv)
+    return torch.where((lo == hi)[gid], torch.zeros_like(adv), adv).to(out_dt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +233,25 @@ def _mean(x, n):
     return x.sum() / n.clamp(min=1)
 
 
+class _NaNGradientWhere(torch.autograd.Function):
+    """Zero in value; its gradient w.r.t. ``x`` is NaN where ``bad`` and 0 elsewhere.
+
+    Adding it to the loss implements the NaN rule (README, Guarantees): a token whose objective is
+    NaN gets a NaN gradient, whichever branch of the clip or the cap the NaN went through
+    (the constant branch and the cap would otherwise pass a zero gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.save_for_backward(bad)
+        return x.new_zeros(())
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g):
+        (bad,) = ctx.saved_tensors
+        return torch.where(bad, float("nan"), 0.0).to(g.dtype) * g, None
+
+
 def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, mask=None,
                            ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
@@ -229,6 +274,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     cap = float(max_log_ratio)
 
     logp = logprobs.to(dt)
+    # old, ref (and rollout) log-probs and advantages are data: never differentiated
+    old_logprobs = old_logprobs.detach()
+    ref_logprobs = None if ref_logprobs is None else ref_logprobs.detach()
     d = logp - old_logprobs.to(dt)  # per-token difference first (see the module docstring)
     A = advantages.detach().to(dt)
     L = lengths.to(dt)
@@ -279,7 +327,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         w = 1.0 / B_eff.expand(logp.shape)
     else:  # seq-mean-token-sum-norm
         w = 1.0 / (B_eff * float(max_len)).expand(logp.shape)
-    loss = -(w * J_tok).sum()
+    loss = -(w * J_tok).sum() + _NaNGradientWhere.apply(logp, torch.isnan(J_tok.detach()))
     if entropy is not None:
         H = entropy.to(dt)
         if entropy_coef:

@@ -36,13 +36,21 @@ def segments(cu_seqlens, mask, device):
 
 
 @triton.jit
+def segment_bounds(cu_ptr, i, N):
+    """[start, end) of segment i, clamped to [0, N]: with the value checks off, a bad
+    cu_seqlens gives wrong numbers, never an out-of-bounds access."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + i), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + i + 1), start), N)
+    return start, end
+
+
+@triton.jit
 def _segment_sum_fwd_kernel(
-    values_ptr, cu_ptr, mask_ptr, out_ptr, count_ptr,
+    values_ptr, cu_ptr, mask_ptr, out_ptr, count_ptr, N,
     HAS_MASK: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
-    start = tl.load(cu_ptr + i)
-    end = tl.load(cu_ptr + i + 1)
+    start, end = segment_bounds(cu_ptr, i, N)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     cnt = tl.zeros([BLOCK], dtype=tl.int32)
     for off in range(start, end, BLOCK):
@@ -62,12 +70,11 @@ def _segment_sum_fwd_kernel(
 
 @triton.jit
 def _segment_sum_bwd_kernel(
-    grad_out_ptr, cu_ptr, mask_ptr, count_ptr, grad_ptr,
+    grad_out_ptr, cu_ptr, mask_ptr, count_ptr, grad_ptr, N,
     HAS_MASK: tl.constexpr, MEAN: tl.constexpr, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
-    start = tl.load(cu_ptr + i)
-    end = tl.load(cu_ptr + i + 1)
+    start, end = segment_bounds(cu_ptr, i, N)
     g = tl.load(grad_out_ptr + i).to(tl.float32)
     if MEAN:
         g = g / tl.maximum(tl.load(count_ptr + i), 1).to(tl.float32)
@@ -88,10 +95,11 @@ def segment_sum_fwd(values: torch.Tensor, cu: torch.Tensor, mask: Optional[torch
     B = cu.numel() - 1
     out = torch.empty(B, dtype=torch.float32, device=values.device)
     count = torch.empty(B, dtype=torch.int32, device=values.device)
+    values = values.reshape(-1).contiguous()  # the kernel reads flat positions
     if B:
         launch(_segment_sum_fwd_kernel, (B,),
-            values, cu, values if mask is None else mask, out, count,
-            HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
+            values, cu.contiguous(), values if mask is None else mask.contiguous(), out, count,
+            values.numel(), HAS_MASK=mask is not None, MEAN=mean, BLOCK=BLOCK_TOKENS)
     return out, count
 
 
@@ -99,13 +107,14 @@ def segment_sum_fwd(values: torch.Tensor, cu: torch.Tensor, mask: Optional[torch
 def segment_sum_bwd(grad_out: torch.Tensor, cu: torch.Tensor, mask: Optional[torch.Tensor],
                     count: torch.Tensor, mean: bool, like: torch.Tensor) -> torch.Tensor:
     """dL/dvalues, shaped and typed like the flat ``like`` (the forward's values)."""
-    grad = torch.zeros_like(like)  # positions outside every segment (none when cu ends at N)
+    # positions outside every segment (none when cu ends at N) keep a zero gradient
+    grad = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
     B = cu.numel() - 1
     if B:
         launch(_segment_sum_bwd_kernel, (B,),
-            grad_out.contiguous(), cu, grad if mask is None else mask, count, grad,
-            HAS_MASK=mask is not None, MEAN=mean, EMULATE_RNE=emulate_rne(grad.dtype),
-            BLOCK=BLOCK_TOKENS)
+            grad_out.contiguous(), cu.contiguous(), grad if mask is None else mask.contiguous(),
+            count.contiguous(), grad, grad.numel(), HAS_MASK=mask is not None, MEAN=mean,
+            EMULATE_RNE=emulate_rne(grad.dtype), BLOCK=BLOCK_TOKENS)
     return grad
 
 
@@ -121,6 +130,22 @@ def _backward(ctx, grad_out, _grad_count):
 
 
 segment_sum_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The backward is linear in grad_out (a broadcast), so its own gradient is the forward again:
+# sequence sums are differentiable to any order, on both paths.
+def _setup_bwd_context(ctx, inputs, output):
+    _, cu, mask, _, mean, _ = inputs
+    ctx.save_for_backward(cu, mask)
+    ctx.mean = mean
+
+
+def _bwd_backward(ctx, grad_grad):
+    cu, mask = ctx.saved_tensors
+    return (segment_sum_fwd(grad_grad, cu, mask, ctx.mean)[0],) + (None,) * 5
+
+
+segment_sum_bwd.register_autograd(_bwd_backward, setup_context=_setup_bwd_context)
 
 
 def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
@@ -141,15 +166,13 @@ def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
     if cu_seqlens is not None:
         if values.dim() != 1:
             raise ValueError(f"values must be 1-D (N,) with cu_seqlens, got shape {tuple(values.shape)}")
-        check.cu_seqlens_ok(cu_seqlens, values.shape[0])
-        check.same_device("values", values, cu_seqlens=cu_seqlens)
+        check.cu_seqlens_ok(cu_seqlens, values.shape[0], device_of=("values", values))
     else:
         if values.dim() != 2:
             raise ValueError(f"values must be 2-D (B, T) with mask, got shape {tuple(values.shape)}")
-        check.mask_ok(mask, values.shape)
-        check.same_device("values", values, mask=mask)
+        check.mask_ok(mask, values.shape, device_of=("values", values))
     if not use_triton(values):
         return reference.sequence_logprobs(values, cu_seqlens, mask, reduce)
     cu, flat_mask = segments(cu_seqlens, mask, values.device)
-    out, _ = segment_sum_fwd(values.reshape(-1).contiguous(), cu, flat_mask, reduce == "mean")
+    out, _ = segment_sum_fwd(values.reshape(-1), cu, flat_mask, reduce == "mean")
     return out

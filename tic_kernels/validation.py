@@ -9,6 +9,7 @@ yields NaN, never a wrong finite number). Shape, dtype and option checks always 
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -37,8 +38,28 @@ def default_aggregation(ratio: str) -> str:
     return "token-mean" if ratio == "token" else "seq-mean-token-mean"
 
 
-def _checking_values() -> bool:
-    return os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+# exp(MAX_LOG_RATIO_BOUND) = 5.5e34: a capped ratio times an advantage and an aggregation
+# weight stays finite in float32 (3.4e38) for |A| * weight up to ~6000.
+MAX_LOG_RATIO_BOUND = 80.0
+
+
+def checking_values(*tensors) -> bool:
+    """Value checks run in eager mode on tensors whose values can be read (not meta)."""
+    if os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
+        return False
+    return all(t.device.type != "meta" for t in tensors if t is not None)
+
+
+def first_order_only(backward):
+    """Wraps an op's backward: under create_graph=True (grad mode on inside backward) it raises
+    instead of returning a gradient with no graph, which would be silently wrong."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("tic_kernels ops are differentiable once: double backward "
+                               "(create_graph=True) is not supported")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def choice(name, value, accepted):
@@ -47,9 +68,23 @@ def choice(name, value, accepted):
                          + ", ".join(repr(a) for a in accepted))
 
 
+def integer(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+
+
+def boolean(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _real(value) -> bool:
+    """A finite Python int or float (not a bool, not a tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def positive(name, value, allow_zero=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if not _real(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
@@ -82,7 +117,7 @@ def same_device(ref_name, ref, **tensors):
 
 def targets_in_range(targets, vocab, ignore_index=None, mask=None):
     """Targets in [0, vocab) (or equal to ignore_index); with a mask, only where it is set."""
-    if not _checking_values() or targets.numel() == 0:
+    if not checking_values(targets, mask) or targets.numel() == 0:
         return
     bad = (targets < 0) | (targets >= vocab)
     if ignore_index is not None:
@@ -95,12 +130,22 @@ def targets_in_range(targets, vocab, ignore_index=None, mask=None):
         raise ValueError(f"targets must lie in {allowed}; found {first}")
 
 
-def cu_seqlens_ok(cu_seqlens, n):
+def nonnegative(name, t):
+    """Every entry of t is >= 0 (a value check)."""
+    if checking_values(t) and t.numel() and bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0, found {t.min().item()}")
+
+
+def cu_seqlens_ok(cu_seqlens, n, device_of=None):
+    """cu_seqlens (B+1,) int: 0, non-decreasing, last entry n; on ``device_of``'s device when
+    given as (name, tensor). Device and shape are checked before any value is read."""
     int_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D with B+1 >= 1 entries, got shape "
                          f"{tuple(cu_seqlens.shape)}")
-    if not _checking_values():
+    if device_of is not None:
+        same_device(*device_of, cu_seqlens=cu_seqlens)
+    if not checking_values(cu_seqlens):
         return
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
@@ -111,16 +156,32 @@ def cu_seqlens_ok(cu_seqlens, n):
         raise ValueError(f"cu_seqlens must end at the number of tokens {n}, got {cu[-1]}")
 
 
-def mask_ok(mask, expected_shape, name="mask"):
-    """A (B, T) tensor of the expected shape holding only 0 and 1 (or bool)."""
+def mask_ok(mask, expected_shape, name="mask", device_of=None):
+    """A (B, T) tensor of the expected shape holding only 0 and 1 (or bool), on
+    ``device_of``'s device when given as (name, tensor)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dim() != 2:
         raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(mask.shape)}")
     shape(name, mask, expected_shape)
-    if mask.dtype != torch.bool and _checking_values() and mask.numel():
+    if device_of is not None:
+        same_device(*device_of, **{name: mask})
+    if mask.dtype != torch.bool and checking_values(mask) and mask.numel():
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor)")
+
+
+def max_len_ok(max_len, cu_seqlens, mask):
+    """max_len, when given, is at least the longest sequence (a value check)."""
+    if max_len is None or not checking_values(cu_seqlens, mask):
+        return
+    if cu_seqlens is not None:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    else:
+        longest = int(mask.bool().sum(1).max()) if mask.numel() else 0
+    if max_len < longest:
+        raise ValueError(f"max_len={max_len!r} is smaller than the longest sequence ({longest} "
+                         "tokens)")
 
 
 def layout(cu_seqlens, mask):
@@ -147,17 +208,20 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
     choice("clip_mode", clip_mode, CLIP_MODES)
     if aggregation is not None:
         choice("aggregation", aggregation, AGGREGATIONS)
-    if not (isinstance(eps_low, (int, float)) and 0 <= eps_low < 1):
+    if not (_real(eps_low) and 0 <= eps_low < 1):
         raise ValueError(f"eps_low must lie in [0, 1) so that 1 - eps_low > 0, got {eps_low!r}")
-    if not (isinstance(eps_high, (int, float)) and 0 <= eps_high <= 10):
+    if not (_real(eps_high) and 0 <= eps_high <= 10):
         raise ValueError(f"eps_high must lie in [0, 10], got {eps_high!r}")
-    if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and 1 < dual_clip < math.inf):
+    if dual_clip is not None and not (_real(dual_clip) and 1 < dual_clip):
         raise ValueError(f"dual_clip must be a finite number > 1 (or None), got {dual_clip!r}")
     positive("max_log_ratio", max_log_ratio)
+    if max_log_ratio > MAX_LOG_RATIO_BOUND:
+        raise ValueError(f"max_log_ratio must be <= {MAX_LOG_RATIO_BOUND:g} so that exp() of the "
+                         f"capped log-ratio stays finite in float32, got {max_log_ratio!r}")
     positive("beta", beta, allow_zero=True)
     if beta > 0 and ref_logprobs is None:
         raise ValueError("beta > 0 needs ref_logprobs (the reference policy's log-probabilities)")
-    if not (isinstance(entropy_coef, (int, float)) and math.isfinite(entropy_coef)):
+    if not _real(entropy_coef):
         raise ValueError(f"entropy_coef must be a finite number, got {entropy_coef!r}")
     agg = aggregation or default_aggregation(ratio)
     if num_tokens is not None:
@@ -175,7 +239,8 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
                          "layout (with a mask it defaults to T)")
 
 
-def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs, ref):
+def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs, ref,
+                max_len=None):
     """Check the layout and the per-token and per-sequence tensors of a loss; returns B.
 
     ``tokens`` is the per-token tensor that fixes the layout (targets or logprobs): (N,) with
@@ -186,18 +251,17 @@ def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, 
         if tokens.dim() != 1:
             raise ValueError(f"{token_name} must be 1-D (N,) with cu_seqlens, got shape "
                              f"{tuple(tokens.shape)}")
-        cu_seqlens_ok(cu_seqlens, tokens.shape[0])
-        same_device("logits", ref, cu_seqlens=cu_seqlens)
+        cu_seqlens_ok(cu_seqlens, tokens.shape[0], device_of=("logits", ref))
         num_seqs = cu_seqlens.shape[0] - 1
     else:
         if tokens.dim() != 2:
             raise ValueError(f"{token_name} must be 2-D (B, T) with mask, got shape "
                              f"{tuple(tokens.shape)}")
-        mask_ok(mask, tokens.shape)
-        same_device("logits", ref, mask=mask)
+        mask_ok(mask, tokens.shape, device_of=("logits", ref))
         num_seqs = tokens.shape[0]
     per_token("old_logprobs", old_logprobs, tokens.shape, ref)
     if ref_logprobs is not None:
         per_token("ref_logprobs", ref_logprobs, tokens.shape, ref)
     advantages_ok(advantages, num_seqs, ref)
+    max_len_ok(max_len, cu_seqlens, mask)
     return num_seqs
