@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_tic_loss import parse_shapes  # noqa: E402
 
 from tic_kernels import packing, reference as ref  # noqa: E402
 
@@ -83,7 +82,7 @@ def main(argv=None):
     p.add_argument("--shapes", default="64x4096", help="BxT,...")
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-    print("wrote", harness.save(run(args.device, parse_shapes(args.shapes)), args.out,
+    print("wrote", harness.save(run(args.device, harness.parse_shapes(args.shapes)), args.out,
                                 f"{OP}_{torch.device(args.device).type}"))
 
 

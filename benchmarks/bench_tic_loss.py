@@ -13,7 +13,6 @@ Byte model (minimum traffic over the (N, V) logits of s bytes each): forward N V
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -29,83 +28,33 @@ OP = "tic_loss"
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 
-def make_batch(N, V, dtype, device, seqlen=1024, seed=0):
-    """Padded (B, T) batch with every position a loss token, old log-probs near the current."""
-    T = min(seqlen, N)
-    B = N // T
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.empty(B, T, V, device=device, dtype=dtype)
-    for b in range(B):  # row by row: no fp32 (N, V) temporary
-        logits[b] = (torch.randn(T, V, device=device, generator=g) * 2).to(dtype)
-    targets = torch.randint(0, V, (B, T), device=device, generator=g)
-    with torch.no_grad():
-        logp = ref.token_logprobs(logits, targets)
-    old = logp + 0.02 * torch.randn(B, T, device=device, generator=g)
-    adv = torch.randn(B, device=device, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask)
-
-
-def flash_attn_logprobs():
-    """logp(logits (..., V), targets (...)) through flash-attn's Triton cross_entropy (minus its
-    per-token loss), or None. The module is loaded from its file when the package's compiled
-    part is missing (the Triton op itself needs only torch and triton)."""
-    ce = _load_flash_attn_ce()
-    if ce is None:
-        return None
-
-    def logprobs(logits, targets):
-        losses = ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        losses = losses[0] if isinstance(losses, tuple) else losses
-        return -losses.view(targets.shape)
-    return logprobs
-
-
-def _load_flash_attn_ce():
-    try:
-        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
-        return cross_entropy_loss
-    except Exception:
-        spec = importlib.util.find_spec("flash_attn")
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        path = os.path.join(spec.submodule_search_locations[0], "ops", "triton", "cross_entropy.py")
-        if not os.path.exists(path):
-            return None
-        mod_spec = importlib.util.spec_from_file_location("_fa_cross_entropy", path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(mod)
-        except Exception:
-            return None
-        return mod.cross_entropy_loss
-
-
-def providers(batch, mode):
-    """name -> (loss_fn(logits) -> scalar loss, inplace?) for the providers that apply."""
+def providers(batch, mode, compiled=True):
+    """name -> loss_fn(logits) -> scalar loss, for the providers that apply. ``compiled``
+    adds torch.compile of the reference (30-60 s of compilation per mode: left out of --quick,
+    and it graph-breaks on the reference's boolean indexing anyway)."""
     t, old, adv, mask = batch["targets"], batch["old"], batch["adv"], batch["mask"]
     kw = dict(mask=mask, ratio=mode)
     out = {
-        "tic_kernels": (lambda x: tk.tic_loss(x, t, old, adv, **kw).loss, False),
-        "tic_kernels_inplace": (lambda x: tk.tic_loss(x, t, old, adv, inplace_backward=True,
-                                                      **kw).loss, True),
-        "reference": (lambda x: ref.tic_loss(x, t, old, adv, **kw).loss, False),
+        "tic_kernels": lambda x: tk.tic_loss(x, t, old, adv, **kw).loss,
+        "tic_kernels_inplace": lambda x: tk.tic_loss(x, t, old, adv, inplace_backward=True,
+                                                     **kw).loss,
+        "reference": lambda x: ref.tic_loss(x, t, old, adv, **kw).loss,
     }
-    compiled = torch.compile(lambda x: ref.tic_loss(x, t, old, adv, **kw).loss)
-    out["torch_compile_reference"] = (compiled, False)
+    if compiled:
+        out["torch_compile_reference"] = torch.compile(
+            lambda x: ref.tic_loss(x, t, old, adv, **kw).loss)
 
     def loss_from_logp(logp):
         return ref.tic_loss_from_logprobs(logp, old, adv, **kw).loss
 
     try:
         from trl.trainer.utils import selective_log_softmax
-        out["trl_selective_log_softmax+torch"] = (
-            lambda x: loss_from_logp(selective_log_softmax(x, t)), False)
+        out["trl_selective_log_softmax+torch"] = lambda x: loss_from_logp(selective_log_softmax(x, t))
     except Exception:
         pass
-    fa_logp = flash_attn_logprobs() if batch["logits"].is_cuda else None
+    fa_logp = harness.flash_attn_logprobs() if batch["logits"].is_cuda else None
     if fa_logp is not None:
-        out["flash_attn_ce+torch"] = (lambda x: loss_from_logp(fa_logp(x, t)), False)
+        out["flash_attn_ce+torch"] = lambda x: loss_from_logp(fa_logp(x, t))
     level = {"token": "token", "sequence_mean": "sequence"}.get(mode)
     if level is not None and batch["logits"].is_cuda:
         try:
@@ -118,13 +67,14 @@ def providers(batch, mode):
                                            loss_type="dapo" if level == "token" else "grpo",
                                            importance_sampling_level=level, reduce=True)
                 return loss
-            out[f"liger_grpo_{level}"] = (liger, False)
+            out[f"liger_grpo_{level}"] = liger
         except Exception:
             pass
     return out
 
 
-def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save_as=None):
+def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save_as=None,
+        compiled=True):
     """Records of every provider; with ``save_as=(out_dir, name)`` the JSON is rewritten after
     each provider, so a run cut short by a time limit keeps what it measured."""
     env = harness.environment(device)
@@ -134,13 +84,13 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save
     print(f"# {env['device']}: device copy {copy:.0f} GB/s", flush=True)
     for N, V in shapes:
         for dtype in dtypes:
-            batch = make_batch(N, V, dtype, device)
+            batch = harness.make_batch(N, V, dtype, device)
             shape = {"N": N, "V": V}
             for mode in modes:
                 want = harness.loss_and_grad(lambda x: ref.tic_loss(
                     x, batch["targets"], batch["old"], batch["adv"], mask=batch["mask"],
                     ratio=mode).loss, batch["logits"])
-                for name, (fn, inplace) in providers(batch, mode).items():
+                for name, fn in providers(batch, mode, compiled).items():
                     if only and name not in only:
                         continue
                     logits = batch["logits"]
@@ -148,7 +98,7 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save
                         logits = torch.cat([logits, logits[:, :1]], 1)
                     recs = harness.bench_logits_provider(
                         OP, name, fn, logits, want, passes, shape=shape, dtype=dtype, mode=mode,
-                        inplace=inplace, copy_gbps=copy, env=env, device=device, reps=reps)
+                        copy_gbps=copy, env=env, device=device, reps=reps)
                     harness.print_table(recs)
                     records += recs
                     if save_as:
@@ -157,10 +107,6 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
     return records
-
-
-def parse_shapes(text):
-    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
 def main(argv=None):
@@ -173,7 +119,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="JSON file name (default: tic_loss_<device>)")
     args = p.parse_args(argv)
-    recs = run(args.device, parse_shapes(args.shapes),
+    recs = run(args.device, harness.parse_shapes(args.shapes),
                [getattr(torch, d) for d in args.dtypes.split(",")], args.modes.split(","),
                only=args.providers.split(",") if args.providers else None)
     path = harness.save(recs, args.out, args.name or f"{OP}_{torch.device(args.device).type}")

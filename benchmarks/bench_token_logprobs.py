@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_tic_loss import flash_attn_logprobs, make_batch, parse_shapes  # noqa: E402
 
 import tic_kernels as tk  # noqa: E402
 from tic_kernels import reference as ref  # noqa: E402
@@ -31,7 +30,7 @@ def providers(targets, w, device):
         out["trl_selective_log_softmax"] = lambda x: (selective_log_softmax(x, targets) * w).sum()
     except Exception:
         pass
-    fa_logp = flash_attn_logprobs() if torch.device(device).type == "cuda" else None
+    fa_logp = harness.flash_attn_logprobs() if torch.device(device).type == "cuda" else None
     if fa_logp is not None:
         out["flash_attn_ce"] = lambda x: (fa_logp(x, targets) * w).sum()
     return out
@@ -43,7 +42,7 @@ def run(device, shapes, dtypes, only=None, reps=None, save_as=None):
     records = []
     for N, V in shapes:
         for dtype in dtypes:
-            batch = make_batch(N, V, dtype, device)
+            batch = harness.make_batch(N, V, dtype, device)
             targets = batch["targets"]
             w = torch.randn(targets.shape, device=device)
             want = harness.loss_and_grad(lambda x: (ref.token_logprobs(x, targets) * w).sum(),
@@ -53,7 +52,7 @@ def run(device, shapes, dtypes, only=None, reps=None, save_as=None):
                     continue
                 recs = harness.bench_logits_provider(
                     OP, name, fn, batch["logits"], want, ("fwd", "bwd", "fwd+bwd"),
-                    shape={"N": N, "V": V}, dtype=dtype, mode=None, inplace=False,
+                    shape={"N": N, "V": V}, dtype=dtype, mode=None,
                     copy_gbps=copy, env=env, device=device, reps=reps)
                 harness.print_table(recs)
                 records += recs
@@ -70,7 +69,7 @@ def main(argv=None):
     p.add_argument("--providers", default=None)
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
-    recs = run(args.device, parse_shapes(args.shapes),
+    recs = run(args.device, harness.parse_shapes(args.shapes),
                [getattr(torch, d) for d in args.dtypes.split(",")],
                only=args.providers.split(",") if args.providers else None)
     print("wrote", harness.save(recs, args.out, f"{OP}_{torch.device(args.device).type}"))

@@ -1,33 +1,110 @@
 #!/usr/bin/env bash
-# The project's GPU check, for a machine with an NVIDIA GPU and no package index (at most
-# about 7.5 min: build, then the CUDA tests and the benchmarks under timeouts of 180 s and 210 s;
-# the benchmark JSON is rewritten as results come in, so a timeout keeps what was measured): builds the package with its CUDA extension, runs the test suite on CUDA, and the
-# quick benchmarks (tic_loss forward+backward at N=16384, V=151936 bf16 against the reference
-# and torch.compile of the reference, the peers that import, token_logprobs, packing), writing
-# logs and JSON into the folder given.
+# The project's GPU check: one prepared run on a machine with an NVIDIA GPU and no package index
+# (about 6 minutes on a fresh H100 or H200), headline first, every step under its own timeout so
+# that a slow step never costs the summary.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR  # the same control flow on a CPU, tiny shapes
 #
-# Peer wheels (liger-kernel, trl, flash-attn's Python parts) travel in a git-ignored .whl/
-# folder: they are installed with --no-index --no-deps into .whl/site and put on PYTHONPATH.
+#   1. the C++/CUDA extension builds in the background (timeout; packing falls back without it)
+#   2. headline: tic_loss fwd+bwd bf16 16384 x 151936, token and trajectory, against Liger
+#   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at the headline shape
+#   4. the CUDA tests, in parallel when pytest-xdist is there
+#   5. a CUDA-graph capture of the loss with the value checks off
+#   6. two trainer steps on CUDA
+#   7. the quick benchmarks against the peers that import (packing, tic_loss, token_logprobs)
+#
+# OUT_DIR receives at most 7 files (the device tool returns 8): summary.txt, headline.json,
+# sweep.json, the three quick-benchmark JSON files and logs.tar.gz. summary.txt reads
+#   gpu: <name> / build: exit N / headline: exit N (<targets>) / sweep: exit N /
+#   tests: exit N (<pytest tail>) / graph: exit N (<result>) / trainer: exit N / bench: exit N
+# Peer wheels (liger-kernel, flash-attn's Python parts) travel in a git-ignored .whl/ folder and
+# are installed with --no-index --no-deps into .whl/site, put on PYTHONPATH.
 set -uo pipefail
-out=${1:?usage: gpu_check.sh OUT_DIR}
-mkdir -p "$out"
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+out=$(mkdir -p "${1:?usage: gpu_check.sh [--dry-run] OUT_DIR}" && cd "$1" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/.whl/site:${PYTHONPATH:-}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl > "$out/wheels.log" 2>&1
+logs=$(mktemp -d)
+export PYTHONPATH="$PWD:$PWD/.whl/site:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+summary="$out/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+# step NAME SECONDS CMD...: runs CMD under timeout (SIGINT first, so pytest and the benchmarks
+# still write their summaries), logging to NAME.log; returns its exit status and leaves the
+# seconds it took in $took
+step() {
+    local name=$1 secs=$2 start=$SECONDS rc; shift 2
+    timeout -s INT -k 20 "$secs" "$@" > "$logs/$name.log" 2>&1
+    rc=$?
+    took="$((SECONDS - start)) s"
+    return $rc
+}
+
+if [ $dry = 1 ]; then
+    export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
+    device=cpu shape=16x300 reps=(--reps 1) tests=(tests/test_errors.py)
+    train=(--steps 1 --prompts 2 --group 2)
+    bench=(--device cpu --shapes 16x300 --dtypes float32 --packing 8x64)
+    say "gpu: none (dry run on the CPU)"
+else
+    device=cuda shape=16384x151936 tests=(tests/test_token_logprobs.py tests/test_tic_loss.py
+        tests/test_sequence_logprobs.py tests/test_packing.py tests/test_peers.py
+        tests/test_errors.py tests/test_robustness.py tests/test_properties.py)
+    train=(--steps 2) bench=(--device cuda --quick) reps=()
+    say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-    python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1
-echo "build: exit $?" | tee "$out/summary.txt"
-# the suites that exercise CUDA (the rest is CPU-only: reference, trainer, sm_90 compile);
-# a fresh machine compiles every kernel variant once, most of this step's time
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_token_logprobs.py \
-    tests/test_tic_loss.py tests/test_sequence_logprobs.py tests/test_packing.py \
-    tests/test_peers.py tests/test_errors.py > "$out/tests.log" 2>&1
-echo "tests: exit $? ($(tail -n 1 "$out/tests.log"))" | tee -a "$out/summary.txt"
-timeout 210 python3 benchmarks/run.py --quick --device cuda --out "$out" > "$out/bench.log" 2>&1
-echo "bench: exit $?" | tee -a "$out/summary.txt"
-grep -E "^(#|tic_loss|token_logprobs|packing)" "$out/bench.log" | head -80
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target .whl/site .whl/*.whl > "$logs/wheels.log" 2>&1
+fi
+
+# 1. the extension, in the background; CUDA_HOME from nvcc when unset
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ $dry = 1 ]; then
+    (echo "dry run: build skipped"; exit 0) > "$logs/build.log" 2>&1 &
+else
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 \
+        python3 -m pip install --no-build-isolation --no-deps -e . > "$logs/build.log" 2>&1 &
+fi
+build_pid=$!
+
+# 2-3. the headline and the sweep need only Triton: they run while the extension builds
+step headline 150 python3 benchmarks/headline.py --device $device --shape $shape --out "$out" \
+    "${reps[@]}"
+say "headline: exit $? in $took ($(grep -h '^targets:' "$logs/headline.log" | tail -n 1))"
+if [ $dry = 1 ]; then sweep=(--blocks 256 --warps 4); else sweep=(--budget-s 80); fi
+step sweep 110 python3 benchmarks/sweep.py --device $device --shape $shape --out "$out" \
+    "${sweep[@]}" "${reps[@]}"
+say "sweep: exit $? in $took"
+
+wait $build_pid
+build=$?
+say "build: exit $build"
+[ $build = 0 ] || export TIC_KERNELS_BUILD_EXT=0  # packing then uses its PyTorch fallback
+
+# 4. the CUDA tests
+xdist=()
+if [ $dry = 0 ] && python3 -c "import xdist" 2> /dev/null; then xdist=(-n 8); fi
+step tests 200 python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 "${xdist[@]}" "${tests[@]}"
+say "tests: exit $? in $took ($(grep -E '(passed|failed|error)' "$logs/tests.log" | tail -n 1))"
+
+# 5. CUDA-graph capture of the loss
+step graph 90 python3 benchmarks/graph_check.py
+say "graph: exit $? in $took ($(tail -n 1 "$logs/graph.log"))"
+
+# 6. two trainer steps
+step trainer 120 python3 -m tic_kernels.train --device $device "${train[@]}" --quiet \
+    --out "$logs/train_run"
+say "trainer: exit $? in $took"
+
+# 7. the quick benchmarks (JSON rewritten as results come in, so a timeout keeps them)
+step bench 200 python3 benchmarks/run.py "${bench[@]}" --out "$out"
+say "bench: exit $? in $took"
+
+rm -rf "$logs/train_run"
+tar -czf "$out/logs.tar.gz" -C "$logs" .
+rm -rf "$logs"
+cat "$summary"

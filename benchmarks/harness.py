@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -22,7 +23,66 @@ from pathlib import Path
 
 import torch
 
+from tic_kernels import reference
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_shapes(text):
+    """"NxV,NxV" -> [(N, V), ...]"""
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def make_batch(N, V, dtype, device, seqlen=1024, seed=0):
+    """Padded (B, T) batch with every position a loss token, old log-probs near the current."""
+    T = min(seqlen, N)
+    B = N // T
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty(B, T, V, device=device, dtype=dtype)
+    for b in range(B):  # row by row: no fp32 (N, V) temporary
+        logits[b] = (torch.randn(T, V, device=device, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (B, T), device=device, generator=g)
+    with torch.no_grad():
+        logp = reference.token_logprobs(logits, targets)
+    old = logp + 0.02 * torch.randn(B, T, device=device, generator=g)
+    adv = torch.randn(B, device=device, generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask)
+
+
+def flash_attn_logprobs():
+    """logp(logits (..., V), targets (...)) through flash-attn's Triton cross_entropy (minus its
+    per-token loss), or None. The module is loaded from its file when the package's compiled
+    part is missing (the Triton op itself needs only torch and triton)."""
+    ce = _load_flash_attn_ce()
+    if ce is None:
+        return None
+
+    def logprobs(logits, targets):
+        losses = ce(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        losses = losses[0] if isinstance(losses, tuple) else losses
+        return -losses.view(targets.shape)
+    return logprobs
+
+
+def _load_flash_attn_ce():
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+        return cross_entropy_loss
+    except Exception:
+        spec = importlib.util.find_spec("flash_attn")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        path = os.path.join(spec.submodule_search_locations[0], "ops", "triton", "cross_entropy.py")
+        if not os.path.exists(path):
+            return None
+        mod_spec = importlib.util.spec_from_file_location("_fa_cross_entropy", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(mod)
+        except Exception:
+            return None
+        return mod.cross_entropy_loss
 
 
 def sync(device):
@@ -199,20 +259,46 @@ def _error_records(op, name, passes, status, err, common):
     return [record(op, name, pass_=p, status=status, error=err, **common) for p in passes]
 
 
-def bench_logits_provider(op, name, fn, logits, want, passes, *, shape, dtype, mode, inplace,
-                          copy_gbps, env, device, reps=None):
+class unchecked_values:
+    """TIC_KERNELS_CHECK_VALUES=0 for a while: timings leave out the value checks' host syncs
+    (a training loop that validated its data once runs so), after the correctness check ran
+    with them."""
+
+    def __enter__(self):
+        self.before = os.environ.get("TIC_KERNELS_CHECK_VALUES")
+        os.environ["TIC_KERNELS_CHECK_VALUES"] = "0"
+
+    def __exit__(self, *exc):
+        if self.before is None:
+            os.environ.pop("TIC_KERNELS_CHECK_VALUES", None)
+        else:
+            os.environ["TIC_KERNELS_CHECK_VALUES"] = self.before
+        return False
+
+
+def bench_logits_provider(op, name, fn, logits, want, passes, *, shape, dtype, mode, copy_gbps,
+                          env, device, reps=None):
     """Checks ``fn(logits) -> scalar`` (loss and dL/dlogits) against ``want``, then times the
     forward, the backward and both. ``logits`` may have extra trailing positions on dim 1
-    (Liger's (B, T + 1, V)): the gradient is compared on the leading ones."""
+    (Liger's (B, T + 1, V)): the gradient is compared on the leading ones.
+
+    As in training, each rep's logits are the output of an op (a copy made untimed from a
+    source that requires grad), never a leaf, so an in-place backward may overwrite them; the
+    backward is ``torch.autograd.grad(loss, logits)``, which stops there (no accumulation
+    into a leaf's .grad is timed)."""
     common = dict(shape=shape, dtype=dtype, mode=mode, env=env)
     want_loss, want_grad = want
+    src = logits.detach().clone().requires_grad_(True)
     try:
-        loss, grad = loss_and_grad(fn, logits)
+        x = src.clone()
+        loss = fn(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        loss, grad = loss.detach().float(), grad.float()
         grad = grad[tuple(slice(0, n) for n in want_grad.shape)]
         loss_tol, grad_tol = CHECK_TOL[dtype]
         loss_err = abs(loss.item() - want_loss.item()) / max(abs(want_loss.item()), 1e-6)
         grad_err = ((grad - want_grad).norm() / want_grad.norm().clamp(min=1e-30)).item()
-        del grad
+        del grad, x
         if not (loss_err <= loss_tol and grad_err <= grad_tol):
             return _error_records(op, name, passes, "wrong", (
                 f"loss rel err {loss_err:.2e}, grad rel L2 err {grad_err:.2e}"), common)
@@ -222,32 +308,31 @@ def bench_logits_provider(op, name, fn, logits, want, passes, *, shape, dtype, m
         msg = str(e).strip().splitlines()
         return _error_records(op, name, passes, "error",
                               f"{type(e).__name__}: {msg[-1] if msg else ''}", common)
-    x = logits.clone().requires_grad_(True)
 
     def fresh():
-        x.grad = None
-        if inplace:  # the previous backward overwrote the logits
-            with torch.no_grad():
-                x.copy_(logits)
+        return src.clone()
 
     def forward_for_backward():
-        fresh()
-        return fn(x)
+        x = src.clone()
+        return fn(x), x
 
-    timed = {"fwd": (lambda _: fn(x), fresh),
-             "bwd": (lambda loss: loss.backward(), forward_for_backward),
-             "fwd+bwd": (lambda _: fn(x).backward(), fresh)}
+    timed = {"fwd": (fn, fresh),
+             "bwd": (lambda lx: torch.autograd.grad(*lx), forward_for_backward),
+             "fwd+bwd": (lambda x: torch.autograd.grad(fn(x), x), fresh)}
     n_bytes = shape["N"] * shape["V"] * logits.element_size()
     out = []
-    for p in passes:
-        body, setup = timed[p]
-        try:
-            ms = time_ms(body, device, setup=setup, reps=reps)
-            arg = forward_for_backward() if p == "bwd" else fresh()
-            with PeakMemory(device) as mem:
-                body(arg)
-            out.append(record(op, name, pass_=p, ms=ms, bytes_moved=BYTES_PER_PASS[p] * n_bytes,
-                              copy_gbps=copy_gbps, peak_bytes=mem.peak, **common))
-        except torch.cuda.OutOfMemoryError as e:
-            out += _error_records(op, name, [p], "oom", str(e), common)
+    with unchecked_values():
+        for p in passes:
+            body, setup = timed[p]
+            try:
+                ms = time_ms(body, device, setup=setup, reps=reps)
+                arg = setup()
+                with PeakMemory(device) as mem:
+                    body(arg)
+                del arg
+                out.append(record(op, name, pass_=p, ms=ms,
+                                  bytes_moved=BYTES_PER_PASS[p] * n_bytes, copy_gbps=copy_gbps,
+                                  peak_bytes=mem.peak, **common))
+            except torch.cuda.OutOfMemoryError as e:
+                out += _error_records(op, name, [p], "oom", str(e), common)
     return out

@@ -30,6 +30,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
+    p.add_argument("--shapes", default=None, help="NxV,... instead of the grid's")
+    p.add_argument("--dtypes", default=None, help="instead of the grid's, e.g. bfloat16")
+    p.add_argument("--packing", default="64x4096", help="BxT of the packing benchmark")
     args = p.parse_args(argv)
     dev = torch.device(args.device).type
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -43,12 +46,16 @@ def main(argv=None):
         shapes = [(2048, 32000)] if args.quick else [(2048, 32000), (4096, 151936)]
         dtypes, modes = [fp32, bf16], ["token", "trajectory"]
         only = ["reference", "trl_selective_log_softmax+torch", "trl_selective_log_softmax"]
+    if args.shapes:
+        shapes = harness.parse_shapes(args.shapes)
+    if args.dtypes:
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     tag = f"{dev}{'_quick' if args.quick else ''}"
     # packing first: it is quick, and the JSON files are rewritten as results come in
-    recs = bench_packing.run(args.device, [(64, 4096)])
+    recs = bench_packing.run(args.device, harness.parse_shapes(args.packing))
     print("wrote", harness.save(recs, args.out, f"packing_{tag}"))
     recs = bench_tic_loss.run(args.device, shapes, dtypes, modes, only=only,
-                              save_as=(args.out, f"tic_loss_{tag}"))
+                              save_as=(args.out, f"tic_loss_{tag}"), compiled=not args.quick)
     print("wrote", harness.save(recs, args.out, f"tic_loss_{tag}"))
     recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only,
                                     save_as=(args.out, f"token_logprobs_{tag}"))

@@ -71,8 +71,16 @@ def variants():
                     coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32", eps_low="fp32",
                     eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
-                    HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, NPART=loss.NPART,
+                    HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent,
                     BLOCK=loss.BLOCK_TOKENS), 4)
+    for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
+        yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
+               loss._ratio_loss_finalize_kernel,
+               dict(part_ptr="*fp32", loss_ptr="*fp32", stats_ptr="*fp32", norm_ptr="*fp32",
+                    B="i32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
+                    entropy_coef="fp32"),
+               dict(RATIO=ratio, AGG=agg, GIVEN_TOKENS=given, GIVEN_SEQUENCES=given,
+                    BLOCK=loss.BLOCK_SEQS), 4)
 
 
 def resource_usage(cubin):

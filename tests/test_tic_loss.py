@@ -226,3 +226,50 @@ def test_no_logits_sized_intermediate(inplace, device):
     assert big == ([] if inplace else [NV]), big
     assert max(n for n in rec.sizes if n < NV // 2) <= 16 * V  # O(N) and the head's gradient
     assert head.grad is not None and torch.isfinite(head.grad).all()
+
+
+# aten ops that read device values on the host or copy host values to the device: either
+# breaks a CUDA graph capture and stalls the GPU
+SYNCING_OPS = ("_local_scalar_dense", "lift_fresh", "nonzero", "masked_select", "_unique",
+               "repeat_interleave", "copy between devices")
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.names.add(str(func))
+        dest = kwargs.get("device")
+        if func is torch.ops.aten._to_copy.default and dest is not None and \
+                torch.device(dest) != args[0].device:
+            self.names.add("copy between devices")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
+    """With TIC_KERNELS_CHECK_VALUES=0 the loss, forward and backward, reads nothing back to
+    the host and copies nothing to the device: outside the ops and inside their bodies (the
+    GPU check captures it in a CUDA graph)."""
+    from tic_kernels.logprobs import token_logprobs_fwd
+    monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
+    b = loss_batch([3, 0, 5, 2], 23, padded=padded, device=device)
+    src = b.logits.clone().requires_grad_(True)
+    kw = dict(ref_logprobs=b.ref_logprobs, beta=0.1, entropy_coef=0.1, num_sequences=4,
+              **b.layout_kw)
+    with _OpRecorder() as outside:
+        out = tk.tic_loss(src * 1, b.targets, b.old_logprobs, b.advantages, **kw)
+        out.loss.backward()
+    targets = torch.where(b.layout_kw["mask"], b.targets, -100) if padded else b.targets
+    cu, flat_mask = segments(b.layout_kw.get("cu_seqlens"), b.layout_kw.get("mask"), device)
+    with _OpRecorder() as inside:  # the ops' own bodies (the dispatcher hides them above)
+        lp, _, H = token_logprobs_fwd._init_fn(b.logits, targets, 1.0, -100, True)
+        ratio_loss._init_fn(lp, b.old_logprobs.reshape(-1), b.advantages, cu, flat_mask,
+                            b.ref_logprobs.reshape(-1), H, "token", "two_sided", 0.2, 0.28,
+                            None, 20.0, "token-mean", 0.1, 0.1, 50.0, None, None)
+    assert "tic_kernels.ratio_loss.default" in outside.names
+    for names in (outside.names, inside.names):
+        assert not [n for n in names if any(s in n for s in SYNCING_OPS)], names

@@ -89,6 +89,17 @@ def test_varlen_attention_matches_packed_sdpa():
     assert lm.config._attn_implementation == "sdpa"
 
 
+def test_varlen_kernels_only_for_half_precision():
+    """flash-attn's and torch's varlen kernels take fp16/bf16 only: the trainer's default fp32
+    model on CUDA takes the per-sequence sdpa path (tested above on the CPU) instead of
+    failing at step 1."""
+    from tic_kernels.attention import varlen_kernel_applies
+    assert varlen_kernel_applies("cuda", torch.bfloat16)
+    assert varlen_kernel_applies("cuda", torch.float16)
+    assert not varlen_kernel_applies("cuda", torch.float32)
+    assert not varlen_kernel_applies("cpu", torch.bfloat16)
+
+
 def test_resume_continues_identically(tmp_path):
     straight, lm_a = train.run(_args(tmp_path / "a", "--steps", "6"))
     train.run(_args(tmp_path / "b", "--steps", "3"))

@@ -40,6 +40,13 @@ def launch(kernel, grid, *args, **meta):
     """
     if interpreting() and any(_is_fake(a) for a in args):
         return
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        # Triton launches on the current device: guard with the tensors' own (cuda:1 while
+        # the current device is cuda:0). Compiled graphs place their own guards.
+        with torch.cuda.device(device):
+            torch.library.wrap_triton(kernel)[grid](*args, **meta)
+        return
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 

@@ -57,6 +57,28 @@ def _col_offsets(idx, stride_v, UNIT_STRIDE_V: tl.constexpr):
 
 
 @triton.jit
+def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
+    """One block of the online logsumexp over z = logits / tau (-inf where masked): m the
+    running max, s = sum exp(z - m) and sz = sum exp(z - m) (z - m), both rescaled when the max
+    grows. sz is kept relative to the max so that it cannot overflow, even for logits near
+    FLT_MAX. (Base 2 with log2(e) folded into 1/tau would save a multiply per element, but it
+    overflows logits above FLT_MAX ln 2 and costs accuracy: a 2300-token log-ratio moved by
+    1e-3 relative in the tests.)"""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    # while every logit so far is -inf (a masked-out vocabulary block), shift by 0:
+    # exp(-inf - (-inf)) would be NaN
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    scale = tl.exp(m - shift)
+    e = tl.exp(z - shift)
+    if WITH_ENTROPY:
+        # sum_old e (z - m_new) = scale (sz - s (m_new - m)); nothing moves while m = -inf
+        moved = scale * (shift - tl.where(m == -float("inf"), shift, m))
+        # e = 0 at z = -inf, where e (z - shift) would be 0 * -inf: the term is exactly 0
+        sz = sz * scale - s * moved + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
+    return m_new, s * scale + tl.sum(e, 0), sz
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
     stride_b, stride_t, stride_v,
@@ -68,40 +90,23 @@ def _token_logprobs_fwd_kernel(
     active = target != ignore_index
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     cols = tl.arange(0, BLOCK_V)
-    # Online logsumexp in fp32: running max m and s = sum exp(z - m); for the entropy,
-    # sz = sum exp(z - m) (z - m), kept relative to the running max so that it cannot overflow
-    # even for logits near FLT_MAX. Both are rescaled when the max grows. Inactive rows run
-    # zero iterations.
     m = -float("inf")
     s = 0.0
     sz = 0.0
-    n_v = tl.where(active, V, 0)
-    for start in range(0, n_v, BLOCK_V):
+    # Blocks start at column 0 whatever the row's address, so a row's summation order never
+    # depends on where it sits in the batch (batch invariance). Inactive rows read nothing.
+    for start in range(0, tl.where(active, V, 0), BLOCK_V):
         idx = start + cols
-        inside = idx < V
         # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
-        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside,
+        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=idx < V,
                     other=-float("inf")).to(tl.float32)
-        z = z * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, 0))
-        # while every logit so far is -inf (a masked-out vocabulary block), shift by 0:
-        # exp(-inf - (-inf)) would be NaN
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        scale = tl.exp(m - shift)
-        e = tl.exp(z - shift)
-        if WITH_ENTROPY:
-            # sum_old e (z - m_new) = scale * (sz - s (m_new - m)); nothing moves while m = -inf
-            moved = scale * (shift - tl.where(m == -float("inf"), shift, m))
-            # e = 0 at z = -inf, where e (z - shift) would be 0 * -inf: the term is exactly 0
-            sz = sz * scale - s * moved + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
-        s = s * scale + tl.sum(e, 0)
-        m = m_new
+        m, s, sz = _lse_step(z * inv_temperature, m, s, sz, WITH_ENTROPY)
     s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
     log_s = tl.log(s)
     in_vocab = (target >= 0) & (target < V)
     z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
-    # logp = (z_t - m) - log s: forming lse = m + log s first would round log s away when
-    # |m| is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
+    # logp = (z_t - m) - log s: forming lse = m + log s first would round log s away when |m|
+    # is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
     # An out-of-range target (only reachable when validation is skipped) gives NaN, never a
     # plausible number.
     logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
@@ -111,6 +116,19 @@ def _token_logprobs_fwd_kernel(
     if WITH_ENTROPY:
         # H = lse - sum p z = log s - sz / s: no cancellation of two numbers near the max
         tl.store(entropy_ptr + row, tl.where(active, log_s - sz / s, 0.0))
+
+
+@triton.jit
+def _grad_block(z, idx, target, g, gH, H, m, log_s, WITH_ENTROPY: tl.constexpr):
+    """dL/dlogits of one block from z = logits / tau (the 1/tau folded into g and gH):
+    g (1[v = y_t] - p) - gH p (log p + H)."""
+    log_p = (z - m) - log_s
+    p = tl.exp(log_p)
+    d = tl.where(idx == target, g, 0.0) - g * p
+    if WITH_ENTROPY:
+        # p log p -> 0 as p -> 0: a -inf logit contributes 0, not 0 * -inf
+        d -= gH * p * tl.where(p > 0.0, log_p + H, 0.0)
+    return d
 
 
 @triton.jit
@@ -129,9 +147,12 @@ def _token_logprobs_bwd_kernel(
     m = tl.load(lse_ptr + 2 * row)
     log_s = tl.load(lse_ptr + 2 * row + 1)
     g = tl.where(active, tl.load(g_ptr + row), 0.0) * inv_temperature
+    gH = 0.0
+    H = 0.0
     if WITH_ENTROPY:
         gH = tl.where(active, tl.load(g_entropy_ptr + row), 0.0) * inv_temperature
         H = tl.load(entropy_ptr + row)
+    out_ty = grad_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
@@ -139,15 +160,10 @@ def _token_logprobs_bwd_kernel(
         # inactive rows: no read, a row of exact zeros written
         z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside & active,
                     other=0.0).to(tl.float32)
-        log_p = (z * inv_temperature - m) - log_s
-        p = tl.exp(log_p)
-        d = tl.where(idx == target, g, 0.0) - g * p
-        if WITH_ENTROPY:
-            # p log p -> 0 as p -> 0: a -inf logit contributes 0, not 0 * -inf
-            d -= gH * p * tl.where(p > 0.0, log_p + H, 0.0)
-        d = tl.where(active, d, 0.0)
-        d = cast_for_store(d, grad_ptr.dtype.element_ty, EMULATE_RNE)
-        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV), d, mask=inside)
+        d = tl.where(active, _grad_block(z * inv_temperature, idx, target, g, gH, H, m, log_s,
+                                         WITH_ENTROPY), 0.0)
+        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV),
+                 cast_for_store(d, out_ty, EMULATE_RNE), mask=inside)
 
 
 def _block_v(V: int) -> int:
@@ -158,6 +174,18 @@ def _block_v(V: int) -> int:
 
 def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
+
+
+# (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels; None takes the
+# defaults above. benchmarks/sweep.py sets them to time other configurations on a GPU.
+LAUNCH_CONFIG = {"fwd": None, "bwd": None}
+
+
+def _launch_config(kernel: str, V: int):
+    if LAUNCH_CONFIG[kernel] is not None:
+        return LAUNCH_CONFIG[kernel]
+    block = _block_v(V)
+    return block, _num_warps(block)
 
 
 def _rows_layout(logits):
@@ -174,9 +202,8 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
                        ignore_index: int, with_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp (R,), lse (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
-    unless with_entropy. lse holds each row's logsumexp in two parts, lse[2r] the max m of
-    logits / temperature and lse[2r + 1] log sum exp(logits / temperature - m), for the
-    backward."""
+    unless with_entropy. lse holds each row's logsumexp for the backward in two parts: with
+    z = logits / temperature, lse[2r] = max z and lse[2r + 1] = log sum exp(z - max z)."""
     V = logits.shape[-1]
     R = targets.numel()
     flat_targets = targets.reshape(-1).contiguous()  # the kernel reads targets[row]
@@ -184,12 +211,12 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
     lse = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
     T, sb, st, sv = _rows_layout(logits)
-    block = _block_v(V)
+    block, warps = _launch_config("fwd", V)
     if R:
         launch(_token_logprobs_fwd_kernel, (R,),
             logits, flat_targets, logp, lse, entropy, sb, st, sv, T, V, 1.0 / temperature,
             ignore_index, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
-            num_warps=_num_warps(block))
+            num_warps=warps)
     return logp, lse, entropy
 
 
@@ -204,15 +231,14 @@ def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.
     with_entropy = g_entropy.numel() > 0
     T, sb, st, sv = _rows_layout(logits)
     _, gb, gt, gv = _rows_layout(grad)
-    block = _block_v(V)
+    block, warps = _launch_config("bwd", V)
     if R:
         launch(_token_logprobs_bwd_kernel, (R,),
             logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
             entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(),
             sb, st, sv, gb, gt, gv, T, V, 1.0 / temperature, ignore_index,
             WITH_ENTROPY=with_entropy, EMULATE_RNE=emulate_rne(grad.dtype),
-            UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block,
-            num_warps=_num_warps(block))
+            UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
 
 
 def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,

@@ -29,10 +29,28 @@ from .backend import launch, triton_op, use_triton
 from .segments import segment_bounds, segments
 
 BLOCK_TOKENS = 1024
-# columns of the per-sequence partial sums
-OBJ, ENT_OBJ, LEN, CLIPPED, RATIO_SUM, RATIO_MAX, DELTA_ABS, CAPPED, LOGP, KL, ENT, NPART = range(12)
+BLOCK_SEQS = 1024
+
+# The kernels' switches: ratio modes and aggregations by name (validation.RATIOS and
+# AGGREGATIONS hold the strings users pass).
+TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (tl.constexpr(i) for i in range(4))
+RATIO_CODE = {"trajectory": 0, "sequence_mean": 1, "token": 2, "none": 3}
+SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM = (
+    tl.constexpr(i) for i in range(4))
+AGG_CODE = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2,
+            "seq-mean-token-sum-norm": 3}
+
+# Columns of the per-sequence partial sums that the loss kernel writes and the finalize kernel
+# reduces: the objective, the entropy bonus's objective, the length, then the statistics' sums.
+(COL_OBJ, COL_ENT_OBJ, COL_LEN, COL_CLIPPED, COL_RATIO_SUM, COL_RATIO_MAX, COL_DELTA_ABS,
+ COL_CAPPED, COL_LOGP, COL_KL, COL_ENT) = (tl.constexpr(i) for i in range(11))
+NPART = tl.constexpr(11)
+
+# The statistics, in the order of the stats tensor the finalize kernel writes.
 STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_abs_mean",
              "logp_mean", "entropy_mean", "kl_mean")
+(STAT_CLIP, STAT_RATIO_MEAN, STAT_RATIO_MAX, STAT_CAP, STAT_DELTA_ABS, STAT_LOGP, STAT_ENT,
+ STAT_KL) = (tl.constexpr(i) for i in range(len(STAT_KEYS)))
 
 
 @triton.jit
@@ -75,9 +93,8 @@ def _ratio_loss_fwd_kernel(
     eps_low, eps_high, dual_clip, cap, beta,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
-    HAS_ENT: tl.constexpr, NPART: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # RATIO: 0 trajectory, 1 sequence_mean, 2 token, 3 none
     i = tl.program_id(0)
     start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
@@ -114,15 +131,15 @@ def _ratio_loss_fwd_kernel(
     capped_any = 0.0
     g_seq = 0.0
     J_seq = 0.0
-    if RATIO < 2:  # one ratio per sequence
-        log_ratio = Delta if RATIO == 0 else Delta / tl.maximum(L, 1.0)
+    if RATIO == TRAJECTORY or RATIO == SEQUENCE_MEAN:  # one ratio per sequence
+        log_ratio = Delta if RATIO == TRAJECTORY else Delta / tl.maximum(L, 1.0)
         x, chi = _capped_exp(log_ratio, cap)
         J_seq, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED,
                                                 DUAL)
         obj = tl.where(nonempty, v * L * J_seq, 0.0)  # an empty sequence adds nothing, not NaN
         # dL/dlogp_t / norm = -W_i dJ/dx x chi (/ L_i for GSPO), W_i / norm = v L
         g_seq = -v * L * dJ * x * chi
-        if RATIO == 1:
+        if RATIO == SEQUENCE_MEAN:
             g_seq = g_seq / tl.maximum(L, 1.0)
         unit = nonempty.to(tl.float32)
         clipped_units = clipped * unit
@@ -142,7 +159,7 @@ def _ratio_loss_fwd_kernel(
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c = zero + g_seq
         J_tok = zero + J_seq  # the token's objective, to apply the NaN rule below
-        if RATIO == 2:
+        if RATIO == TOKEN:
             old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
             x, chi = _capped_exp(lp - old, cap)
             J_tok, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip,
@@ -154,7 +171,7 @@ def _ratio_loss_fwd_kernel(
             rsum_acc += x * k
             rmax_acc = tl.maximum(rmax_acc, x * k)
             cap_acc = tl.maximum(cap_acc, (1.0 - chi) * k)
-        elif RATIO == 3:
+        elif RATIO == NO_RATIO:
             J_tok = A * lp
             obj_acc += tl.where(keep, v * J_tok, 0.0)
             c = zero - v * A
@@ -174,55 +191,88 @@ def _ratio_loss_fwd_kernel(
             ent_obj_acc += v * H
             tl.store(coef_ent_ptr + idx, tl.where(keep, -v, 0.0), mask=inside)
 
-    if RATIO == 2:
+    if RATIO == TOKEN:
         clipped_units = tl.sum(clip_acc, 0)
         ratio_sum = tl.sum(rsum_acc, 0)
         ratio_max = tl.max(rmax_acc, 0)
         capped_any = tl.max(cap_acc, 0)
     row = part_ptr + i * NPART
-    tl.store(row + 0, obj + tl.sum(obj_acc, 0))
-    tl.store(row + 1, tl.sum(ent_obj_acc, 0))
-    tl.store(row + 2, L)
-    tl.store(row + 3, clipped_units)
-    tl.store(row + 4, ratio_sum)
-    tl.store(row + 5, ratio_max)
-    tl.store(row + 6, tl.abs(Delta) * nonempty.to(tl.float32))
-    tl.store(row + 7, capped_any)
-    tl.store(row + 8, tl.sum(logp_sum, 0))
-    tl.store(row + 9, tl.sum(kl_sum, 0))
-    tl.store(row + 10, tl.sum(ent_sum, 0))
+    tl.store(row + COL_OBJ, obj + tl.sum(obj_acc, 0))
+    tl.store(row + COL_ENT_OBJ, tl.sum(ent_obj_acc, 0))
+    tl.store(row + COL_LEN, L)
+    tl.store(row + COL_CLIPPED, clipped_units)
+    tl.store(row + COL_RATIO_SUM, ratio_sum)
+    tl.store(row + COL_RATIO_MAX, ratio_max)
+    tl.store(row + COL_DELTA_ABS, tl.abs(Delta) * nonempty.to(tl.float32))
+    tl.store(row + COL_CAPPED, capped_any)
+    tl.store(row + COL_LOGP, tl.sum(logp_sum, 0))
+    tl.store(row + COL_KL, tl.sum(kl_sum, 0))
+    tl.store(row + COL_ENT, tl.sum(ent_sum, 0))
 
 
-def _finalize(part, ratio, aggregation, entropy_coef, num_tokens, num_sequences, max_len):
-    """(loss, stats (8,), norm) from the per-sequence partial sums, on the device."""
-    L = part[:, LEN]
-    n_seq = (L > 0).sum().float()
-    n_tok = L.sum()
-    B_eff = n_seq if num_sequences is None else part.new_tensor(num_sequences)
-    N_eff = n_tok if num_tokens is None else part.new_tensor(num_tokens)
-    B_eff, N_eff = B_eff.clamp(min=1), N_eff.clamp(min=1)
-    if aggregation == "token-mean":
+@triton.jit
+def _column_sum(part_ptr, rows, keep, COL: tl.constexpr):
+    return tl.sum(tl.load(part_ptr + rows * NPART + COL, mask=keep, other=0.0), 0)
+
+
+@triton.jit
+def _ratio_loss_finalize_kernel(
+    part_ptr, loss_ptr, stats_ptr, norm_ptr, B,
+    num_tokens, num_sequences, max_len, entropy_coef,
+    RATIO: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
+    GIVEN_SEQUENCES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program reduces the (B, NPART) partial sums in a fixed order (bitwise
+    reproducible) into the loss, its normaliser and the statistics: one launch, no host
+    value, so the loss can be captured in a CUDA graph."""
+    cols = tl.arange(0, BLOCK)
+    obj, ent_obj, n_tok, n_seq, clipped, rsum, delta_abs, capped, logp, kl, ent = (
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    rmax = 0.0
+    for off in range(0, B, BLOCK):
+        rows = off + cols
+        keep = rows < B
+        L = tl.load(part_ptr + rows * NPART + COL_LEN, mask=keep, other=0.0)
+        n_tok += tl.sum(L, 0)
+        n_seq += tl.sum((L > 0).to(tl.float32), 0)
+        obj += _column_sum(part_ptr, rows, keep, COL_OBJ)
+        ent_obj += _column_sum(part_ptr, rows, keep, COL_ENT_OBJ)
+        clipped += _column_sum(part_ptr, rows, keep, COL_CLIPPED)
+        rsum += _column_sum(part_ptr, rows, keep, COL_RATIO_SUM)
+        delta_abs += _column_sum(part_ptr, rows, keep, COL_DELTA_ABS)
+        capped += _column_sum(part_ptr, rows, keep, COL_CAPPED)
+        logp += _column_sum(part_ptr, rows, keep, COL_LOGP)
+        kl += _column_sum(part_ptr, rows, keep, COL_KL)
+        ent += _column_sum(part_ptr, rows, keep, COL_ENT)
+        rmax = tl.maximum(rmax, tl.max(tl.load(part_ptr + rows * NPART + COL_RATIO_MAX,
+                                               mask=keep, other=0.0), 0))
+    B_eff = tl.maximum(num_sequences if GIVEN_SEQUENCES else n_seq, 1.0)
+    N_eff = tl.maximum(num_tokens if GIVEN_TOKENS else n_tok, 1.0)
+    if AGG == TOKEN_MEAN:
         norm = 1.0 / N_eff
-    elif aggregation == "seq-mean-token-sum-norm":
+    elif AGG == SEQ_MEAN_TOKEN_SUM_NORM:
         norm = 1.0 / (B_eff * max_len)
     else:
         norm = 1.0 / B_eff
-    loss = -norm * (part[:, OBJ].sum() + entropy_coef * part[:, ENT_OBJ].sum())
-    if ratio == "none":
-        one = part.new_ones(())
-        clip_fraction, ratio_mean, ratio_max, cap_fraction = one * 0, one, one, one * 0
+    tl.store(loss_ptr, -norm * (obj + entropy_coef * ent_obj))
+    tl.store(norm_ptr, norm)
+    seqs = tl.maximum(n_seq, 1.0)
+    toks = tl.maximum(n_tok, 1.0)
+    if RATIO == NO_RATIO:
+        tl.store(stats_ptr + STAT_CLIP, 0.0)
+        tl.store(stats_ptr + STAT_RATIO_MEAN, 1.0)
+        tl.store(stats_ptr + STAT_RATIO_MAX, 1.0)
+        tl.store(stats_ptr + STAT_CAP, 0.0)
     else:
-        units = (n_tok if ratio == "token" else n_seq).clamp(min=1)
-        clip_fraction = part[:, CLIPPED].sum() / units
-        ratio_mean = part[:, RATIO_SUM].sum() / units
-        ratio_max = torch.cat([part[:, RATIO_MAX], part.new_zeros(1)]).max()
-        cap_fraction = part[:, CAPPED].sum() / n_seq.clamp(min=1)
-    per_tok = n_tok.clamp(min=1)
-    stats = torch.stack([clip_fraction, ratio_mean, ratio_max, cap_fraction,
-                         part[:, DELTA_ABS].sum() / n_seq.clamp(min=1),
-                         part[:, LOGP].sum() / per_tok, part[:, ENT].sum() / per_tok,
-                         part[:, KL].sum() / per_tok])
-    return loss, stats, norm
+        units = toks if RATIO == TOKEN else seqs
+        tl.store(stats_ptr + STAT_CLIP, clipped / units)
+        tl.store(stats_ptr + STAT_RATIO_MEAN, rsum / units)
+        tl.store(stats_ptr + STAT_RATIO_MAX, rmax)
+        tl.store(stats_ptr + STAT_CAP, capped / seqs)
+    tl.store(stats_ptr + STAT_DELTA_ABS, delta_abs / seqs)
+    tl.store(stats_ptr + STAT_LOGP, logp / toks)
+    tl.store(stats_ptr + STAT_ENT, ent / toks)
+    tl.store(stats_ptr + STAT_KL, kl / toks)
 
 
 @triton_op("tic_kernels::ratio_loss", mutates_args=())
@@ -239,7 +289,10 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     dev = logp.device
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
-    part = torch.empty(B, NPART, dtype=torch.float32, device=dev)
+    part = torch.empty(B, NPART.value, dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty(len(STAT_KEYS), dtype=torch.float32, device=dev)
+    norm = torch.empty((), dtype=torch.float32, device=dev)
 
     def flat(t):  # the kernel reads flat positions and per-sequence entries by index
         return logp if t is None else t.reshape(-1).contiguous()
@@ -248,12 +301,16 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
             flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
             cu.contiguous(), flat(mask), coef, coef_ent, part, R,
             eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,
-            RATIO=check.RATIOS.index(ratio), TWO_SIDED=clip_mode == "two_sided",
+            RATIO=RATIO_CODE[ratio], TWO_SIDED=clip_mode == "two_sided",
             DUAL=dual_clip is not None, PER_SEQ_MEAN=aggregation == "seq-mean-token-mean",
             HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=beta > 0,
-            HAS_ENT=entropy is not None, NPART=NPART, BLOCK=BLOCK_TOKENS)
-    loss, stats, norm = _finalize(part, ratio, aggregation, entropy_coef, num_tokens,
-                                  num_sequences, max_len)
+            HAS_ENT=entropy is not None, BLOCK=BLOCK_TOKENS)
+    launch(_ratio_loss_finalize_kernel, (1,),
+        part, loss, stats, norm, B, 0.0 if num_tokens is None else num_tokens,
+        0.0 if num_sequences is None else num_sequences, 1.0 if max_len is None else max_len,
+        entropy_coef, RATIO=RATIO_CODE[ratio], AGG=AGG_CODE[aggregation],
+        GIVEN_TOKENS=num_tokens is not None, GIVEN_SEQUENCES=num_sequences is not None,
+        BLOCK=BLOCK_SEQS)
     return loss, stats, coef, coef_ent, norm
 
 

@@ -83,7 +83,8 @@ def pack(input_ids, attention_mask, completion_mask=None) -> PackedBatch:
     _check_mask("completion_mask", completion_mask, input_ids.shape)
     check.same_device("input_ids", input_ids, attention_mask=attention_mask,
                       completion_mask=completion_mask)
-    if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
+    if check.checking_values(attention_mask, completion_mask) and bool(
+            (completion_mask.bool() & ~attention_mask.bool()).any()):
         raise ValueError("completion_mask marks tokens outside attention_mask")
     if _has_kernel("pack", input_ids.device):
         fields = torch.ops.tic_kernels.pack(input_ids, attention_mask, completion_mask)

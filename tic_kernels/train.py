@@ -121,7 +121,8 @@ class LossRowsLM(torch.nn.Module):
             hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
                                         attention_mask=attention_mask, use_cache=False,
                                         **varlen).last_hidden_state
-        return self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[rows]).float()
+        # in the model's dtype: the kernels read bf16 logits (an fp32 copy would double them)
+        return self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[rows])
 
 
 # ------------------------------------------------------------------ rollouts

@@ -1,0 +1,107 @@
+"""Launch-configuration sweep of the token log-softmax kernels (the (N, V) passes of every loss).
+
+Times the forward kernel (one read of the logits) and the backward kernel (one read, one write)
+alone at one shape over BLOCK_V x num_warps, and records ms, GB/s and the fraction of the copy
+bandwidth measured in the same run: one GPU run yields the tuning table. Every configuration's
+output is first checked against the default configuration's. The JSON is rewritten after each
+configuration, and the sweep stops at --budget-s.
+
+    python benchmarks/sweep.py --shape 16384x151936 --dtype bfloat16 --out OUT
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+from tic_kernels import logprobs  # noqa: E402
+
+BLOCKS = (1024, 2048, 4096, 8192)
+WARPS = (1, 2, 4, 8)
+MAX_PER_THREAD = 64  # elements of one block per thread: more spills registers
+
+
+def configs(blocks=BLOCKS, warps=WARPS):
+    return [(b, w) for b, w in itertools.product(blocks, warps) if b // (32 * w) <= MAX_PER_THREAD]
+
+
+def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_as=None,
+        reps=None):
+    env = harness.environment(device)
+    copy = harness.copy_bandwidth_gbps(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(N, V, device=device, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device, generator=g)
+    g_logp = torch.randn(N, device=device, generator=g)
+    grad = torch.empty_like(logits)
+    empty = g_logp.new_empty(0)
+    logprobs.LAUNCH_CONFIG.update(fwd=None, bwd=None)
+    want_logp, lse, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
+    logprobs.token_logprobs_bwd(logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100)
+    want_grad = grad.clone()
+    nbytes = N * V * logits.element_size()
+    records = [harness.record("copy", "torch.copy_", pass_="copy", shape={}, dtype="float32",
+                              env=env) | {"gbps": round(copy, 1)}]
+    t0 = time.perf_counter()
+    try:
+        for block, w in configs(blocks, warps):
+            if time.perf_counter() - t0 > budget_s:
+                print(f"# sweep: budget of {budget_s:.0f} s spent", flush=True)
+                break
+            logprobs.LAUNCH_CONFIG.update(fwd=(block, w), bwd=(block, w))
+            shape = {"N": N, "V": V, "BLOCK_V": block, "num_warps": w}
+            logp, lse, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
+            logprobs.token_logprobs_bwd(logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100)
+            ok = torch.equal(logp, want_logp) and torch.equal(grad, want_grad)
+            for name, fn, passes in (
+                    ("fwd", lambda _: logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False), 1),
+                    ("bwd", lambda _: logprobs.token_logprobs_bwd(
+                        logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100), 2)):
+                if not ok:
+                    records.append(harness.record("token_logprobs_kernel", name, pass_=name,
+                                                  shape=shape, dtype=dtype, status="wrong",
+                                                  error="differs from the default config", env=env))
+                    continue
+                ms = harness.time_ms(fn, device, reps=reps)
+                records.append(harness.record("token_logprobs_kernel", name, pass_=name,
+                                              shape=shape, dtype=dtype, ms=ms,
+                                              bytes_moved=passes * nbytes, copy_gbps=copy, env=env))
+            harness.print_table(records[-2:])
+            if save_as:
+                harness.save(records, *save_as)
+    finally:
+        logprobs.LAUNCH_CONFIG.update(fwd=None, bwd=None)
+    if save_as:
+        harness.save(records, *save_as)
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="16384x151936", help="NxV")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--blocks", default=",".join(map(str, BLOCKS)))
+    p.add_argument("--warps", default=",".join(map(str, WARPS)))
+    p.add_argument("--budget-s", type=float, default=90.0)
+    p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", default="sweep")
+    p.add_argument("--reps", type=int, default=None, help="timed reps (default: the harness's)")
+    args = p.parse_args(argv)
+    N, V = harness.parse_shapes(args.shape)[0]
+    run(args.device, N, V, getattr(torch, args.dtype),
+        blocks=[int(b) for b in args.blocks.split(",")],
+        warps=[int(w) for w in args.warps.split(",")], budget_s=args.budget_s,
+        save_as=(args.out, args.name), reps=args.reps)
+    print("wrote", os.path.join(args.out, f"{args.name}.json"))
+
+
+if __name__ == "__main__":
+    main()
