@@ -39,9 +39,9 @@ def run(device, shapes, reps=None):
     for B, T in shapes:
         ids, attn, comp = make_batch(B, T, device)
         want = ref.varlen_pack(ids, attn, comp)
-        n_all = want[0].numel()
+        n_all = want.input_ids.numel()
         hidden = torch.randn(n_all, HIDDEN, device=device, dtype=torch.bfloat16)
-        impls = {"extension": packing.pack, "pytorch": lambda *a: ref.varlen_pack(*a)}
+        impls = {"extension": packing.pack, "pytorch": ref.varlen_pack}
         for name, pack in impls.items():
             if name == "extension" and not packing._has_kernel("pack", ids.device):
                 records.append(harness.record(OP, name, pass_="pack+unpack", shape={"B": B, "T": T},
@@ -50,14 +50,12 @@ def run(device, shapes, reps=None):
                 continue
             unpack = packing.unpack if name == "extension" else ref.varlen_unpack
             got = pack(ids, attn, comp)
-            fields = [got.input_ids, got.cu_seqlens, got.position_ids, got.indices, got.loss_rows,
-                      got.loss_targets, got.loss_cu_seqlens] if name == "extension" else got[:7]
-            ok = all(torch.equal(a, b) for a, b in zip(fields, want[:7]))
+            ok = all(torch.equal(a, b) for a, b in zip(got.tensors(), want.tensors()))
             if not ok:
                 records.append(harness.record(OP, name, pass_="pack+unpack", shape={"B": B, "T": T},
                                               dtype="int64", status="wrong", error="differs from reference"))
                 continue
-            indices = want[3]
+            indices = want.indices
             pack_bytes = B * T * (2 + ids.element_size()) + n_all * (ids.element_size() + 24)
             unpack_bytes = B * T * HIDDEN * hidden.element_size() + hidden.numel() * hidden.element_size()
             steps = {"pack": (lambda _: pack(ids, attn, comp), pack_bytes),

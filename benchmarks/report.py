@@ -1,6 +1,7 @@
-"""Plots (one PNG per op) and the README's results table, from benchmarks/results/*.json.
+"""Plots (one PNG per op) and the results table of benchmarks/README.md, from
+benchmarks/results/*.json.
 
-    python benchmarks/report.py [--results benchmarks/results] [--readme README.md]
+    python benchmarks/report.py [--results benchmarks/results] [--readme benchmarks/README.md]
 
 The table goes between the README's "<!-- results:start -->" and "<!-- results:end -->"
 markers; each section names its device and date, as recorded in the JSON.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+NOT_ROWS = ("copy", "targets")  # the measured copy bandwidth, headline.py's verdict
 
 
 def load(results):
@@ -34,9 +36,10 @@ def table(recs):
     lines = []
     by_file = defaultdict(list)
     for r in recs:
-        if r["op"] != "copy":
+        if r["op"] not in NOT_ROWS:
             by_file[r["file"]].append(r)
     copies = {r["file"]: r for r in recs if r["op"] == "copy"}
+    goals = {r["file"]: r for r in recs if r["op"] == "targets"}
     for f, rows in by_file.items():
         ok = [r for r in rows if r["status"] == "ok"]
         first = ok[0] if ok else rows[0]
@@ -58,6 +61,11 @@ def table(recs):
                          f"{100 * frac:.1f} | {r.get('peak_mib', 0):.0f} |" if frac is not None else
                          f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
                          f"{r['ms']['p50']:.3f} | | | {r.get('peak_mib', 0):.0f} |")
+        if f in goals:  # headline.py's verdict on the targets
+            lines.append("\ntargets: " + ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in goals[f].items() if k.startswith(("meets", "copy_", "speedup",
+                                                               "trajectory_"))))
     return "\n".join(lines)
 
 
@@ -68,7 +76,7 @@ def plot(recs, out_dir):
 
     by_file = defaultdict(list)
     for r in recs:
-        if r["op"] != "copy" and r["status"] == "ok":
+        if r["op"] not in NOT_ROWS and r["status"] == "ok":
             by_file[r["file"]].append(r)
     paths = []
     for f, rows in by_file.items():
@@ -98,7 +106,7 @@ def plot(recs, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--readme", default=str(ROOT / "README.md"))
+    p.add_argument("--readme", default=str(ROOT / "benchmarks" / "README.md"))
     args = p.parse_args(argv)
     recs = load(args.results)
     for path in plot(recs, args.results):

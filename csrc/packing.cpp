@@ -1,4 +1,4 @@
-// Variable-length packing (SPEC op 5): operator schemas, CPU kernels, and the module init of
+// Variable-length packing (docs/spec.md, op 5): operator schemas, CPU kernels, and the module init of
 // tic_kernels._C. The CUDA kernels live in packing_cuda.cu and register under the same schemas.
 //
 // pack(input_ids, attention_mask, completion_mask), all (B, T):

@@ -1,11 +1,11 @@
-"""Compiles every Triton kernel of tic_kernels for an H100 (sm_90) without a GPU.
+"""Compiles the Triton kernels of tic_kernels for an H100 (sm_90) without a GPU.
 
 The interpreter runs the kernels' semantics on the CPU but never runs Triton's GPU compiler; this
 script does (Triton's front end, its LLVM back end and the ptxas it ships need no device), over
-the constexpr variants and element types the ops launch, so a kernel that would not compile on
-the GPU fails here. Prints each variant's registers, stack (spill) bytes and shared memory, read
-from the cubin with Triton's cuobjdump; exits non-zero
-on any failure. Must run without TRITON_INTERPRET.
+the element types and a covering set of the constexpr variants the ops launch, so a kernel that
+would not compile on the GPU fails here (a global that is not a tl.constexpr, say). Prints each
+variant's registers, stack (spill) bytes and shared memory, read from the cubin with Triton's
+cuobjdump; exits non-zero on any failure. Must run without TRITON_INTERPRET.
 
     python scripts/compile_sm90.py
 """
@@ -23,10 +23,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tic_kernels import advantages, logprobs, loss, segments  # noqa: E402
+from tic_kernels import advantages, backend, logprobs, loss, segments  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+FLOATS = ("fp32", "bf16", "fp16")  # Triton's names of the logits' element types
 
 
 def variants():
@@ -51,11 +51,11 @@ def variants():
         yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_fwd_kernel,
                dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32", count_ptr="*i32",
                     N="i32"),
-               dict(HAS_MASK=has_mask, MEAN=mean, BLOCK=segments.BLOCK_TOKENS), 4)
+               dict(HAS_MASK=has_mask, MEAN=mean, BLOCK=backend.BLOCK_TOKENS), 4)
         yield (f"segment_sum_bwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_bwd_kernel,
                dict(grad_out_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", count_ptr="*i32",
                     grad_ptr=f"*{dt}", N="i32"),
-               dict(HAS_MASK=has_mask, MEAN=mean, EMULATE_RNE=False, BLOCK=segments.BLOCK_TOKENS), 4)
+               dict(HAS_MASK=has_mask, MEAN=mean, EMULATE_RNE=False, BLOCK=backend.BLOCK_TOKENS), 4)
     for scale, sample in itertools.product(range(3), (False, True)):
         yield (f"group_advantages[scale={scale},sample={sample}]", advantages._group_advantages_kernel,
                dict(rewards_ptr="*fp32", group_ptr="*i64", batch_std_ptr="*fp32", out_ptr="*fp32",
@@ -72,7 +72,7 @@ def variants():
                     eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
                     HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent,
-                    BLOCK=loss.BLOCK_TOKENS), 4)
+                    BLOCK=backend.BLOCK_TOKENS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
                loss._ratio_loss_finalize_kernel,
@@ -84,7 +84,8 @@ def variants():
 
 
 def resource_usage(cubin):
-    """(registers, spill stores, spill loads) from the cubin, read by Triton's cuobjdump."""
+    """(registers, stack bytes) of the cubin, read by Triton's cuobjdump; stack is where
+    spilled registers go."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

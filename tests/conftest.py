@@ -21,10 +21,31 @@ import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # tl.minimum / tl.maximum without propagate_nan compile to PTX min/max, which return the
+    # operand that is not NaN; Triton 3.6's interpreter propagates NaN instead. Give the
+    # interpreter the GPU's semantics, so that the NaN rule is tested as a GPU runs it.
+    import numpy as _np
+    from triton.runtime.interpreter import InterpreterBuilder as _Builder
+
+    _Builder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, _np.fmin)
+    _Builder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, _np.fmax)
+
 
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def requires_triton():
+    """For the tests that compare the Triton kernels with the reference: on a path where the
+    kernels do not run (TIC_TEST_NO_INTERPRET=1 on a CPU) they would compare the reference
+    with itself, so they skip, saying why."""
+    from tic_kernels.backend import use_triton
+    if not use_triton(torch.empty(1, device=DEVICE)):
+        pytest.skip("the Triton kernels are off on this path (TIC_TEST_NO_INTERPRET=1 without "
+                    "a GPU): a fused-vs-reference test would compare the reference with itself")
 
 
 @pytest.fixture(autouse=True)

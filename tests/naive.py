@@ -1,7 +1,7 @@
-"""Naive per-element oracles of SPEC ops 1-4: Python floats and loops, no tensors.
+"""Naive per-element oracles of ops 1-4 of docs/spec.md: Python floats and loops, no tensors.
 
 They exist only to check the reference (tic_kernels/reference.py) element by element, including
-the SPEC's closed-form gradients, so they are written from the SPEC, not from the reference.
+the closed-form gradients, so they are written from docs/spec.md, not from the reference.
 """
 import math
 
@@ -48,7 +48,7 @@ def group_advantages(rewards, groups, scale="group", std="sample", eps=1e-6):
 
 
 def _clip(x, A, clip_mode, eps_low, eps_high, dual_clip):
-    """J and dJ/dx for one ratio x and advantage A (SPEC clipping)."""
+    """J and dJ/dx for one ratio x and advantage A (the clipping of docs/spec.md)."""
     hi, lo = 1.0 + eps_high, 1.0 - eps_low
     xc = min(max(x, lo), hi) if clip_mode == "two_sided" else min(x, hi)
     unclipped, constant = x * A, xc * A

@@ -225,3 +225,8 @@ def test_device_checks_come_before_value_checks():
     with pytest.raises(ValueError, match="mask is on meta but logits is on cpu"):
         tk.tic_loss(torch.randn(B, 4, V), torch.randint(0, V, (B, 4)), torch.randn(B, 4),
                     torch.randn(B), mask=torch.ones(B, 4, device="meta"))
+    lp = torch.randn(N)
+    with pytest.raises(ValueError, match="advantages is on meta but logprobs is on cpu"):
+        tk.tic_loss_from_logprobs(lp, torch.randn(N), torch.randn(B, device="meta"), cu_seqlens=CU)
+    with pytest.raises(ValueError, match="cu_seqlens is on meta but logprobs is on cpu"):
+        tk.tic_loss_from_logprobs(lp, torch.randn(N), torch.randn(B), cu_seqlens=CU.to("meta"))

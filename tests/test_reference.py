@@ -1,5 +1,5 @@
 """The reference (tic_kernels/reference.py) against naive per-element loops and float64
-gradcheck, for every SPEC option. The fused kernels are then tested against this reference."""
+gradcheck, for every option of docs/spec.md. The fused kernels are then tested against this reference."""
 import math
 
 import pytest

@@ -10,7 +10,8 @@ import tic_kernels as tk
 from tic_kernels import logprobs as logprobs_mod
 from tic_kernels import reference as ref
 from tic_kernels.backend import use_triton
-from tic_kernels.testing import GRAD_TOL, LOSS_TOL, VALUE_TOL, cu_seqlens_from, loss_batch, tolerance
+from tic_kernels.testing import (ADVANTAGE_TOL, GRAD_TOL, LOSS_TOL, VALUE_TOL, cu_seqlens_from,
+                                 loss_batch, tolerance)
 
 from conftest import DEVICE
 
@@ -22,8 +23,18 @@ def path(request, monkeypatch):
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         assert not use_triton(torch.empty(1))
         return "cpu"
-    assert use_triton(torch.empty(1, device=DEVICE))
+    request.getfixturevalue("requires_triton")
     return DEVICE
+
+
+def on_both_paths(fn, monkeypatch):
+    """(fn(the Triton path's device), fn("cpu") on the reference: the interpreter off)."""
+    got = fn(DEVICE)
+    with monkeypatch.context() as m:
+        m.delenv("TRITON_INTERPRET", raising=False)
+        assert not use_triton(torch.empty(1))
+        want = fn("cpu")
+    return got, want
 
 
 def strided(t):
@@ -107,17 +118,17 @@ def test_permuted_and_any_rank_logits(path):
         torch.testing.assert_close(leaf.grad.reshape(-1, 19), flat.grad, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(DEVICE != "cpu", reason="a 4 GiB virtual buffer, on the CPU only")
-def test_column_offsets_are_64_bit():
+def test_column_offsets_are_64_bit(requires_triton):
     """(V - 1) * stride_v >= 2^31 with stride_v < 2^31: an (N, V) view of a transposed buffer.
-    Only the 3 x N elements of the view are touched, so the buffer costs no memory."""
+    A 4 GiB buffer: on the CPU only the 3 x N elements of the view are touched (no memory);
+    on a GPU it is allocated."""
     N, V, stride_v = 2, 3, 2 ** 30 + 1
-    buf = torch.empty((V - 1) * stride_v + N, dtype=torch.bfloat16)
+    buf = torch.empty((V - 1) * stride_v + N, dtype=torch.bfloat16, device=DEVICE)
     logits = buf.as_strided((N, V), (1, stride_v))
-    values = torch.randn(N, V).to(torch.bfloat16)
+    values = torch.randn(N, V).to(torch.bfloat16).to(DEVICE)
     logits.copy_(values)
-    targets = torch.tensor([2, 1])
-    g = torch.randn(N)
+    targets = torch.tensor([2, 1], device=DEVICE)
+    g = torch.randn(N, device=DEVICE)
     x = logits.detach().requires_grad_(True)
     y = values.clone().requires_grad_(True)
     lp = tk.token_logprobs(x, targets)
@@ -159,7 +170,7 @@ def test_masked_vocabulary_blocks(path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # -3e38 - 3e38 = -inf
-def test_entropy_of_extreme_logits(path):
+def test_entropy_of_extreme_logits(path, monkeypatch):
     """Logits near FLT_MAX: the entropy is exact (no overflow of a sum of p * z)."""
     big = 3e38
     logits = torch.tensor([[big] * 7, [big] * 4 + [-big] * 3, [big, -float("inf"), big, 0.0, 1.0, 2.0, 3.0]],
@@ -168,6 +179,11 @@ def test_entropy_of_extreme_logits(path):
     log = torch.log(torch.tensor([7.0, 4.0, 2.0]))
     torch.testing.assert_close(H.cpu(), log, atol=1e-6, rtol=1e-6)
     assert torch.isfinite(lp).all()  # -log 7 next to 3e38 rounds away: lse == 3e38 in fp32
+    # the max jumps from -3e38 (one vocabulary block) to +3e38 (the next): m_new - m overflows
+    monkeypatch.setattr(logprobs_mod, "_block_v", lambda V: 64)
+    row = torch.cat([torch.full((1, 64), -big), torch.full((1, 64), big)], 1).to(path)
+    _, H = tk.token_logprobs(row, torch.tensor([70], device=path), return_entropy=True)
+    torch.testing.assert_close(H.cpu(), torch.log(torch.tensor([64.0])), atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ aliasing and in-place
@@ -248,15 +264,25 @@ def test_old_and_ref_logprobs_are_constants(path):
 # ------------------------------------------------------------------ bounds and stability
 def test_max_log_ratio_is_bounded(path):
     b = loss_batch([4, 3], 13, device=path, seed=16)
-    with pytest.raises(ValueError, match="max_log_ratio must be <= 80"):
-        tk.tic_loss(b.logits, b.targets, b.old_logprobs, b.advantages, max_log_ratio=89.0,
+    with pytest.raises(ValueError, match="max_log_ratio must be <= 60"):
+        tk.tic_loss(b.logits, b.targets, b.old_logprobs, b.advantages, max_log_ratio=61.0,
                     **b.layout_kw)
     old = b.old_logprobs - 1000.0  # Delta = +4000 on sequence 0, the cap at its bound
     for ratio in ("trajectory", "token", "sequence_mean"):
         out, grad = _loss_and_grad(b.logits, b.targets, old, b.advantages * 50, ratio=ratio,
-                                   max_log_ratio=80.0, clip_mode="upper", eps_high=10.0,
+                                   max_log_ratio=60.0, clip_mode="upper", eps_high=10.0,
                                    ref_logprobs=old, beta=0.5, **b.layout_kw)
         assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    # one 20000-token sequence just inside the cap, advantage -1000, summed over its tokens
+    L = 20000
+    lp = torch.full((L,), -1.0, device=path)
+    old = lp - 59.9 / L
+    cu = torch.tensor([0, L], dtype=torch.int32, device=path)
+    x = lp.clone().requires_grad_(True)
+    out = tk.tic_loss_from_logprobs(x, old, torch.tensor([-1000.0], device=path), cu_seqlens=cu,
+                                    aggregation="seq-mean-token-sum", max_log_ratio=60.0)
+    out.loss.backward()  # |loss| = L |A| e^59.9 = 2e33: finite (at the cap 80 it was inf)
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
 
 
 def test_group_advantages_of_large_rewards(path):
@@ -302,24 +328,25 @@ def test_double_backward(path):
 
 # ------------------------------------------------------------------ the NaN rule
 @pytest.mark.parametrize("ratio", ["trajectory", "sequence_mean", "token", "none"])
-def test_nan_rule_is_the_same_on_both_paths(ratio, monkeypatch):
+def test_nan_rule_is_the_same_on_both_paths(ratio, monkeypatch, requires_triton):
     """A NaN makes the loss NaN and the gradient NaN on exactly the loss tokens whose
     objective is NaN (every token of the sequence for a sequence ratio), on both paths; an
-    empty sequence's NaN advantage touches nothing."""
+    empty sequence's NaN advantage touches nothing. (Under the interpreter tl.minimum and
+    tl.maximum drop NaN as PTX min / max do: conftest.py.)"""
     b = loss_batch([3, 4, 0, 2, 3], 13, device="cpu", drift=0.3, seed=18)
     b.logits[1, 5] = float("nan")  # a NaN logit in token 1 (sequence 0)
     b.advantages[1] = float("nan")  # sequence 1: tokens 3-6
     b.advantages[2] = float("nan")  # the empty sequence 2
     b.old_logprobs[7] = float("nan")  # the first token of sequence 3 (tokens 7-8)
-    kw = dict(ratio=ratio, ref_logprobs=b.ref_logprobs, beta=0.1, **b.layout_kw)
-    args = (b.targets, b.old_logprobs, b.advantages)
-    runs = []
-    for interpret in ("1", None):
-        if interpret is None:
-            monkeypatch.delenv("TRITON_INTERPRET")
-        out, grad = _loss_and_grad(b.logits, *args, **kw)
-        runs.append((out.loss, grad))
-    (loss_t, g_t), (loss_r, g_r) = runs
+
+    def run(dev):
+        kw = dict(ratio=ratio, ref_logprobs=b.ref_logprobs.to(dev), beta=0.1,
+                  cu_seqlens=b.layout_kw["cu_seqlens"].to(dev))
+        out, grad = _loss_and_grad(b.logits.to(dev), b.targets.to(dev), b.old_logprobs.to(dev),
+                                   b.advantages.to(dev), **kw)
+        return out.loss.cpu(), grad.cpu()
+
+    (loss_t, g_t), (loss_r, g_r) = on_both_paths(run, monkeypatch)
     assert torch.isnan(loss_t) and torch.isnan(loss_r)
     assert torch.equal(torch.isnan(g_t), torch.isnan(g_r))
     nan_rows = torch.isnan(g_r).any(1)
@@ -328,10 +355,18 @@ def test_nan_rule_is_the_same_on_both_paths(ratio, monkeypatch):
     assert nan_rows.nonzero().flatten().tolist() == expected
     assert (~torch.isnan(g_r[nan_rows])).sum() == 0  # a NaN row is NaN throughout
     torch.testing.assert_close(g_t[~nan_rows], g_r[~nan_rows], **tolerance(GRAD_TOL, torch.float32))
-    # without the NaNs the paths agree on the loss (the empty sequence's NaN advantage stays)
+    # without those NaNs the paths agree (the empty sequence's NaN advantage stays)
     b.logits[1, 5], b.advantages[1], b.old_logprobs[7] = 0.5, 0.3, -2.0
-    out_t, _ = _loss_and_grad(b.logits, *args, **kw)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    out_r, _ = _loss_and_grad(b.logits, *args, **kw)
-    assert torch.isfinite(out_t.loss)
-    torch.testing.assert_close(out_t.loss, out_r.loss, atol=LOSS_TOL[0], rtol=LOSS_TOL[1])
+    (loss_t, g_t), (loss_r, g_r) = on_both_paths(run, monkeypatch)
+    assert torch.isfinite(loss_t) and torch.isfinite(g_t).all()
+    torch.testing.assert_close(loss_t, loss_r, **tolerance(LOSS_TOL))
+    torch.testing.assert_close(g_t, g_r, **tolerance(GRAD_TOL, torch.float32))
+
+
+def test_nan_reward_reaches_its_group(monkeypatch, requires_triton):
+    """A NaN reward makes its group's advantages NaN (not the "equal rewards" 0), on both
+    paths; the other groups are untouched."""
+    r = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 0.0, 1.0])
+    got, want = on_both_paths(lambda dev: tk.group_advantages(r.to(dev), 3).cpu(), monkeypatch)
+    assert torch.isnan(got[:3]).all() and torch.isnan(want[:3]).all()
+    torch.testing.assert_close(got[3:], want[3:], **tolerance(ADVANTAGE_TOL))

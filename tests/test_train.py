@@ -1,6 +1,7 @@
 """The thin trainer: learning, layouts, resume, flags, data parallel."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+import tic_kernels as tk
 from tic_kernels import train
 from tic_kernels.attention import attention, register_varlen_attention
 
@@ -60,9 +62,9 @@ def test_packed_and_padded_give_the_same_loss():
     for layout in ("packed", "padded"):
         lm.zero_grad()
         inputs, targets, kw = train.loss_view(ids, attn, comp, layout)
-        logits = train._view_logits(policy(**inputs), kw)
-        old = train.tk.token_logprobs(logits.detach(), targets) + 0.05
-        out = train.tk.tic_loss(logits, targets, old, adv, **kw)
+        logits = train.view_logits(policy(**inputs), kw)
+        old = tk.token_logprobs(logits.detach(), targets) + 0.05
+        out = tk.tic_loss(logits, targets, old, adv, **kw)
         out.loss.backward()
         losses.append(out.loss)
         grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
@@ -87,6 +89,22 @@ def test_varlen_attention_matches_packed_sdpa():
                  max_length_q=4, max_length_k=4).logits
     torch.testing.assert_close(got, want)
     assert lm.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_amp_bf16_steps(layout, tmp_path, monkeypatch):
+    """--amp bf16: the forward runs in bf16 and the loss takes bf16 logits (on CUDA the packed
+    layout then uses the varlen flash kernels); two steps train with finite losses."""
+    dtypes, tic_loss = [], tk.tic_loss
+
+    def recording(logits, *args, **kw):
+        dtypes.append(logits.dtype)
+        return tic_loss(logits, *args, **kw)
+    monkeypatch.setattr(tk, "tic_loss", recording)
+    log, lm = train.run(_args(tmp_path, "--amp", "bf16", "--steps", "2", "--layout", layout))
+    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 4  # 2 steps x mu = 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert all(p.dtype == torch.float32 for p in lm.parameters())
 
 
 def test_varlen_kernels_only_for_half_precision():
@@ -127,7 +145,7 @@ def test_bad_flags(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(flags)
     assert e.value.code == 2
-    assert pytest.importorskip("re").search(msg, capsys.readouterr().err)
+    assert re.search(msg, capsys.readouterr().err)
 
 
 def test_bad_task_and_missing_checkpoint(tmp_path):

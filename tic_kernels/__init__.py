@@ -1,11 +1,11 @@
 """tic_kernels: fused kernels for RL fine-tuning of language models with TIC-GRPO, GRPO, DAPO
-and GSPO. Importing never needs a GPU or the compiled extension; see SPEC.md for the math."""
+and GSPO. Importing never needs a GPU or the compiled extension; see docs/spec.md for the math."""
 from .advantages import group_advantages
 from .fused import TICLoss, tic_loss
 from .logprobs import token_logprobs
 from .loss import tic_loss_from_logprobs
 from .segments import sequence_logprobs
-from .validation import LossOutput
+from .output import LossOutput
 
 __version__ = "0.1.0"
 

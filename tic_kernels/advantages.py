@@ -17,8 +17,12 @@ import triton.language as tl
 from . import reference
 from . import validation as check
 from .backend import launch, triton_op, use_triton
+from .options import SCALES, STDS
 
 BLOCK_B = 1024
+# the kernel's scale switch by name (options.SCALES holds the strings users pass)
+BY_GROUP, BY_BATCH, UNSCALED = (tl.constexpr(i) for i in range(3))
+SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
 
 
 @triton.jit
@@ -26,7 +30,6 @@ def _group_advantages_kernel(
     rewards_ptr, group_ptr, batch_std_ptr, out_ptr, B, eps,
     SCALE: tl.constexpr, SAMPLE_STD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # SCALE: 0 group, 1 batch, 2 none
     i = tl.program_id(0)
     gi = tl.load(group_ptr + i)
     ri = tl.load(rewards_ptr + i)
@@ -47,7 +50,7 @@ def _group_advantages_kernel(
     n = tl.sum(count, 0)
     shifted_mean = tl.sum(total, 0) / n  # mean_g - r_i
     adv = -shifted_mean
-    if SCALE == 0:
+    if SCALE == BY_GROUP:
         # second pass: sum of squared deviations from the mean (two passes, not E[r^2] - mean^2)
         ss = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(0, B, BLOCK):
@@ -57,10 +60,11 @@ def _group_advantages_kernel(
             ss += tl.where(same, dev * dev, 0.0)
         denom = tl.maximum(n - 1.0, 1.0) if SAMPLE_STD else n
         adv = adv / (tl.sqrt(tl.sum(ss, 0) / denom) + eps)
-    elif SCALE == 1:
+    elif SCALE == BY_BATCH:
         adv = adv / (tl.load(batch_std_ptr) + eps)
-    # a group of one, or of equal rewards, gets exactly 0 (not a rounding residue, never NaN)
-    equal = tl.max(hi, 0) == tl.min(lo, 0)
+    # a group of one, or of equal rewards, gets exactly 0 (not a rounding residue, never NaN);
+    # a NaN reward is not "equal" (tl.max / tl.min skip NaN): its group's mean carries it
+    equal = (tl.max(hi, 0) == tl.min(lo, 0)) & (shifted_mean == shifted_mean)
     tl.store(out_ptr + i, tl.where(equal, 0.0, adv))
 
 
@@ -77,7 +81,7 @@ def group_advantages_op(rewards: torch.Tensor, group: torch.Tensor, scale: str,
     if B:
         launch(_group_advantages_kernel, (B,),
             rewards.contiguous(), group.contiguous(), batch_std, out, B, eps,
-            SCALE=check.SCALES.index(scale), SAMPLE_STD=sample_std, BLOCK=BLOCK_B)
+            SCALE=SCALE_CODE[scale], SAMPLE_STD=sample_std, BLOCK=BLOCK_B)
     return out
 
 
@@ -98,8 +102,8 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group",
         (B,) float32 (float64 for float64 rewards). A group of one, or of equal rewards, gets
         exactly 0.
     """
-    check.choice("scale", scale, check.SCALES)
-    check.choice("std", std, check.STDS)
+    check.choice("scale", scale, SCALES)
+    check.choice("std", std, STDS)
     check.positive("eps", eps)
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")

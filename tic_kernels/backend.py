@@ -1,17 +1,17 @@
-"""Which implementation runs: Triton on CUDA (and on the CPU under TRITON_INTERPRET=1), else the
-reference. float64 always takes the reference (the kernels compute in fp32)."""
+"""What the kernel modules share: which implementation runs (Triton on CUDA, and on the CPU
+under TRITON_INTERPRET=1, else the reference; float64 always takes the reference, the kernels
+compute in fp32), how kernels launch and register as torch.library ops, the Triton helpers
+several kernels use, and the segment layout of the per-sequence kernels."""
 from __future__ import annotations
 
 import os
 
 import torch
+import triton
+import triton.language as tl
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton ships with CUDA torch; CPU wheels may lack it
-    HAS_TRITON = False
+# Tokens per block of the per-sequence kernels (sequence sums, the ratio loss).
+BLOCK_TOKENS = 1024
 
 
 def interpreting() -> bool:
@@ -19,7 +19,7 @@ def interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    if not HAS_TRITON or t.dtype == torch.float64:
+    if t.dtype == torch.float64:
         return False
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
@@ -65,3 +65,51 @@ def triton_op(name, *, mutates_args):
         op.register_fake(fn)
         return op
     return register
+
+
+def inputs_by_name(op, inputs):
+    """A registered op's inputs as {argument name: value} (setup_context gets them by position)."""
+    return dict(zip(op_argument_names(op), inputs))
+
+
+def grads_by_name(op, **grads):
+    """The tuple a registered op's backward returns: the named gradients, None elsewhere."""
+    return tuple(grads.get(name) for name in op_argument_names(op))
+
+
+def op_argument_names(op):
+    return [a.name for a in op._opoverload._schema.arguments]
+
+
+@triton.jit
+def cast_for_store(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x (fp32) rounded to ``dtype`` to nearest-even. The GPU does that in ``.to``; the
+    interpreter truncates fp32 -> bf16, so there (EMULATE_RNE) the rounding is done on the bits."""
+    if EMULATE_RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+def emulate_rne(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def segments(cu_seqlens, mask, device):
+    """(cu (B+1,) int64, flat bool mask or None) for either layout, without a host sync."""
+    if cu_seqlens is not None:
+        return cu_seqlens.to(device=device, dtype=torch.int64), None
+    B, T = mask.shape
+    cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    return cu, mask.reshape(-1).to(torch.bool)
+
+
+@triton.jit
+def segment_bounds(cu_ptr, i, N):
+    """[start, end) of segment i, clamped to [0, N]: with the value checks off, a bad
+    cu_seqlens gives wrong numbers, never an out-of-bounds access."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + i), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + i + 1), start), N)
+    return start, end

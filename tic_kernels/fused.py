@@ -16,37 +16,39 @@ from . import reference
 from . import validation as check
 from .backend import use_triton
 from .logprobs import logits_grad, token_logprobs_fwd
-from .loss import loss_on_segments, stats_keys
-
-IGNORE = -100
+from .loss import loss_on_segments, scaled_coefficients, stats_dict
+from .options import IGNORE_INDEX
+from .output import LossOutput
 
 
 class _TICLoss(torch.autograd.Function):
+    """Logits to (loss, stats (8,)) in one node; the gradient reaches the logits only."""
+
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 temperature, entropy_coef, inplace_backward, options):
         if mask is not None:  # masked rows become ignored rows: the kernel never reads them
-            targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE))
+            targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
         with_entropy = entropy_coef != 0.0
-        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE, with_entropy)
+        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX, with_entropy)
         loss, stats, coef, coef_ent, norm = loss_on_segments(
             logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             entropy if with_entropy else None, entropy_coef=entropy_coef, **options)
         ctx.save_for_backward(logits, targets, lse, entropy, coef, coef_ent, norm)
         ctx.temperature, ctx.entropy_coef = temperature, entropy_coef
         ctx.inplace_backward, ctx.with_entropy = inplace_backward, with_entropy
-        ctx.mark_non_differentiable(*stats.values())
-        return (loss, *stats.values())
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
-    @check.first_order_only
-    def backward(ctx, g_loss, *_stats):
+    @reference.first_order_only
+    def backward(ctx, g_loss, _g_stats):
         logits, targets, lse, entropy, coef, coef_ent, norm = ctx.saved_tensors
-        scale = g_loss * norm
-        g_entropy = coef_ent * (ctx.entropy_coef * scale) if ctx.with_entropy else None
-        grad = logits_grad(logits, targets, lse, entropy, coef * scale, g_entropy,
-                           ctx.temperature, IGNORE, inplace=ctx.inplace_backward)
-        return (grad,) + (None,) * 10
+        g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent, ctx.entropy_coef,
+                                                ctx.with_entropy)
+        grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
+                           IGNORE_INDEX, inplace=ctx.inplace_backward)
+        return (grad,) + (None,) * 10  # forward's other inputs: data and options
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -113,9 +115,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     check.float_tensor("logits", logits)
     check.int_tensor("targets", targets)
     check.positive("temperature", temperature)
-    check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-                       ref_logprobs, beta, num_tokens, num_sequences, max_len, mask is not None,
-                       entropy_coef)
+    options = check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
+                                 aggregation, ref_logprobs, beta, num_tokens, num_sequences,
+                                 max_len, mask is not None, entropy_coef)
     check.layout(cu_seqlens, mask)
     if logits.dim() != (2 if mask is None else 3):
         want = "(B, T, V) with mask" if mask is not None else "(N, V) with cu_seqlens"
@@ -123,12 +125,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
     check.same_device("logits", logits, targets=targets)
     check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, logits, max_len)
+                      ref_logprobs, ("logits", logits), max_len)
     check.targets_in_range(targets, logits.shape[-1], mask=mask)
     check.boolean("inplace_backward", inplace_backward)
-    options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
-                   dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
-                   beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
                                   cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,
@@ -137,11 +136,10 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         warnings.warn(f"tic_loss: inplace_backward=True ignored, the gradient is allocated: the "
                       f"logits cannot be overwritten because {why}", stacklevel=2)
         inplace_backward = False
-    loss, *stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
-                                  ref_logprobs, float(temperature), float(entropy_coef),
-                                  bool(inplace_backward), options)
-    keys = stats_keys(entropy_coef != 0.0, ref_logprobs is not None)
-    return check.LossOutput(loss, dict(zip(keys, stats)))
+    loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
+                                 ref_logprobs, float(temperature), float(entropy_coef),
+                                 inplace_backward, options)
+    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))
 
 
 class TICLoss(torch.nn.Module):

@@ -19,7 +19,9 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import interpreting, launch, triton_op, use_triton
+from .backend import (cast_for_store, emulate_rne, grads_by_name, inputs_by_name, interpreting,
+                      launch, triton_op, use_triton)
+from .options import IGNORE_INDEX
 
 
 @triton.jit
@@ -28,22 +30,6 @@ def _row_offset(row, T, stride_b, stride_t):
     row = row.to(tl.int64)
     b = row // T
     return b * stride_b + (row - b * T) * stride_t
-
-
-@triton.jit
-def cast_for_store(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """x (fp32) rounded to ``dtype`` to nearest-even. The GPU does that in ``.to``; the
-    interpreter truncates fp32 -> bf16, so there (EMULATE_RNE) the rounding is done on the bits."""
-    if EMULATE_RNE:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
-
-
-def emulate_rne(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
 
 
 @triton.jit
@@ -71,8 +57,10 @@ def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
     scale = tl.exp(m - shift)
     e = tl.exp(z - shift)
     if WITH_ENTROPY:
-        # sum_old e (z - m_new) = scale (sz - s (m_new - m)); nothing moves while m = -inf
-        moved = scale * (shift - tl.where(m == -float("inf"), shift, m))
+        # sum_old e (z - m_new) = scale (sz - s (m_new - m)); nothing moves while m = -inf,
+        # nor when the old terms vanish (scale = 0: m_new - m may overflow, ~ -3e38 to 3e38)
+        moved = tl.where(scale > 0.0, scale * (shift - tl.where(m == -float("inf"), shift, m)),
+                         0.0)
         # e = 0 at z = -inf, where e (z - shift) would be 0 * -inf: the term is exactly 0
         sz = sz * scale - s * moved + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
     return m_new, s * scale + tl.sum(e, 0), sz
@@ -255,13 +243,14 @@ def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, i
 
 
 def _setup_context(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, with_entropy = inputs
+    args = inputs_by_name(token_logprobs_fwd, inputs)
     _, lse, entropy = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
-    ctx.temperature, ctx.ignore_index, ctx.with_entropy = temperature, ignore_index, with_entropy
+    ctx.save_for_backward(args["logits"], args["targets"], lse, entropy)
+    ctx.temperature, ctx.ignore_index = args["temperature"], args["ignore_index"]
+    ctx.with_entropy = args["with_entropy"]
 
 
-@check.first_order_only
+@reference.first_order_only
 def _backward(ctx, g_logp, g_lse, g_entropy):
     logits, targets, lse, entropy = ctx.saved_tensors
     g_entropy = g_entropy if ctx.with_entropy else None
@@ -269,13 +258,14 @@ def _backward(ctx, g_logp, g_lse, g_entropy):
         g_logp = lse.new_zeros(lse.shape[0] // 2)
     grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
                        ctx.ignore_index)
-    return grad, None, None, None, None
+    return grads_by_name(token_logprobs_fwd, logits=grad)
 
 
 token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDEX,
+                   return_entropy=False):
     """Log-probability of each target under softmax(logits / temperature).
 
     Args:

@@ -5,7 +5,7 @@ exp(Delta_i) ("trajectory", TIC-GRPO), exp(Delta_i / L_i) ("sequence_mean", GSPO
 ("token", GRPO/DAPO) or absent ("none": J = A_i logp_t). The log-ratio is capped to
 [-max_log_ratio, max_log_ratio] before exp (gradient 0 beyond), then clipped:
 J = min(x A, clip(x) A) [max(J, c A) for A < 0 with dual_clip=c], minus beta * k3-KL, and the
-loss is -aggregate(J). See SPEC op 4 for the gradient of every mode.
+loss is -aggregate(J). See docs/spec.md, op 4, for the gradient of every mode.
 
 Kernel: one program per sequence makes two passes over its tokens (O(N) floats in all, next to
 the (N, V) logits). Pass 1 sums Delta_i, L_i and the statistics' sums; pass 2 evaluates the
@@ -25,13 +25,14 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import launch, triton_op, use_triton
-from .segments import segment_bounds, segments
+from .backend import (BLOCK_TOKENS, grads_by_name, inputs_by_name, launch, segment_bounds,
+                      segments, triton_op, use_triton)
+from .options import default_aggregation
+from .output import LossOutput
 
-BLOCK_TOKENS = 1024
 BLOCK_SEQS = 1024
 
-# The kernels' switches: ratio modes and aggregations by name (validation.RATIOS and
+# The kernels' switches: ratio modes and aggregations by name (options.RATIOS and
 # AGGREGATIONS hold the strings users pass).
 TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (tl.constexpr(i) for i in range(4))
 RATIO_CODE = {"trajectory": 0, "sequence_mean": 1, "token": 2, "none": 3}
@@ -54,14 +55,22 @@ STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_
 
 
 @triton.jit
+def _clamp(x, lo, hi):
+    """min(max(x, lo), hi) that keeps NaN: plain tl.minimum / tl.maximum compile to PTX min /
+    max, which drop a NaN operand, and the NaN rule would be lost on the GPU."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED: tl.constexpr,
                        DUAL: tl.constexpr):
     """(J, dJ/dx, clipped) for ratio x and advantage A: scalars or blocks alike."""
     hi = 1.0 + eps_high
     if TWO_SIDED:
-        xc = tl.minimum(tl.maximum(x, 1.0 - eps_low), hi)
+        xc = _clamp(x, 1.0 - eps_low, hi)
     else:
-        xc = tl.minimum(x, hi)
+        xc = tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
     unclipped = x * A
     constant = xc * A
     take = unclipped <= constant  # ties (x inside the band) pass the gradient A
@@ -83,7 +92,7 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED: tl.constex
 def _capped_exp(log_ratio, cap):
     """(exp(clamp(log_ratio)), 1.0 where the cap is not hit else 0.0)."""
     inside = tl.abs(log_ratio) <= cap
-    return tl.exp(tl.minimum(tl.maximum(log_ratio, -cap), cap)), inside.to(tl.float32)
+    return tl.exp(_clamp(log_ratio, -cap, cap)), inside.to(tl.float32)
 
 
 @triton.jit
@@ -115,7 +124,7 @@ def _ratio_loss_fwd_kernel(
         logp_sum += lp
         if HAS_REF:
             u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
-            uc = tl.minimum(tl.maximum(u, -cap), cap)
+            uc = _clamp(u, -cap, cap)
             kl_sum += tl.where(keep, tl.exp(uc) - uc - 1.0, 0.0)
         if HAS_ENT:
             ent_sum += tl.load(ent_ptr + idx, mask=keep, other=0.0).to(tl.float32)
@@ -177,7 +186,7 @@ def _ratio_loss_fwd_kernel(
             c = zero - v * A
         if KL_IN_LOSS:
             u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
-            uc = tl.minimum(tl.maximum(u, -cap), cap)
+            uc = _clamp(u, -cap, cap)
             kl = tl.exp(uc) - uc - 1.0
             J_tok -= beta * kl
             obj_acc -= tl.where(keep, v * beta * kl, 0.0)
@@ -314,19 +323,26 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     return loss, stats, coef, coef_ent, norm
 
 
+def scaled_coefficients(g_loss, norm, coef, coef_ent, entropy_coef, with_entropy):
+    """(dL/dlogp, dL/dentropy or None) from the loss kernel's per-token coefficients: the
+    backward of the loss, shared by ratio_loss and the fused logits-to-loss node."""
+    scale = g_loss * norm
+    return coef * scale, (coef_ent * (entropy_coef * scale) if with_entropy else None)
+
+
 def _setup_context(ctx, inputs, output):
-    entropy, entropy_coef = inputs[6], inputs[15]  # positions in ratio_loss's signature
+    args = inputs_by_name(ratio_loss, inputs)
     _, _, coef, coef_ent, norm = output
     ctx.save_for_backward(coef, coef_ent, norm)
-    ctx.entropy_coef, ctx.has_entropy = entropy_coef, entropy is not None
+    ctx.entropy_coef, ctx.with_entropy = args["entropy_coef"], args["entropy"] is not None
 
 
-@check.first_order_only
+@reference.first_order_only
 def _backward(ctx, g_loss, *_unused):
     coef, coef_ent, norm = ctx.saved_tensors
-    scale = g_loss * norm
-    g_ent = coef_ent * (ctx.entropy_coef * scale) if ctx.has_entropy else None
-    return (coef * scale, None, None, None, None, None, g_ent) + (None,) * 12
+    g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent, ctx.entropy_coef,
+                                            ctx.with_entropy)
+    return grads_by_name(ratio_loss, logp=g_logp, entropy=g_entropy)
 
 
 ratio_loss.register_autograd(_backward, setup_context=_setup_context)
@@ -345,8 +361,9 @@ def stats_dict(stats, has_entropy, has_ref):
 def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, *,
                      ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
                      beta, entropy_coef, num_tokens, num_sequences, max_len):
-    """Runs the ratio_loss op on either layout; returns (loss, stats dict, coef, coef_ent, norm)."""
-    aggregation = aggregation or check.default_aggregation(ratio)
+    """Runs the ratio_loss op on either layout; returns (loss, stats (8,), coef, coef_ent, norm)
+    (stats_dict names the statistics)."""
+    aggregation = aggregation or default_aggregation(ratio)
     if mask is not None and max_len is None:
         max_len = mask.shape[1]
     cu, flat_mask = segments(cu_seqlens, mask, logp.device)
@@ -360,7 +377,7 @@ def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entr
         float(beta), float(entropy_coef), None if num_tokens is None else float(num_tokens),
         None if num_sequences is None else float(num_sequences),
         None if max_len is None else float(max_len))
-    return loss, stats_dict(stats, entropy is not None, ref_logprobs is not None), coef, coef_ent, norm
+    return loss, stats, coef, coef_ent, norm
 
 
 def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
@@ -390,17 +407,15 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         ``stats`` a dict of float32 scalars (see LossOutput), computed without a host sync.
     """
     check.float_tensor("logprobs", logprobs)
-    check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-                       ref_logprobs, beta, num_tokens, num_sequences, max_len, mask is not None)
+    options = check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
+                                 aggregation, ref_logprobs, beta, num_tokens, num_sequences,
+                                 max_len, mask is not None)
     check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, logprobs, max_len)
-    options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
-                   dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
-                   beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
+                      ref_logprobs, ("logprobs", logprobs), max_len)
     if not use_triton(logprobs):
         return reference.tic_loss_from_logprobs(logprobs, old_logprobs, advantages,
                                                 cu_seqlens=cu_seqlens, mask=mask,
                                                 ref_logprobs=ref_logprobs, **options)
     loss, stats, *_ = loss_on_segments(logprobs, old_logprobs, advantages, cu_seqlens, mask,
                                        ref_logprobs, None, entropy_coef=0.0, **options)
-    return check.LossOutput(loss, stats)
+    return LossOutput(loss, stats_dict(stats, False, ref_logprobs is not None))

@@ -15,12 +15,11 @@ not built for) the same results come from the pure-PyTorch reference.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import reference
 from . import validation as check
+from .reference import PackedBatch
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.tic_kernels.pack / unpack)
@@ -28,26 +27,6 @@ try:
     HAS_EXT = True
 except ImportError:
     HAS_EXT = False
-
-
-@dataclass
-class PackedBatch:
-    """Packed tokens of a padded (B, T) batch; N_all kept tokens, N loss rows.
-
-    input_ids (N_all,) kept ids, row-major; cu_seqlens (B+1,) int32; position_ids (N_all,)
-    int64 restarting at 0 per sequence; max_seqlen int; indices (N_all,) int64 flat positions
-    b * T + t of the kept tokens (for unpack); loss_rows (N,) int64 packed positions whose next
-    kept token is a completion token; loss_targets (N,) those next tokens; loss_cu_seqlens
-    (B+1,) int32 the loss rows per sequence.
-    """
-    input_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    position_ids: torch.Tensor
-    max_seqlen: int
-    indices: torch.Tensor
-    loss_rows: torch.Tensor
-    loss_targets: torch.Tensor
-    loss_cu_seqlens: torch.Tensor
 
 
 def _has_kernel(op: str, device: torch.device) -> bool:
@@ -86,13 +65,10 @@ def pack(input_ids, attention_mask, completion_mask=None) -> PackedBatch:
     if check.checking_values(attention_mask, completion_mask) and bool(
             (completion_mask.bool() & ~attention_mask.bool()).any()):
         raise ValueError("completion_mask marks tokens outside attention_mask")
-    if _has_kernel("pack", input_ids.device):
-        fields = torch.ops.tic_kernels.pack(input_ids, attention_mask, completion_mask)
-    else:
-        fields = reference.varlen_pack(input_ids, attention_mask, completion_mask)
-    # max_seqlen: a host int, as flash-attn's varlen kernels take it
-    packed, cu, pos, indices, loss_rows, loss_targets, loss_cu, max_seqlen = fields
-    return PackedBatch(packed, cu, pos, int(max_seqlen), indices, loss_rows, loss_targets, loss_cu)
+    if not _has_kernel("pack", input_ids.device):
+        return reference.varlen_pack(input_ids, attention_mask, completion_mask)
+    *tensors, max_seqlen = torch.ops.tic_kernels.pack(input_ids, attention_mask, completion_mask)
+    return PackedBatch(*tensors, int(max_seqlen))  # a host int, as flash-attn's kernels take it
 
 
 def unpack(values, indices, B, T, pad=0.0):

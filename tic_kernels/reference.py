@@ -1,4 +1,4 @@
-"""The executable specification: every op of ../SPEC in plain PyTorch.
+"""The executable specification: every op of docs/spec.md in plain PyTorch.
 
 Tests, benchmarks and the CPU path all use these functions. They are written for clarity
 first, with two exceptions that matter at real sizes:
@@ -14,15 +14,31 @@ log-probabilities, ratios, losses or statistics are float32 (float64 for float64
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
-from .validation import LossOutput, default_aggregation, first_order_only
+from .options import IGNORE_INDEX, default_aggregation
+from .output import LossOutput
 
 # Elements of logits upcast at once: 64 MiB of fp32 per temporary. On 2 CPU cores, at
 # (2048, 32000) fp32, 2^26 peaked 2.5x higher for ~20% less time, 2^22 took 1.7x longer.
 CHUNK_ELEMENTS = 1 << 24
+
+
+def first_order_only(backward):
+    """Wraps a backward of the reference or of the kernels: under create_graph=True (grad mode
+    on inside backward) it raises instead of returning a gradient with no graph, which would be
+    silently wrong."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("tic_kernels ops are differentiable once: double backward "
+                               "(create_graph=True) is not supported")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -118,8 +134,8 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """logp[..., t] = log softmax(logits / temperature)[targets]; see SPEC op 1.
+def token_logprobs(logits, targets, temperature=1.0, ignore_index=IGNORE_INDEX, return_entropy=False):
+    """logp[..., t] = log softmax(logits / temperature)[targets]; see docs/spec.md, op 1.
 
     logits (..., V) float; targets (...) int. Returns logp (...) (and entropy (...)); rows whose
     target equals ignore_index get 0 for both and a zero gradient.
@@ -172,7 +188,7 @@ def sequence_logprobs(values, cu_seqlens=None, mask=None, reduce="sum"):
 # --------------------------------------------------------------------------------------------
 def group_advantages(rewards, group_size=None, group_ids=None, scale="group", std="sample",
                      eps=1e-6, lengths=None, length_normalize=False):
-    """A_i = (r_i - mean_g) / (std + eps), see SPEC op 3. No gradient.
+    """A_i = (r_i - mean_g) / (std + eps), see docs/spec.md, op 3. No gradient.
 
     The O(B) statistics are computed in float64 whatever the input (rewards 1e7 apart by 1 are
     exact there), and the result is cast to the compute dtype.
@@ -236,7 +252,7 @@ def _mean(x, n):
 class _NaNGradientWhere(torch.autograd.Function):
     """Zero in value; its gradient w.r.t. ``x`` is NaN where ``bad`` and 0 elsewhere.
 
-    Adding it to the loss implements the NaN rule (README, Guarantees): a token whose objective is
+    Adding it to the loss implements the NaN rule (docs/spec.md): a token whose objective is
     NaN gets a NaN gradient, whichever branch of the clip or the cap the NaN went through
     (the constant branch and the cap would otherwise pass a zero gradient)."""
 
@@ -257,7 +273,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
                            max_len=None, entropy=None, entropy_coef=0.0):
-    """The SPEC op 4 loss on per-token log-probabilities; returns LossOutput(loss, stats).
+    """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic.
     """
@@ -342,15 +358,15 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
 
 def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=None,
              temperature=1.0, entropy_coef=0.0, inplace_backward=False, **loss_options):
-    """tic_loss_from_logprobs applied to token_logprobs(logits, targets); see SPEC op 4.
+    """tic_loss_from_logprobs applied to token_logprobs(logits, targets); see docs/spec.md, op 4.
 
     ``inplace_backward`` is accepted for signature parity and ignored: the reference allocates.
     """
     if mask is not None:  # masked rows are marked ignored, so they are never read
-        targets = torch.where(mask.bool(), targets, torch.full_like(targets, -100))
+        targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
     want_entropy = entropy_coef != 0.0
-    logp, entropy = token_logprobs(logits, targets, temperature, -100, return_entropy=True) \
-        if want_entropy else (token_logprobs(logits, targets, temperature, -100), None)
+    logp, entropy = token_logprobs(logits, targets, temperature, IGNORE_INDEX, return_entropy=True) \
+        if want_entropy else (token_logprobs(logits, targets, temperature, IGNORE_INDEX), None)
     return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
                                   mask=mask, entropy=entropy,
                                   entropy_coef=entropy_coef, **loss_options)
@@ -359,13 +375,34 @@ def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=No
 # --------------------------------------------------------------------------------------------
 # Op 5: variable-length packing (the C++/CUDA extension computes the same)
 # --------------------------------------------------------------------------------------------
-def varlen_pack(input_ids, attention_mask, completion_mask):
-    """Padded (B, T) batch -> packed tokens; see tic_kernels.packing.pack for the fields.
+@dataclass
+class PackedBatch:
+    """Packed tokens of a padded (B, T) batch; N_all kept tokens, N loss rows.
 
-    Returns (input_ids, cu_seqlens, position_ids, indices, loss_rows, loss_targets,
-    loss_cu_seqlens, max_seqlen). A loss row is a packed position whose next kept token in the
-    same sequence is a completion token; its target is that token.
+    input_ids (N_all,) kept ids, row-major; cu_seqlens (B+1,) int32; position_ids (N_all,)
+    int64 restarting at 0 per sequence; indices (N_all,) int64 flat positions b * T + t of the
+    kept tokens (for unpack); loss_rows (N,) int64 packed positions whose next kept token is a
+    completion token; loss_targets (N,) those next tokens; loss_cu_seqlens (B+1,) int32 the loss
+    rows per sequence; max_seqlen int, the longest sequence. The order is the extension op's.
     """
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    position_ids: torch.Tensor
+    indices: torch.Tensor
+    loss_rows: torch.Tensor
+    loss_targets: torch.Tensor
+    loss_cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def tensors(self):
+        """The seven tensors, in order (for comparing two packings)."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "max_seqlen")
+
+
+def varlen_pack(input_ids, attention_mask, completion_mask):
+    """Padded (B, T) batch -> PackedBatch (tic_kernels.packing.pack). A loss row is a packed
+    position whose next kept token in the same sequence is a completion token; its target is
+    that token."""
     B, T = attention_mask.shape
     keep = attention_mask.bool()
     lengths = keep.sum(1)
@@ -378,8 +415,9 @@ def varlen_pack(input_ids, attention_mask, completion_mask):
     loss_rows = src - 1
     seq = segment_ids(lengths)
     loss_lengths = torch.bincount(seq[src], minlength=B)
-    return (packed, cu_seqlens_from(lengths), position_ids, indices, loss_rows, packed[src],
-            cu_seqlens_from(loss_lengths), int(lengths.max()) if B and T else 0)
+    return PackedBatch(packed, cu_seqlens_from(lengths), position_ids, indices, loss_rows,
+                       packed[src], cu_seqlens_from(loss_lengths),
+                       int(lengths.max()) if B and T else 0)
 
 
 def cu_seqlens_from(lengths):

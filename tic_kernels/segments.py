@@ -20,29 +20,9 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import launch, triton_op, use_triton
-from .logprobs import cast_for_store, emulate_rne
-
-BLOCK_TOKENS = 1024
-
-
-def segments(cu_seqlens, mask, device):
-    """(cu (B+1,) int64, flat bool mask or None) for either layout, without a host sync."""
-    if cu_seqlens is not None:
-        return cu_seqlens.to(device=device, dtype=torch.int64), None
-    B, T = mask.shape
-    cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
-    return cu, mask.reshape(-1).to(torch.bool)
-
-
-@triton.jit
-def segment_bounds(cu_ptr, i, N):
-    """[start, end) of segment i, clamped to [0, N]: with the value checks off, a bad
-    cu_seqlens gives wrong numbers, never an out-of-bounds access."""
-    start = tl.minimum(tl.maximum(tl.load(cu_ptr + i), 0), N)
-    end = tl.minimum(tl.maximum(tl.load(cu_ptr + i + 1), start), N)
-    return start, end
-
+from .backend import (BLOCK_TOKENS, cast_for_store, emulate_rne, grads_by_name, inputs_by_name,
+                      launch, segment_bounds, segments, triton_op, use_triton)
+from .options import REDUCES
 
 @triton.jit
 def _segment_sum_fwd_kernel(
@@ -119,14 +99,15 @@ def segment_sum_bwd(grad_out: torch.Tensor, cu: torch.Tensor, mask: Optional[tor
 
 
 def _setup_context(ctx, inputs, output):
-    values, cu, mask, mean = inputs
-    ctx.save_for_backward(cu, mask, output[1], values)
-    ctx.mean = mean
+    args = inputs_by_name(segment_sum_fwd, inputs)
+    ctx.save_for_backward(args["cu"], args["mask"], output[1], args["values"])
+    ctx.mean = args["mean"]
 
 
 def _backward(ctx, grad_out, _grad_count):
     cu, mask, count, values = ctx.saved_tensors
-    return segment_sum_bwd(grad_out, cu, mask, count, ctx.mean, values), None, None, None
+    return grads_by_name(segment_sum_fwd,
+                         values=segment_sum_bwd(grad_out, cu, mask, count, ctx.mean, values))
 
 
 segment_sum_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,14 +116,15 @@ segment_sum_fwd.register_autograd(_backward, setup_context=_setup_context)
 # The backward is linear in grad_out (a broadcast), so its own gradient is the forward again:
 # sequence sums are differentiable to any order, on both paths.
 def _setup_bwd_context(ctx, inputs, output):
-    _, cu, mask, _, mean, _ = inputs
-    ctx.save_for_backward(cu, mask)
-    ctx.mean = mean
+    args = inputs_by_name(segment_sum_bwd, inputs)
+    ctx.save_for_backward(args["cu"], args["mask"])
+    ctx.mean = args["mean"]
 
 
 def _bwd_backward(ctx, grad_grad):
     cu, mask = ctx.saved_tensors
-    return (segment_sum_fwd(grad_grad, cu, mask, ctx.mean)[0],) + (None,) * 5
+    return grads_by_name(segment_sum_bwd,
+                         grad_out=segment_sum_fwd(grad_grad, cu, mask, ctx.mean)[0])
 
 
 segment_sum_bwd.register_autograd(_bwd_backward, setup_context=_setup_bwd_context)
@@ -160,7 +142,7 @@ def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
         (B,) float32 (float64 for float64 values), differentiable w.r.t. values. Reduce
         per-token differences (logp - logp_old), not two sums, to keep log-ratios exact.
     """
-    check.choice("reduce", reduce, check.REDUCES)
+    check.choice("reduce", reduce, REDUCES)
     check.float_tensor("values", values)
     check.layout(cu_seqlens, mask)
     if cu_seqlens is not None:

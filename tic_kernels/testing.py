@@ -26,10 +26,24 @@ GRAD_TOL = {
 }
 # The O(N) loss: a few fp32 reductions in a different order than the reference's.
 LOSS_TOL = (1e-5, 1e-4)
+# fp32 sums of thousands of terms (a 2.5k-token sequence) added in another order.
+LONG_SUM_TOL = (5e-4, 1e-4)
+# Advantages: fp32 group statistics (the kernel) against fp64 ones (the reference).
+ADVANTAGE_TOL = (1e-6, 1e-6)
+# A compiled graph against eager: the same kernels, other fusions of the O(N) glue.
+COMPILE_TOL = (1e-6, 1e-5)
+# The reference against the naive float64 loops: fp32 arithmetic of the reference.
+NAIVE_TOL = (1e-5, 1e-4)
 
 
-def tolerance(table, dtype):
-    atol, rtol = table[dtype]
+def entropy_tolerance(V):
+    """(atol, rtol) of an fp32 entropy, a sum of V terms p log p of size up to ~log V."""
+    return dict(atol=2e-5 * (1 + V ** 0.5 / 10), rtol=2e-5)
+
+
+def tolerance(table, dtype=None):
+    """assert_close keywords from a dtype -> (atol, rtol) table, or from one (atol, rtol)."""
+    atol, rtol = table if isinstance(table, tuple) else table[dtype]
     return dict(atol=atol, rtol=rtol)
 
 

@@ -1,4 +1,4 @@
-"""Accepted option values, defaults, the result type, and the checks the public API runs.
+"""The checks the public API runs (options.py holds the accepted values they check against).
 
 Every check raises a Python exception that names the argument and says what was wrong. Checks
 on tensor *values* (target range, cu_seqlens monotonicity, 0/1 masks) read a few bytes back to
@@ -9,38 +9,15 @@ yields NaN, never a wrong finite number). Shape, dtype and option checks always 
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-from typing import NamedTuple
 
 import torch
 
-RATIOS = ("trajectory", "sequence_mean", "token", "none")
-CLIP_MODES = ("two_sided", "upper")
-AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-REDUCES = ("sum", "mean")
-SCALES = ("group", "batch", "none")
-STDS = ("sample", "population")
+from .options import AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, default_aggregation
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
-
-
-class LossOutput(NamedTuple):
-    """``loss``: scalar float32 tensor with autograd. ``stats``: dict of detached float32 scalars:
-    clip_fraction, ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean, and
-    entropy_mean (when entropy is computed) and kl_mean (when ref_logprobs is given)."""
-    loss: torch.Tensor
-    stats: dict
-
-
-def default_aggregation(ratio: str) -> str:
-    return "token-mean" if ratio == "token" else "seq-mean-token-mean"
-
-
-# exp(MAX_LOG_RATIO_BOUND) = 5.5e34: a capped ratio times an advantage and an aggregation
-# weight stays finite in float32 (3.4e38) for |A| * weight up to ~6000.
-MAX_LOG_RATIO_BOUND = 80.0
 
 
 def checking_values(*tensors) -> bool:
@@ -48,18 +25,6 @@ def checking_values(*tensors) -> bool:
     if os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
         return False
     return all(t.device.type != "meta" for t in tensors if t is not None)
-
-
-def first_order_only(backward):
-    """Wraps an op's backward: under create_graph=True (grad mode on inside backward) it raises
-    instead of returning a gradient with no graph, which would be silently wrong."""
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            raise RuntimeError("tic_kernels ops are differentiable once: double backward "
-                               "(create_graph=True) is not supported")
-        return backward(ctx, *grads)
-    return wrapper
 
 
 def choice(name, value, accepted):
@@ -189,21 +154,23 @@ def layout(cu_seqlens, mask):
         raise ValueError("pass exactly one of cu_seqlens (packed layout) or mask (padded layout)")
 
 
-def per_token(name, t, expected_shape, ref):
+def per_token(name, t, expected_shape, device_of):
     float_tensor(name, t)
-    shape(name, t, expected_shape, " (one value per token, like targets)")
-    same_device("logits", ref, **{name: t})
+    shape(name, t, expected_shape, " (one value per token)")
+    same_device(*device_of, **{name: t})
 
 
-def advantages_ok(advantages, num_seqs, ref):
+def advantages_ok(advantages, num_seqs, device_of):
     float_tensor("advantages", advantages)
     shape("advantages", advantages, (num_seqs,), " (one advantage per sequence)")
-    same_device("logits", ref, advantages=advantages)
+    same_device(*device_of, advantages=advantages)
 
 
 def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
                  ref_logprobs, beta, num_tokens, num_sequences, max_len, padded,
                  entropy_coef=0.0):
+    """Checks the loss keywords; returns those both paths take, as a dict (entropy_coef and
+    ref_logprobs travel apart: the logits path owns the entropy, ref_logprobs is a tensor)."""
     choice("ratio", ratio, RATIOS)
     choice("clip_mode", clip_mode, CLIP_MODES)
     if aggregation is not None:
@@ -237,31 +204,35 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
     if agg == "seq-mean-token-sum-norm" and max_len is None and not padded:
         raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len with the packed "
                          "layout (with a mask it defaults to T)")
+    return dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
+                dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
+                beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
 
 
-def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs, ref,
-                max_len=None):
+def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,
+                device_of, max_len=None):
     """Check the layout and the per-token and per-sequence tensors of a loss; returns B.
 
     ``tokens`` is the per-token tensor that fixes the layout (targets or logprobs): (N,) with
-    cu_seqlens, (B, T) with mask.
+    cu_seqlens, (B, T) with mask. ``device_of`` is (name, tensor) of the input that fixes the
+    device (the logits, or the log-probabilities), as the error messages name it.
     """
     layout(cu_seqlens, mask)
     if cu_seqlens is not None:
         if tokens.dim() != 1:
             raise ValueError(f"{token_name} must be 1-D (N,) with cu_seqlens, got shape "
                              f"{tuple(tokens.shape)}")
-        cu_seqlens_ok(cu_seqlens, tokens.shape[0], device_of=("logits", ref))
+        cu_seqlens_ok(cu_seqlens, tokens.shape[0], device_of=device_of)
         num_seqs = cu_seqlens.shape[0] - 1
     else:
         if tokens.dim() != 2:
             raise ValueError(f"{token_name} must be 2-D (B, T) with mask, got shape "
                              f"{tuple(tokens.shape)}")
-        mask_ok(mask, tokens.shape, device_of=("logits", ref))
+        mask_ok(mask, tokens.shape, device_of=device_of)
         num_seqs = tokens.shape[0]
-    per_token("old_logprobs", old_logprobs, tokens.shape, ref)
+    per_token("old_logprobs", old_logprobs, tokens.shape, device_of)
     if ref_logprobs is not None:
-        per_token("ref_logprobs", ref_logprobs, tokens.shape, ref)
-    advantages_ok(advantages, num_seqs, ref)
+        per_token("ref_logprobs", ref_logprobs, tokens.shape, device_of)
+    advantages_ok(advantages, num_seqs, device_of)
     max_len_ok(max_len, cu_seqlens, mask)
     return num_seqs

@@ -1,0 +1,23 @@
+"""The options the public functions accept: their values, defaults and bounds, in one place
+(validation.py checks them, the reference and the kernels read them)."""
+from __future__ import annotations
+
+RATIOS = ("trajectory", "sequence_mean", "token", "none")
+CLIP_MODES = ("two_sided", "upper")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REDUCES = ("sum", "mean")
+SCALES = ("group", "batch", "none")
+STDS = ("sample", "population")
+
+# A target equal to it has logp 0 and no gradient (PyTorch's and TRL's convention); the losses
+# also use it internally to mark padded positions.
+IGNORE_INDEX = -100
+
+# exp(MAX_LOG_RATIO_BOUND) = 1.1e26: a capped ratio times an advantage of 1000 and a sequence of
+# a million tokens (the weight of seq-mean-token-sum) stays finite in float32 (3.4e38).
+MAX_LOG_RATIO_BOUND = 60.0
+
+
+def default_aggregation(ratio: str) -> str:
+    """token-mean for the token ratio (GRPO, DAPO), seq-mean-token-mean for the others."""
+    return "token-mean" if ratio == "token" else "seq-mean-token-mean"

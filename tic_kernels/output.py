@@ -1,0 +1,14 @@
+"""What the losses return."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class LossOutput(NamedTuple):
+    """``loss``: scalar float32 tensor with autograd. ``stats``: dict of detached float32 scalars:
+    clip_fraction, ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean, and
+    entropy_mean (when entropy is computed) and kl_mean (when ref_logprobs is given)."""
+    loss: torch.Tensor
+    stats: dict

@@ -1,0 +1,31 @@
+"""A thin TIC-GRPO trainer for Hugging Face causal LMs, built on tic_kernels.
+
+    python -m tic_kernels.train                       # default: tiny Llama learns to count
+    python -m tic_kernels.train --algo grpo --steps 200 --out runs/grpo
+    python -m tic_kernels.train --model ./my-hf-model --task my_pkg.tasks:make_task
+    python -m tic_kernels.train compare --seeds 3     # tic vs grpo vs gspo vs no_is
+    torchrun --nproc-per-node 2 -m tic_kernels.train  # data parallel (gloo on CPU, nccl on GPU)
+
+Each step: sample G completions for each of P prompts (temperature), score them, turn rewards
+into group advantages, take the old log-probabilities under no_grad with the same kernels, then
+mu optimisation steps of tic_loss on the loss tokens: packed with varlen attention on CUDA
+(flash-attn when it imports, torch.nn.attention.varlen otherwise), padded sdpa on the CPU; only
+the loss rows go through the LM head. Algorithms:
+  tic    trajectory ratio exp(sum of token log-ratios), clip 0.2 / 0.28 (TIC-GRPO)
+  grpo   token ratio, clip-higher 0.2 / 0.28, token-mean (GRPO / DAPO)
+  gspo   length-normalised sequence ratio, clip 3e-4 / 4e-4 (GSPO)
+  no_is  no importance sampling: the gradient of A * logp is taken once at the old policy and
+         reused for the mu steps (the paper's simplified variant)
+Logs one line per step and metrics.jsonl; checkpoints with save_pretrained (--resume).
+"""
+
+from .cli import check_args, main, parser
+from .compare import compare
+from .loop import ALGOS, StepLog, run, train_step
+from .model import LossRowsLM, build_model
+from .rollout import loss_view, sample, view_logits
+from .tasks import CountingTask, load_task
+
+__all__ = ["ALGOS", "CountingTask", "LossRowsLM", "StepLog", "build_model", "check_args",
+           "compare", "load_task", "loss_view", "main", "parser", "run", "sample", "train_step",
+           "view_logits"]
