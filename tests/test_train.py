@@ -9,9 +9,11 @@ import textwrap
 import pytest
 import torch
 
-import tic_kernels as tk
-from tic_kernels import train
-from tic_kernels.attention import attention, register_varlen_attention
+pytest.importorskip("transformers", reason="the trainer is the [train] extra")
+
+import tic_kernels as tk  # noqa: E402
+from tic_kernels import train  # noqa: E402
+from tic_kernels.attention import attention, register_varlen_attention  # noqa: E402
 
 FAST = ["--prompts", "8", "--group", "4", "--quiet", "--save-every", "0"]
 

@@ -4,8 +4,8 @@ from .advantages import group_advantages
 from .fused import TICLoss, tic_loss
 from .logprobs import token_logprobs
 from .loss import tic_loss_from_logprobs
-from .segments import sequence_logprobs
 from .output import LossOutput
+from .segments import sequence_logprobs
 
 __version__ = "0.1.0"
 

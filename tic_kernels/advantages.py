@@ -21,8 +21,8 @@ from .options import SCALES, STDS
 
 BLOCK_B = 1024
 # the kernel's scale switch by name (options.SCALES holds the strings users pass)
-BY_GROUP, BY_BATCH, UNSCALED = (tl.constexpr(i) for i in range(3))
-SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
+BY_GROUP, BY_BATCH = tl.constexpr(SCALES.index("group")), tl.constexpr(SCALES.index("batch"))
+SCALE_CODE = {s: i for i, s in enumerate(SCALES)}
 
 
 @triton.jit

@@ -74,7 +74,9 @@ def inputs_by_name(op, inputs):
 
 def grads_by_name(op, **grads):
     """The tuple a registered op's backward returns: the named gradients, None elsewhere."""
-    return tuple(grads.get(name) for name in op_argument_names(op))
+    names = op_argument_names(op)
+    assert set(grads) <= set(names), (sorted(grads), names)
+    return tuple(grads.get(name) for name in names)
 
 
 def op_argument_names(op):

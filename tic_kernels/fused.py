@@ -30,7 +30,8 @@ class _TICLoss(torch.autograd.Function):
         if mask is not None:  # masked rows become ignored rows: the kernel never reads them
             targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
         with_entropy = entropy_coef != 0.0
-        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX, with_entropy)
+        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX,
+                                                with_entropy)
         loss, stats, coef, coef_ent, norm = loss_on_segments(
             logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             entropy if with_entropy else None, entropy_coef=entropy_coef, **options)
@@ -93,7 +94,7 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
 
     Args:
-        logits: packed (N, V) with ``cu_seqlens`` (B+1,) int32, or padded (B, T, V) with
+        logits: packed (N, V) with ``cu_seqlens`` (B+1,) int32 or int64, or padded (B, T, V) with
             ``mask`` (B, T) bool or 0/1 marking the loss tokens; float16, bfloat16 or float32
             (float64 runs the reference). Masked rows are never read and get zero gradient.
         targets: (N,) or (B, T) int32/int64 token ids in [0, V) at every loss token.

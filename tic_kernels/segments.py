@@ -24,6 +24,7 @@ from .backend import (BLOCK_TOKENS, cast_for_store, emulate_rne, grads_by_name, 
                       launch, segment_bounds, segments, triton_op, use_triton)
 from .options import REDUCES
 
+
 @triton.jit
 def _segment_sum_fwd_kernel(
     values_ptr, cu_ptr, mask_ptr, out_ptr, count_ptr, N,

@@ -2,4 +2,5 @@ import sys
 
 from .cli import main
 
-main(sys.argv[1:])
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def check_args(p, args):
 
 
 def main(argv=None):
+    if importlib.util.find_spec("transformers") is None:
+        raise SystemExit("the trainer needs transformers: pip install 'tic_kernels[train]'")
     p = parser()
     args = p.parse_args(argv)
     check_args(p, args)
