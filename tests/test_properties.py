@@ -11,28 +11,14 @@ from hypothesis import strategies as st
 import naive
 import tic_kernels as tk
 from tic_kernels import reference as ref
-from tic_kernels.testing import (GRAD_TOL, LOSS_TOL, NAIVE_TOL, VALUE_TOL, cu_seqlens_from,
-                                 entropy_tolerance, loss_batch, mask_from, tolerance)
+from tic_kernels.testing import (GRAD_TOL, LOSS_TOL, NAIVE_TOL, VALUE_TOL, as_view,
+                                 cu_seqlens_from, entropy_tolerance, loss_batch, mask_from,
+                                 tolerance)
 
 from conftest import DEVICE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def as_view(x, kind):
-    """x's values in a tensor of another layout: "contiguous", "strided" (every other column
-    of a wider buffer), "transposed" (a buffer whose last two dimensions are swapped) or
-    "offset" (a slice that starts inside a larger buffer)."""
-    if kind == "strided":
-        wide = torch.stack([x, torch.full_like(x, float("nan"))], -1)
-        return wide.flatten(-2)[..., ::2]
-    if kind == "transposed" and x.dim() >= 2:
-        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
-    if kind == "offset":
-        buf = torch.cat([x.new_full((3,), float("nan")), x.reshape(-1)])
-        return buf[3:].view(x.shape)
-    return x
 
 
 @st.composite

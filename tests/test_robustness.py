@@ -10,8 +10,8 @@ import tic_kernels as tk
 from tic_kernels import logprobs as logprobs_mod
 from tic_kernels import reference as ref
 from tic_kernels.backend import use_triton
-from tic_kernels.testing import (ADVANTAGE_TOL, GRAD_TOL, LOSS_TOL, VALUE_TOL, cu_seqlens_from,
-                                 loss_batch, tolerance)
+from tic_kernels.testing import (ADVANTAGE_TOL, GRAD_TOL, LOSS_TOL, VALUE_TOL, as_view,
+                                 cu_seqlens_from, loss_batch, tolerance)
 
 from conftest import DEVICE
 
@@ -38,10 +38,7 @@ def on_both_paths(fn, monkeypatch):
 
 
 def strided(t):
-    """The same values as t in a view with no unit stride (every other element of a buffer
-    whose other elements are garbage a kernel must not read)."""
-    junk = torch.full_like(t, 7) if not t.is_floating_point() else torch.full_like(t, float("nan"))
-    return torch.stack([t, junk], dim=-1)[..., 0]
+    return as_view(t, "strided")
 
 
 def _loss_and_grad(logits, *args, **kw):

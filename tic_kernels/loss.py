@@ -27,19 +27,19 @@ from . import reference
 from . import validation as check
 from .backend import (BLOCK_TOKENS, grads_by_name, inputs_by_name, launch, segment_bounds,
                       segments, triton_op, use_triton)
-from .options import default_aggregation
+from .options import AGGREGATIONS, RATIOS, default_aggregation
 from .output import LossOutput
 
 BLOCK_SEQS = 1024
 
-# The kernels' switches: ratio modes and aggregations by name (options.RATIOS and
-# AGGREGATIONS hold the strings users pass).
-TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (tl.constexpr(i) for i in range(4))
-RATIO_CODE = {"trajectory": 0, "sequence_mean": 1, "token": 2, "none": 3}
-SEQ_MEAN_TOKEN_MEAN, TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM, SEQ_MEAN_TOKEN_SUM_NORM = (
-    tl.constexpr(i) for i in range(4))
-AGG_CODE = {"seq-mean-token-mean": 0, "token-mean": 1, "seq-mean-token-sum": 2,
-            "seq-mean-token-sum-norm": 3}
+# The kernels' switches by name: a mode's code is its position in options.RATIOS /
+# AGGREGATIONS (the strings users pass).
+RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
+TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
+    tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
+AGG_CODE = {a: i for i, a in enumerate(AGGREGATIONS)}
+TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM = (
+    tl.constexpr(AGG_CODE[a]) for a in ("token-mean", "seq-mean-token-sum-norm"))
 
 # Columns of the per-sequence partial sums that the loss kernel writes and the finalize kernel
 # reduces: the objective, the entropy bonus's objective, the length, then the statistics' sums.

@@ -47,6 +47,22 @@ def tolerance(table, dtype=None):
     return dict(atol=atol, rtol=rtol)
 
 
+def as_view(x, kind):
+    """x's values in a tensor of another layout: "contiguous", "strided" (every other element
+    of a buffer whose other elements are garbage a kernel must not read: NaN, or 7 for
+    integers), "transposed" (a buffer whose last two dimensions are swapped) or "offset" (a
+    slice that starts inside a larger buffer)."""
+    junk = float("nan") if x.is_floating_point() else 7
+    if kind == "strided":
+        return torch.stack([x, torch.full_like(x, junk)], -1)[..., 0]
+    if kind == "transposed" and x.dim() >= 2:
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if kind == "offset":
+        buf = torch.cat([x.new_full((3,), junk), x.reshape(-1)])
+        return buf[3:].view(x.shape)
+    return x
+
+
 def random_lengths(num_seqs, max_len, *, allow_empty=True, generator=None):
     """(B,) int64 lengths in [0 or 1, max_len]."""
     low = 0 if allow_empty else 1

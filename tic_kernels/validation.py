@@ -15,6 +15,7 @@ import os
 import torch
 
 from .options import AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, default_aggregation
+from .reference import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -140,10 +141,8 @@ def max_len_ok(max_len, cu_seqlens, mask):
     """max_len, when given, is at least the longest sequence (a value check)."""
     if max_len is None or not checking_values(cu_seqlens, mask):
         return
-    if cu_seqlens is not None:
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    else:
-        longest = int(mask.bool().sum(1).max()) if mask.numel() else 0
+    lengths = lengths_of(cu_seqlens, mask)
+    longest = int(lengths.max()) if lengths.numel() else 0
     if max_len < longest:
         raise ValueError(f"max_len={max_len!r} is smaller than the longest sequence ({longest} "
                          "tokens)")
