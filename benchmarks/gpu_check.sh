@@ -10,15 +10,19 @@
 #
 #   1. the C++/CUDA extension builds in the background (timeout; packing falls back without it)
 #   2. headline: tic_loss fwd+bwd bf16 16384 x 151936, token and trajectory, against Liger
+#   2b. the fused LM head (linear_tic_loss) at 16384 x 4096 x 151936 bf16 against the unfused
+#      path and Liger's fused linear GRPO loss: time, TFLOP/s, memory beyond the gradients
 #   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at the headline shape
 #   4. the CUDA tests, in parallel when pytest-xdist is there
 #   5. a CUDA-graph capture of the loss with the value checks off
 #   6. two trainer steps on CUDA, in fp32 (per-sequence sdpa) and with --amp bf16 (varlen flash)
 #   7. the quick benchmarks against the peers that import (packing, tic_loss, token_logprobs)
 #
-# OUT_DIR receives at most 7 files (the device tool returns 8): summary.txt, headline.json,
-# sweep.json, the three quick-benchmark JSON files and logs.tar.gz. summary.txt reads
-#   gpu: <name> / headline: exit N in S (<targets>) / sweep: exit N / build: exit N /
+# OUT_DIR receives at most 8 files (all the device tool returns): summary.txt, headline.json,
+# linear.json, sweep.json, the three quick-benchmark JSON files and logs.tar.gz. summary.txt
+# reads
+#   gpu: <name> / headline: exit N in S (<targets>) / linear: exit N in S (<targets>) /
+#   sweep: exit N / build: exit N /
 #   tests: exit N (<pytest tail>) / graph: exit N (<result>) / trainer: exit N (fp32),
 #   exit N (--amp bf16) / bench: exit N
 # Peer wheels (liger-kernel, flash-attn's Python parts) travel in a git-ignored .whl/ folder and
@@ -55,15 +59,16 @@ step() {
 
 if [ $dry = 1 ]; then
     export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
-    device=cpu shape=16x300 reps=(--reps 1) tests=(tests/test_errors.py)
+    device=cpu shape=16x300 lshape=16x32x300 reps=(--reps 1) tests=(tests/test_errors.py)
     train=(--steps 1 --prompts 2 --group 2)
     bench=(--device cpu --shapes 16x300 --dtypes float32 --packing 8x64)
     sweep=(--blocks 256 --warps 4 --reps 1)
     say "gpu: none (dry run on the CPU)"
 else
-    device=cuda shape=16384x151936 tests=(tests/test_token_logprobs.py tests/test_tic_loss.py
-        tests/test_sequence_logprobs.py tests/test_packing.py tests/test_peers.py
-        tests/test_errors.py tests/test_robustness.py tests/test_properties.py)
+    device=cuda shape=16384x151936 lshape=16384x4096x151936 tests=(tests/test_token_logprobs.py
+        tests/test_tic_loss.py tests/test_linear.py tests/test_sequence_logprobs.py
+        tests/test_packing.py tests/test_peers.py tests/test_errors.py tests/test_robustness.py
+        tests/test_properties.py)
     # the headline measured 16384 x 151936; the peers' comparison at a quarter of it keeps
     # the reference provider's full-size runs out of the budget
     train=(--steps 2) bench=(--device cuda --quick --shapes 4096x151936) reps=() sweep=()
@@ -90,6 +95,11 @@ build_pid=$!
 step headline 150 python3 benchmarks/headline.py --device $device --shape $shape --out "$out" \
     ${reps[@]+"${reps[@]}"}
 say "headline: exit $? in $took ($(grep -h '^targets:' "$logs/headline.log" | tail -n 1))"
+step linear 150 python3 benchmarks/bench_linear.py --device $device --shape $lshape \
+    --name linear --out "$out" --providers \
+    tic_kernels_linear,tic_kernels_linear_accw,unfused_tic_kernels,liger_fused_linear_grpo \
+    ${reps[@]+"${reps[@]}"}
+say "linear: exit $? in $took ($(grep -h '^targets:' "$logs/linear.log" | tail -n 1))"
 step sweep 100 python3 benchmarks/sweep.py --device $device --shape $shape --out "$out" \
     --budget-s 70 ${sweep[@]+"${sweep[@]}"}
 say "sweep: exit $? in $took"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-NOT_ROWS = ("copy", "targets")  # the measured copy bandwidth, headline.py's verdict
+NOT_ROWS = ("copy", "targets")  # the measured copy bandwidth, the targets' verdicts
 
 
 def load(results):
@@ -65,7 +65,8 @@ def table(recs):
             lines.append("\ntargets: " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in goals[f].items() if k.startswith(("meets", "copy_", "speedup",
-                                                               "trajectory_"))))
+                                                               "trajectory_", "time_", "extra",
+                                                               "unfused_"))))
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("gpu", "headline", "sweep", "build", "tests", "graph", "trainer", "bench")
+STEPS = ("gpu", "headline", "linear", "sweep", "build", "tests", "graph", "trainer", "bench")
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -22,5 +22,6 @@ def test_gpu_check_dry_run(tmp_path):
         assert codes and set(codes) == {"0"}, line
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 8, files  # the device tool returns at most 8 files
-    assert {"summary.txt", "headline.json", "sweep.json", "logs.tar.gz"} <= set(files), files
-    assert "targets:" in lines[1]
+    assert {"summary.txt", "headline.json", "linear.json", "sweep.json",
+            "logs.tar.gz"} <= set(files), files
+    assert "targets:" in lines[1] and "targets:" in lines[2]

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("transformers", reason="the trainer is the [train] extra")
 
 import tic_kernels as tk  # noqa: E402
-from tic_kernels import train  # noqa: E402
+from tic_kernels import linear, train  # noqa: E402
 from tic_kernels.attention import attention, register_varlen_attention  # noqa: E402
 
 FAST = ["--prompts", "8", "--group", "4", "--quiet", "--save-every", "0"]
@@ -64,9 +64,14 @@ def test_packed_and_padded_give_the_same_loss():
     for layout in ("packed", "padded"):
         lm.zero_grad()
         inputs, targets, kw = train.loss_view(ids, attn, comp, layout)
-        logits = train.view_logits(policy(**inputs), kw)
+        hidden = train.view_rows(policy(**inputs), kw)
+        weight, bias = policy.head()
+        logits = torch.nn.functional.linear(hidden, weight, bias)
         old = tk.token_logprobs(logits.detach(), targets) + 0.05
         out = tk.tic_loss(logits, targets, old, adv, **kw)
+        fused = tk.linear_tic_loss(hidden.detach(), weight.detach(), targets, old, adv,
+                                   bias=bias, chunk_size=7, **kw)
+        torch.testing.assert_close(fused.loss, out.loss, atol=1e-6, rtol=1e-5)
         out.loss.backward()
         losses.append(out.loss)
         grads.append(torch.cat([p.grad.flatten() for p in lm.parameters()]))
@@ -95,16 +100,17 @@ def test_varlen_attention_matches_packed_sdpa():
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_amp_bf16_steps(layout, tmp_path, monkeypatch):
-    """--amp bf16: the forward runs in bf16 and the loss takes bf16 logits (on CUDA the packed
-    layout then uses the varlen flash kernels); two steps train with finite losses."""
-    dtypes, tic_loss = [], tk.tic_loss
+    """--amp bf16: the forward and the fused LM head run in bf16 (on CUDA the packed layout
+    then uses the varlen flash kernels); two steps train with finite losses."""
+    dtypes, autocast = [], linear._autocast
 
-    def recording(logits, *args, **kw):
-        dtypes.append(logits.dtype)
-        return tic_loss(logits, *args, **kw)
-    monkeypatch.setattr(tk, "tic_loss", recording)
+    def recording(*args):
+        out = autocast(*args)
+        dtypes.append(tuple(t.dtype for t in out[:2]))
+        return out
+    monkeypatch.setattr(linear, "_autocast", recording)
     log, lm = train.run(_args(tmp_path, "--amp", "bf16", "--steps", "2", "--layout", layout))
-    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 4  # 2 steps x mu = 2
+    assert set(dtypes) == {(torch.bfloat16, torch.bfloat16)} and len(dtypes) == 6  # 2 steps x (old + mu = 2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert all(p.dtype == torch.float32 for p in lm.parameters())
 

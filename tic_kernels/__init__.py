@@ -2,6 +2,7 @@
 and GSPO. Importing never needs a GPU or the compiled extension; see docs/spec.md for the math."""
 from .advantages import group_advantages
 from .fused import TICLoss, tic_loss
+from .linear import linear_tic_loss, linear_token_logprobs
 from .logprobs import token_logprobs
 from .loss import tic_loss_from_logprobs
 from .output import LossOutput
@@ -13,6 +14,8 @@ __all__ = [
     "LossOutput",
     "TICLoss",
     "group_advantages",
+    "linear_tic_loss",
+    "linear_token_logprobs",
     "sequence_logprobs",
     "tic_loss",
     "tic_loss_from_logprobs",

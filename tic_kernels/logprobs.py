@@ -185,6 +185,20 @@ def _rows_layout(logits):
     return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
 
 
+def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, with_entropy):
+    """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
+    (R,), lse (2R,), entropy (R,) or empty); targets (R,) contiguous."""
+    R = targets.numel()
+    if not R:
+        return
+    T, sb, st, sv = _rows_layout(logits)
+    block, warps = _launch_config("fwd", logits.shape[-1])
+    launch(_token_logprobs_fwd_kernel, (R,),
+        logits, targets, logp, lse, entropy, sb, st, sv, T, logits.shape[-1], 1.0 / temperature,
+        ignore_index, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
+        num_warps=warps)
+
+
 @triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool
@@ -192,41 +206,43 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
     """(logp (R,), lse (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
     unless with_entropy. lse holds each row's logsumexp for the backward in two parts: with
     z = logits / temperature, lse[2r] = max z and lse[2r + 1] = log sum exp(z - max z)."""
-    V = logits.shape[-1]
     R = targets.numel()
-    flat_targets = targets.reshape(-1).contiguous()  # the kernel reads targets[row]
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
     lse = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
-    T, sb, st, sv = _rows_layout(logits)
-    block, warps = _launch_config("fwd", V)
-    if R:
-        launch(_token_logprobs_fwd_kernel, (R,),
-            logits, flat_targets, logp, lse, entropy, sb, st, sv, T, V, 1.0 / temperature,
-            ignore_index, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
-            num_warps=warps)
+    # the kernel reads targets[row]
+    launch_fwd(logits, targets.reshape(-1).contiguous(), logp, lse, entropy, temperature,
+               ignore_index, with_entropy)
     return logp, lse, entropy
+
+
+def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperature,
+               ignore_index):
+    """Runs the backward kernel: dL/dlogits into ``grad`` (which may be ``logits`` itself:
+    each block is read before the same program overwrites it). Per-row inputs contiguous;
+    g_entropy empty: no entropy term."""
+    R = targets.numel()
+    if not R:
+        return
+    T, sb, st, sv = _rows_layout(logits)
+    _, gb, gt, gv = _rows_layout(grad)
+    block, warps = _launch_config("bwd", logits.shape[-1])
+    launch(_token_logprobs_bwd_kernel, (R,),
+        logits, grad, targets, lse, entropy, g_logp, g_entropy,
+        sb, st, sv, gb, gt, gv, T, logits.shape[-1], 1.0 / temperature, ignore_index,
+        WITH_ENTROPY=g_entropy.numel() > 0, EMULATE_RNE=emulate_rne(grad.dtype),
+        UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
 
 
 @triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
 def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
                        lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
                        g_entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
-    """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself: each block is read
-    before it is overwritten by the same program). g_entropy empty: no entropy term."""
-    V = logits.shape[-1]
-    R = targets.numel()
-    with_entropy = g_entropy.numel() > 0
-    T, sb, st, sv = _rows_layout(logits)
-    _, gb, gt, gv = _rows_layout(grad)
-    block, warps = _launch_config("bwd", V)
-    if R:
-        launch(_token_logprobs_bwd_kernel, (R,),
-            logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
-            entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(),
-            sb, st, sv, gb, gt, gv, T, V, 1.0 / temperature, ignore_index,
-            WITH_ENTROPY=with_entropy, EMULATE_RNE=emulate_rne(grad.dtype),
-            UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
+    """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself). g_entropy empty: no
+    entropy term."""
+    launch_bwd(logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
+               entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(), temperature,
+               ignore_index)
 
 
 def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,

@@ -284,6 +284,43 @@ def _ratio_loss_finalize_kernel(
     tl.store(stats_ptr + STAT_KL, kl / toks)
 
 
+def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, coef, coef_ent, part, *,
+                     ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+                     beta):
+    """The per-sequence pass over the B = cu.numel() - 1 sequences of ``cu`` (row offsets into
+    the flat per-token tensors, which are indexed globally): writes their tokens' coef and
+    coef_ent and their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of
+    the sequences at a time. Optional inputs may be None."""
+    B = cu.numel() - 1
+    if B:
+        launch(_ratio_loss_fwd_kernel, (B,),
+            logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
+            advantages, cu, logp if mask is None else mask, coef, coef_ent, part, logp.numel(),
+            eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,
+            RATIO=RATIO_CODE[ratio], TWO_SIDED=clip_mode == "two_sided",
+            DUAL=dual_clip is not None, PER_SEQ_MEAN=aggregation == "seq-mean-token-mean",
+            HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=beta > 0,
+            HAS_ENT=entropy is not None, BLOCK=BLOCK_TOKENS)
+
+
+def launch_finalize(part, loss, stats, norm, *, ratio, aggregation, entropy_coef, num_tokens,
+                    num_sequences, max_len):
+    """Reduces ``part`` (B, NPART) into loss (), stats (8,) and norm ()."""
+    launch(_ratio_loss_finalize_kernel, (1,),
+        part, loss, stats, norm, part.shape[0], 0.0 if num_tokens is None else num_tokens,
+        0.0 if num_sequences is None else num_sequences, 1.0 if max_len is None else max_len,
+        entropy_coef, RATIO=RATIO_CODE[ratio], AGG=AGG_CODE[aggregation],
+        GIVEN_TOKENS=num_tokens is not None, GIVEN_SEQUENCES=num_sequences is not None,
+        BLOCK=BLOCK_SEQS)
+
+
+def new_partials(B, device):
+    """Buffers of the loss's reduction: part (B, NPART), loss (), stats (8,), norm ()."""
+    def f32(*shape):
+        return torch.empty(*shape, dtype=torch.float32, device=device)
+    return f32(B, NPART.value), f32(()), f32(len(STAT_KEYS)), f32(())
+
+
 @triton_op("tic_kernels::ratio_loss", mutates_args=())
 def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, cu: torch.Tensor,
                mask: Optional[torch.Tensor], ref: Optional[torch.Tensor],
@@ -298,28 +335,18 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     dev = logp.device
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
-    part = torch.empty(B, NPART.value, dtype=torch.float32, device=dev)
-    loss = torch.empty((), dtype=torch.float32, device=dev)
-    stats = torch.empty(len(STAT_KEYS), dtype=torch.float32, device=dev)
-    norm = torch.empty((), dtype=torch.float32, device=dev)
+    part, loss, stats, norm = new_partials(B, dev)
 
     def flat(t):  # the kernel reads flat positions and per-sequence entries by index
-        return logp if t is None else t.reshape(-1).contiguous()
-    if B:
-        launch(_ratio_loss_fwd_kernel, (B,),
-            flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
-            cu.contiguous(), flat(mask), coef, coef_ent, part, R,
-            eps_low, eps_high, 0.0 if dual_clip is None else dual_clip, max_log_ratio, beta,
-            RATIO=RATIO_CODE[ratio], TWO_SIDED=clip_mode == "two_sided",
-            DUAL=dual_clip is not None, PER_SEQ_MEAN=aggregation == "seq-mean-token-mean",
-            HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=beta > 0,
-            HAS_ENT=entropy is not None, BLOCK=BLOCK_TOKENS)
-    launch(_ratio_loss_finalize_kernel, (1,),
-        part, loss, stats, norm, B, 0.0 if num_tokens is None else num_tokens,
-        0.0 if num_sequences is None else num_sequences, 1.0 if max_len is None else max_len,
-        entropy_coef, RATIO=RATIO_CODE[ratio], AGG=AGG_CODE[aggregation],
-        GIVEN_TOKENS=num_tokens is not None, GIVEN_SEQUENCES=num_sequences is not None,
-        BLOCK=BLOCK_SEQS)
+        return None if t is None else t.reshape(-1).contiguous()
+    launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
+                     cu.contiguous(), flat(mask), coef, coef_ent, part, ratio=ratio,
+                     clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
+                     dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
+                     beta=beta)
+    launch_finalize(part, loss, stats, norm, ratio=ratio, aggregation=aggregation,
+                    entropy_coef=entropy_coef, num_tokens=num_tokens,
+                    num_sequences=num_sequences, max_len=max_len)
     return loss, stats, coef, coef_ent, norm
 
 

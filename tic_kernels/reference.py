@@ -146,6 +146,85 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=IGNORE_INDEX, 
 
 
 # --------------------------------------------------------------------------------------------
+# Op 6: the fused LM head (log-probs from hidden states, one chunk of logits at a time)
+# --------------------------------------------------------------------------------------------
+def row_chunks(n: int, rows: int):
+    """[start, end) ranges of at most ``rows`` covering range(n)."""
+    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """logp (and entropy) of F.linear(hidden, weight, bias) chunk by chunk: the forward keeps
+    only per-row values; the backward recomputes each chunk's logits and differentiates them
+    with autograd, accumulating d weight and d bias across chunks (in fp32 unless told)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy,
+                chunk_rows, fp32_accumulation):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        keep = (targets.reshape(-1) != ignore_index).nonzero().squeeze(-1)  # rows never multiplied otherwise
+        dt = compute_dtype(weight)
+        logp = torch.zeros(h.shape[0], dtype=dt, device=h.device)
+        entropy = torch.zeros_like(logp)
+        for a, b in row_chunks(keep.numel(), chunk_rows):
+            rows = keep[a:b]
+            z = torch.nn.functional.linear(h[rows], weight, bias).to(dt)
+            logp[rows], entropy[rows] = _rows_logprobs(z, targets.reshape(-1)[rows], temperature,
+                                                       with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, keep)
+        ctx.options = temperature, with_entropy, chunk_rows, fp32_accumulation
+        return logp.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_logp, g_entropy):
+        hidden, weight, bias, targets, keep = ctx.saved_tensors
+        temperature, with_entropy, chunk_rows, fp32_accumulation = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h = hidden.reshape(-1, hidden.shape[-1])
+        dt = compute_dtype(weight)
+        g_logp, g_entropy = g_logp.reshape(-1).to(dt), g_entropy.reshape(-1).to(dt)
+        acc = dt if fp32_accumulation else weight.dtype
+        dh = torch.zeros_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        for a, b in row_chunks(keep.numel(), chunk_rows):
+            rows = keep[a:b]
+            with torch.enable_grad():
+                x = h[rows].detach().requires_grad_(need_h)
+                w = weight.detach().requires_grad_(need_w)
+                c = None if bias is None else bias.detach().requires_grad_(need_b)
+                z = torch.nn.functional.linear(x, w, c).to(dt)
+                lp, ent = _rows_logprobs(z, targets.reshape(-1)[rows], temperature, with_entropy)
+                outs, grads = ((lp, ent), (g_logp[rows], g_entropy[rows])) if with_entropy \
+                    else ((lp,), (g_logp[rows],))
+                wrt = [t for t, need in ((x, need_h), (w, need_w), (c, need_b)) if need]
+                got = list(torch.autograd.grad(outs, wrt, grads))
+            if need_h:
+                dh[rows] = got.pop(0)
+            if need_w:
+                dw += got.pop(0)
+            if need_b:
+                db += got.pop(0)
+        return (None if dh is None else dh.view(hidden.shape),
+                None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(bias.dtype)) + (None,) * 6
+
+
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
+                          ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
+                          fp32_accumulation=True):
+    """token_logprobs(F.linear(hidden, weight, bias), targets, ...) without the logits: at most
+    ``chunk_size`` rows of them at a time (default: CHUNK_ELEMENTS elements, as the other
+    chunked ops here); see docs/spec.md, op 6."""
+    rows = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])  # as token_logprobs chunks
+    logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, targets, float(temperature),
+                                          int(ignore_index), bool(return_entropy), rows,
+                                          bool(fp32_accumulation))
+    return (logp, entropy) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
 # Layouts: padded (B, T) + mask  <->  packed (N,) + cu_seqlens
 # --------------------------------------------------------------------------------------------
 def lengths_of(cu_seqlens=None, mask=None):
@@ -332,17 +411,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
             J_tok = J_tok - beta * kl
         stats["kl_mean"] = _mean(kl.detach(), n_tok)
 
-    B_eff = n_seq if num_sequences is None else torch.tensor(float(num_sequences), dtype=dt)
-    N_eff = n_tok if num_tokens is None else torch.tensor(float(num_tokens), dtype=dt)
-    B_eff, N_eff = B_eff.to(logp.device).clamp(min=1), N_eff.to(logp.device).clamp(min=1)
-    if aggregation == "seq-mean-token-mean":
-        w = 1.0 / (B_eff * L[seg])
-    elif aggregation == "token-mean":
-        w = 1.0 / N_eff.expand(logp.shape)
-    elif aggregation == "seq-mean-token-sum":
-        w = 1.0 / B_eff.expand(logp.shape)
-    else:  # seq-mean-token-sum-norm
-        w = 1.0 / (B_eff * float(max_len)).expand(logp.shape)
+    norm = aggregation_norm(aggregation, n_seq, n_tok, num_sequences, num_tokens, max_len)
+    w = norm / L[seg] if aggregation == "seq-mean-token-mean" else norm.expand(logp.shape)
     loss = -(w * J_tok).sum() + _NaNGradientWhere.apply(logp, torch.isnan(J_tok.detach()))
     if entropy is not None:
         H = entropy.to(dt)
@@ -356,20 +426,55 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     return LossOutput(loss.to(out_dt), {k: v.to(out_dt) for k, v in sorted(stats.items())})
 
 
+def aggregation_norm(aggregation, n_seq, n_tok, num_sequences=None, num_tokens=None,
+                     max_len=None):
+    """The loss's normaliser, from the counts of non-empty sequences and of tokens (tensors):
+    1/N_tok (token-mean), 1/(B' max_len) (seq-mean-token-sum-norm), else 1/B'; the given
+    global counts replace the batch's. A token's aggregation weight is norm, or norm / L_i
+    under seq-mean-token-mean."""
+    B = (n_seq if num_sequences is None else n_seq.new_tensor(float(num_sequences))).clamp(min=1)
+    if aggregation == "token-mean":
+        return 1.0 / (n_tok if num_tokens is None else n_tok.new_tensor(float(num_tokens))).clamp(min=1)
+    if aggregation == "seq-mean-token-sum-norm":
+        return 1.0 / (B * float(max_len))
+    return 1.0 / B
+
+
+def _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
+                    entropy_coef, loss_options):
+    """tic_loss_from_logprobs on logprobs_of(targets, with_entropy), masked rows ignored."""
+    if mask is not None:  # masked rows are marked ignored, so they are never read
+        targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
+    logp, entropy = logprobs_of(targets, entropy_coef != 0.0)
+    return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
+                                  mask=mask, entropy=entropy if entropy_coef != 0.0 else None,
+                                  entropy_coef=entropy_coef, **loss_options)
+
+
 def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=None,
              temperature=1.0, entropy_coef=0.0, inplace_backward=False, **loss_options):
     """tic_loss_from_logprobs applied to token_logprobs(logits, targets); see docs/spec.md, op 4.
 
     ``inplace_backward`` is accepted for signature parity and ignored: the reference allocates.
     """
-    if mask is not None:  # masked rows are marked ignored, so they are never read
-        targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
-    want_entropy = entropy_coef != 0.0
-    logp, entropy = token_logprobs(logits, targets, temperature, IGNORE_INDEX, return_entropy=True) \
-        if want_entropy else (token_logprobs(logits, targets, temperature, IGNORE_INDEX), None)
-    return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
-                                  mask=mask, entropy=entropy,
-                                  entropy_coef=entropy_coef, **loss_options)
+    def logprobs_of(t, with_entropy):
+        return token_logprobs(logits, t, temperature, IGNORE_INDEX, return_entropy=True) \
+            if with_entropy else (token_logprobs(logits, t, temperature, IGNORE_INDEX), None)
+    return _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
+                           entropy_coef, loss_options)
+
+
+def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, bias=None,
+                    cu_seqlens=None, mask=None, temperature=1.0, entropy_coef=0.0,
+                    chunk_size=None, fp32_accumulation=True, **loss_options):
+    """tic_loss(F.linear(hidden, weight, bias), ...) through linear_token_logprobs (op 6)."""
+    def logprobs_of(t, with_entropy):
+        out = linear_token_logprobs(hidden, weight, t, bias, temperature, IGNORE_INDEX,
+                                    return_entropy=with_entropy, chunk_size=chunk_size,
+                                    fp32_accumulation=fp32_accumulation)
+        return out if with_entropy else (out, None)
+    return _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
+                           entropy_coef, loss_options)
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,3 +130,69 @@ def loss_batch(lengths, vocab, *, dtype=torch.float32, padded=False, T=None, dev
     return LossBatch(logits.to(**to), targets.to(device=device, dtype=target_dtype),
                      old.to(**to), ref.to(**to), adv.to(**to),
                      {k: v.to(**to) for k, v in layout.items()})
+
+
+# The fused LM head against float64 logits computed from the same rounded inputs: the
+# gradients pass through the logits gradient rounded to the weight's dtype and a GEMM in that
+# dtype, so they are compared by their largest error relative to their largest entry.
+HEAD_GRAD_TOL = {
+    torch.float32: 2e-5,
+    torch.bfloat16: 2 ** -6,
+    torch.float16: 2 ** -9,
+}
+
+
+def assert_close_to_scale(actual, expected, rel, msg=""):
+    """max |actual - expected| <= rel * max |expected| (plus a tiny floor)."""
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale + 1e-12, f"{msg}: max error {err:.3g} > {rel:.3g} x {scale:.3g}"
+
+
+@dataclass
+class HeadBatch:
+    """Inputs of linear_tic_loss: hidden states and an LM head instead of logits."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    targets: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    layout_kw: dict = field(default_factory=dict)
+
+
+def head_batch(lengths, vocab, hidden_size=16, *, dtype=torch.float32, padded=False,
+               device="cpu", drift=0.3, seed=0):
+    """A generated batch for the fused LM head, old/ref log-probs near the current ones.
+    Padded rows hold NaN hidden states and garbage targets that must never be read."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    B = lengths.numel()
+    if padded:
+        T = max(int(lengths.max()) if B else 0, 1)
+        shape = (B, T)
+    else:
+        shape = (int(lengths.sum()),)
+    hidden = torch.randn(*shape, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) * (2.0 / hidden_size ** 0.5)
+    bias = torch.randn(vocab, generator=g) * 0.5
+    targets = torch.randint(0, vocab, shape, generator=g)
+    z = torch.nn.functional.linear(hidden, weight, bias)
+    logp = z.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+    old = logp + drift * torch.randn(shape, generator=g)
+    ref = logp + drift * torch.randn(shape, generator=g)
+    adv = torch.randn(B, generator=g)
+    if padded:
+        mask = mask_from(lengths, T)
+        hidden = torch.where(mask[..., None], hidden, torch.full_like(hidden, float("nan")))
+        targets = torch.where(mask, targets, torch.full_like(targets, -7))
+        old = torch.where(mask, old, torch.full_like(old, float("nan")))
+        layout = {"mask": mask}
+    else:
+        layout = {"cu_seqlens": cu_seqlens_from(lengths)}
+
+    def to(t, dt=None):
+        return t.to(device=device, dtype=dt or t.dtype)
+    return HeadBatch(to(hidden, dtype), to(weight, dtype), to(bias, dtype), to(targets),
+                     to(old), to(ref), to(adv), {k: to(v) for k, v in layout.items()})

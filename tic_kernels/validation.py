@@ -153,6 +153,33 @@ def layout(cu_seqlens, mask):
         raise ValueError("pass exactly one of cu_seqlens (packed layout) or mask (padded layout)")
 
 
+def lm_head(name, hidden, weight, bias, chunk_size, fp32_accumulation):
+    """The fused LM head's inputs: hidden (..., H), weight (V, H) and bias (V,) of one float
+    dtype on one device; chunk_size None or an int >= 1."""
+    float_tensor(name, hidden)
+    float_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must be (V, H) with V >= 1 (nn.Linear's layout), got shape "
+                         f"{tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name} must be (..., H) with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but {name} is {hidden.dtype}: cast one so "
+                        "that the LM head's GEMM has one dtype")
+    same_device(name, hidden, weight=weight, bias=bias)
+    if bias is not None:
+        float_tensor("bias", bias)
+        shape("bias", bias, weight.shape[:1], " (one per vocabulary entry)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}")
+    if chunk_size is not None:
+        integer("chunk_size", chunk_size)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (rows of logits per chunk), got {chunk_size}")
+    boolean("fp32_accumulation", fp32_accumulation)
+
+
 def per_token(name, t, expected_shape, device_of):
     float_tensor(name, t)
     shape(name, t, expected_shape, " (one value per token)")

@@ -8,9 +8,10 @@
 
 Each step: sample G completions for each of P prompts (temperature), score them, turn rewards
 into group advantages, take the old log-probabilities under no_grad with the same kernels, then
-mu optimisation steps of tic_loss on the loss tokens: packed with varlen attention on CUDA
-(flash-attn when it imports, torch.nn.attention.varlen otherwise), padded sdpa on the CPU; only
-the loss rows go through the LM head. Algorithms:
+mu optimisation steps of the loss on the loss tokens: packed with varlen attention on CUDA
+(flash-attn when it imports, torch.nn.attention.varlen otherwise), padded sdpa on the CPU. The
+loss rows' last hidden states go through the fused LM head (linear_token_logprobs for the old
+log-probabilities, linear_tic_loss for the loss): the logits are never held whole. Algorithms:
   tic    trajectory ratio exp(sum of token log-ratios), clip 0.2 / 0.28 (TIC-GRPO)
   grpo   token ratio, clip-higher 0.2 / 0.28, token-mean (GRPO / DAPO)
   gspo   length-normalised sequence ratio, clip 3e-4 / 4e-4 (GSPO)
@@ -23,9 +24,9 @@ from .cli import check_args, main, parser
 from .compare import compare
 from .loop import ALGOS, StepLog, run, train_step
 from .model import LossRowsLM, build_model
-from .rollout import loss_view, sample, view_logits
+from .rollout import loss_view, sample, view_rows
 from .tasks import CountingTask, load_task
 
 __all__ = ["ALGOS", "CountingTask", "LossRowsLM", "StepLog", "build_model", "check_args",
            "compare", "load_task", "loss_view", "main", "parser", "run", "sample", "train_step",
-           "view_logits"]
+           "view_rows"]

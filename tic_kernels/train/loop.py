@@ -1,5 +1,6 @@
 """The training loop, top to bottom: one step samples, scores, takes the old log-probabilities
-and runs mu optimisation steps of tic_loss; ``run`` builds everything and steps, logs and
+and runs mu optimisation steps of the loss, both through the fused LM head (the logits are
+never held whole); ``run`` builds everything and steps, logs and
 checkpoints."""
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch.distributed as dist
 
 import tic_kernels as tk
 from tic_kernels.attention import register_varlen_attention
+from tic_kernels.options import IGNORE_INDEX
 
 from .model import LossRowsLM, build_model
 from .plot import reward_plot
-from .rollout import loss_view, sample, view_logits
+from .rollout import loss_view, sample, view_rows
 from .tasks import load_task
 
 ALGOS = {  # tic_loss keywords of each algorithm
@@ -51,12 +53,14 @@ def train_step(policy, lm, opt, task, args, generator, world):
                            device=ids.device)
     adv = tk.group_advantages(rewards, args.group)
     inputs, targets, layout_kw = loss_view(ids, attn, comp, args.layout)
-    # --amp bf16: the model's forward in bf16 (then the packed layout's attention runs the
-    # varlen flash kernels on CUDA, and the loss reads bf16 logits); the weights stay fp32
+    # --amp bf16: the model's forward and the LM head in bf16 (then the packed layout's
+    # attention runs the varlen flash kernels on CUDA); the weights stay fp32
     amp = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    weight, bias = policy.module.head() if world > 1 else policy.head()
     with torch.no_grad(), amp:
-        old = tk.token_logprobs(view_logits(policy(**inputs), layout_kw), targets,
-                                temperature=args.temperature)
+        hidden = view_rows(policy(**inputs), layout_kw)
+        old = tk.linear_token_logprobs(hidden, weight, targets_or_ignored(targets, layout_kw),
+                                       bias=bias, temperature=args.temperature)
     keywords = dict(ALGOS[args.algo], temperature=args.temperature, **layout_kw)
     for inner in range(args.mu):
         if args.algo == "no_is" and inner > 0:
@@ -64,8 +68,8 @@ def train_step(policy, lm, opt, task, args, generator, world):
             continue
         opt.zero_grad(set_to_none=True)
         with amp:
-            logits = view_logits(policy(**inputs), layout_kw)
-        out = tk.tic_loss(logits, targets, old, adv, **keywords)
+            hidden = view_rows(policy(**inputs), layout_kw)
+            out = tk.linear_tic_loss(hidden, weight, targets, old, adv, bias=bias, **keywords)
         out.loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), args.grad_clip)
@@ -82,6 +86,13 @@ def train_step(policy, lm, opt, task, args, generator, world):
     return StepLog(0, mean_reward.item(), out.loss.item(), stats["clip_fraction"].item(),
                    stats["ratio_mean"].item(), stats["ratio_max"].item(),
                    stats["delta_abs_mean"].item(), world * n_tokens / secs, secs)
+
+
+def targets_or_ignored(targets, layout_kw):
+    """Targets with the rows outside the mask ignored (their log-probs are 0, never computed)."""
+    if "mask" not in layout_kw:
+        return targets
+    return targets.masked_fill(~layout_kw["mask"], IGNORE_INDEX)
 
 
 def _save(out, lm, opt, step, generator, log):

@@ -1,5 +1,6 @@
 """The policy: a Hugging Face causal LM (a local directory, or a tiny Llama built from a
-config), and the wrapper that runs the LM head on the loss rows only."""
+config), and the wrapper that returns the last hidden states of the loss rows, for the fused
+LM head (tic_kernels.linear_tic_loss) to turn into the loss without the logits."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,7 @@ def build_model(args, task):
 
 
 class LossRowsLM(torch.nn.Module):
-    """Logits of the loss rows only: the LM head runs on the rows that carry a loss.
+    """Last hidden states (N, H) of the loss rows; ``head()`` is the LM head (weight, bias).
 
     Packed: input_ids (1, N_all) with position_ids restarting per sequence and the varlen
     attention over ``cu_seq_lens_q``; padded: (B, T) with an attention mask and sdpa.
@@ -32,10 +33,13 @@ class LossRowsLM(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
+    def head(self):
+        out = self.lm.get_output_embeddings()
+        return out.weight, out.bias
+
     def forward(self, input_ids, rows, position_ids=None, attention_mask=None, **varlen):
         with attention(self.lm, "tic_varlen" if varlen else "sdpa"):
             hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
                                         attention_mask=attention_mask, use_cache=False,
                                         **varlen).last_hidden_state
-        # in the model's dtype: the kernels read bf16 logits (an fp32 copy would double them)
-        return self.lm.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[rows])
+        return hidden.reshape(-1, hidden.shape[-1])[rows]

@@ -60,9 +60,10 @@ def loss_view(ids, attn, comp, layout):
     return inputs, ids[:, 1:], dict(mask=comp[:, 1:].bool())
 
 
-def view_logits(logits, layout_kw):
-    """The loss rows' logits (N, V) shaped for the layout: (B, T - 1, V) when padded."""
+def view_rows(x, layout_kw):
+    """Per-row values of the loss rows (N, ...) shaped for the layout: (B, T - 1, ...) when
+    padded."""
     if "mask" in layout_kw:
         B, T1 = layout_kw["mask"].shape
-        return logits.view(B, T1, -1)
-    return logits
+        return x.view(B, T1, *x.shape[1:])
+    return x
