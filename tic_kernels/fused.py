@@ -114,20 +114,11 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         float32 statistics (see LossOutput), computed without a host sync.
     """
     check.float_tensor("logits", logits)
-    check.int_tensor("targets", targets)
-    check.positive("temperature", temperature)
-    options = check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
-                                 aggregation, ref_logprobs, beta, num_tokens, num_sequences,
-                                 max_len, mask is not None, entropy_coef)
-    check.layout(cu_seqlens, mask)
-    if logits.dim() != (2 if mask is None else 3):
-        want = "(B, T, V) with mask" if mask is not None else "(N, V) with cu_seqlens"
-        raise ValueError(f"logits must be {want}, got shape {tuple(logits.shape)}")
-    check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
-    check.same_device("logits", logits, targets=targets)
-    check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, ("logits", logits), max_len)
-    check.targets_in_range(targets, logits.shape[-1], mask=mask)
+    options = check.loss_call(
+        "logits", logits, "V", logits.shape[-1], targets, old_logprobs, advantages, cu_seqlens,
+        mask, ref_logprobs, temperature,
+        (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+         ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
     check.boolean("inplace_backward", inplace_backward)
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,

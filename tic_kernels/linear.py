@@ -6,24 +6,28 @@ dtype: a GEMM (torch.mm / addmm, fp32 accumulation) fills it, the row kernels of
 and the chunk's gradient is written over it before two more GEMMs turn it into d hidden and
 d weight. Rows that carry no loss (mask 0, ignore_index) are never multiplied.
 
-``linear_tic_loss`` forms the gradient in the forward: when a chunk holds whole sequences,
-their ratios are known as soon as the chunk's log-probs are, so the chunk's logits gradient,
+``linear_tic_loss`` (bf16, fp32) forms the gradient in the forward: when a chunk holds whole
+sequences, their ratios are known as soon as the chunk's log-probs are, so the chunk's logits gradient,
 d hidden and d weight follow at once, scaled by the incoming gradient in the backward: three
 GEMMs per chunk, like the unfused path. A sequence longer than a chunk is done in two passes
 (log-probs over its chunks, then each chunk recomputed for the gradient: one more GEMM). With
 no gradient required only the forward runs. ``linear_token_logprobs`` does not know its
 incoming gradient in the forward: it keeps the per-row logsumexp and recomputes each chunk in
-the backward (four GEMMs).
+the backward (four GEMMs). So does ``linear_tic_loss`` in fp16, where the incoming gradient
+carries the loss scale that keeps small gradients representable (GradScaler): a gradient
+rounded to fp16 before it is scaled would lose them.
 
 Memory beyond inputs and outputs: one chunk of logits (``chunk_size`` rows; by default the
 rows that fit options.LM_HEAD_CHUNK_BYTES = 1 GiB), O(N) floats, the gradient of hidden and
 of the bias, and d weight accumulated across chunks in an fp32 (V, H) buffer unless
 ``fp32_accumulation=False`` or the weight is fp32 (then the gradient itself accumulates). On a
-GPU each chunk's d weight GEMM accumulates into the fp32 buffer directly; on the CPU each
-chunk's product is rounded to the weight's dtype once before it is added.
+GPU each chunk's d weight GEMM accumulates into the fp32 buffer directly; on the CPU (and on
+a torch whose GEMM cannot) each chunk's product is rounded to the weight's dtype once, block
+by block, before it is added.
 
-The ops are opaque torch.library custom ops: they plan the chunks on the host (one sync), so
-torch.compile calls them as they are and traces around them.
+The ops are opaque torch.library custom ops: they plan the chunks on the host (reading
+cu_seqlens, and the mask's or the targets' active rows: host syncs), so torch.compile calls
+them as they are and traces around them.
 """
 from __future__ import annotations
 
@@ -36,12 +40,14 @@ from . import reference
 from . import validation as check
 from .backend import grads_by_name, use_triton
 from .logprobs import launch_bwd, launch_fwd
-from .loss import launch_finalize, launch_ratio_fwd, new_partials, stats_dict
+from .loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
+                   stats_dict)
 from .options import IGNORE_INDEX, default_aggregation, lm_head_chunk_rows
 from .output import LossOutput
 
 
 _MIXED_GEMM = {"cuda": True}  # whether torch.addmm(..., out_dtype=float32) runs here
+_FALLBACK_ROWS = 8192  # rows of d weight formed at once when the GEMM cannot accumulate in fp32
 
 
 def _accumulate_mm(acc, a, b):
@@ -53,11 +59,14 @@ def _accumulate_mm(acc, a, b):
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except RuntimeError as e:  # a torch build without the mixed-dtype GEMM
+        except (RuntimeError, TypeError) as e:  # a torch without the mixed-dtype GEMM
             _MIXED_GEMM["cuda"] = False
             warnings.warn(f"fused LM head: torch.addmm(out_dtype=float32) failed ({e}); d weight "
-                          "chunks are now rounded to the weight's dtype before the fp32 sum")
-    acc += a @ b  # the CPU has no mixed-dtype GEMM: each chunk's product is rounded once
+                          "is now formed in the weight's dtype, block by block, and summed in fp32")
+    # each block of the product is rounded to a's dtype once, then summed in acc's: a bounded
+    # temporary (8192 rows of d weight), not a second (V, H) matrix
+    for v in range(0, acc.shape[0], _FALLBACK_ROWS):
+        acc[v:v + _FALLBACK_ROWS] += a[v:v + _FALLBACK_ROWS] @ b
 
 
 class _Head:
@@ -119,7 +128,10 @@ class _Head:
 
 
 def _chunks(a, b, rows):
-    return [(s, min(s + rows, b)) for s in range(a, b, rows)]
+    """[a, b) in the fewest pieces of at most ``rows``, of equal sizes (no ragged last GEMM)."""
+    n = -(-(b - a) // rows)
+    size = -(-(b - a) // max(n, 1))
+    return [(s, min(s + size, b)) for s in range(a, b, size)] if b > a else []
 
 
 def _active_rows(keep):
@@ -324,6 +336,10 @@ def _(hidden, weight, bias, targets, old, ref, advantages, cu_seqlens, mask, tem
 
 def _loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
+    ctx.needs = inputs[-3:]  # need_dh, need_dw, need_db
+    # the statistics and the gradients are results, not functions of the inputs to
+    # differentiate (as tic_loss's statistics)
+    ctx.mark_non_differentiable(*output[1:])
 
 
 @reference.first_order_only
@@ -339,9 +355,9 @@ def _loss_backward(ctx, g_loss, *_unused):
                            "forward again for each backward")
     ctx.scaled = True
 
-    def scaled(t):
-        return None if not t.numel() else t.mul_(g_loss) if eager else t * g_loss
-    dh, dw, db = (scaled(t) for t in ctx.saved_tensors)
+    def scaled(t, need):
+        return None if not need else t.mul_(g_loss) if eager else t * g_loss
+    dh, dw, db = (scaled(t, need) for t, need in zip(ctx.saved_tensors, ctx.needs))
     return grads_by_name(linear_loss, hidden=dh, weight=dw, bias=db)
 
 
@@ -432,31 +448,38 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
     Returns:
         LossOutput(loss, stats) as tic_loss, differentiable w.r.t. hidden, weight and bias.
         When a gradient is required, the forward forms it (the backward only scales it by
-        the incoming gradient), so call backward once per forward. Under torch.autocast the
-        head runs in the autocast dtype, as F.linear would.
+        the incoming gradient), so call backward once per forward; in float16 the gradient is
+        formed in the backward instead (a loss scale must reach it before it is rounded).
+        Under torch.autocast the head runs in the autocast dtype, as F.linear would.
     """
     hidden, weight, bias = _autocast(hidden, weight, bias)
     check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
-    check.int_tensor("targets", targets)
-    check.positive("temperature", temperature)
-    options = check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
-                                 aggregation, ref_logprobs, beta, num_tokens, num_sequences,
-                                 max_len, mask is not None, entropy_coef)
-    check.layout(cu_seqlens, mask)
-    if hidden.dim() != (2 if mask is None else 3):
-        want = "(B, T, H) with mask" if mask is not None else "(N, H) with cu_seqlens"
-        raise ValueError(f"hidden must be {want}, got shape {tuple(hidden.shape)}")
-    check.shape("targets", targets, hidden.shape[:-1], " (hidden's shape without H)")
-    check.same_device("hidden", hidden, targets=targets)
-    check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, ("hidden", hidden), max_len)
-    check.targets_in_range(targets, weight.shape[0], mask=mask)
+    options = check.loss_call(
+        "hidden", hidden, "H", weight.shape[0], targets, old_logprobs, advantages, cu_seqlens,
+        mask, ref_logprobs, temperature,
+        (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+         ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
     if not use_triton(hidden):
         return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
                                          bias, cu_seqlens=cu_seqlens, mask=mask,
                                          temperature=temperature, entropy_coef=entropy_coef,
                                          chunk_size=chunk_size,
                                          fp32_accumulation=fp32_accumulation, **options)
+    rows = _chunk_rows(chunk_size, weight)
+    if hidden.dtype == torch.float16:
+        # fp16 training scales the loss (GradScaler) so that small gradients survive fp16:
+        # the scale arrives with the incoming gradient, so the logits gradient is formed in
+        # the backward, after it (the log-probs' two passes, then op 4's kernels)
+        t = targets if mask is None else targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+        with_entropy = entropy_coef != 0.0
+        logp, _, entropy = linear_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, t.reshape(-1).contiguous(),
+            float(temperature), IGNORE_INDEX, with_entropy, rows, fp32_accumulation)
+        loss, stats, *_ = loss_on_segments(
+            logp.view(t.shape), old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            entropy.view(t.shape) if with_entropy else None, entropy_coef=entropy_coef,
+            **options)
+        return LossOutput(loss, stats_dict(stats, with_entropy, ref_logprobs is not None))
     if options["aggregation"] is None:
         options["aggregation"] = default_aggregation(ratio)
     if mask is not None and options["max_len"] is None:
@@ -471,6 +494,6 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         advantages.detach(), cu_seqlens, mask, float(temperature), float(entropy_coef),
         ratio, clip_mode, floats["eps_low"], floats["eps_high"], floats["dual_clip"],
         floats["max_log_ratio"], options["aggregation"], floats["beta"], floats["num_tokens"],
-        floats["num_sequences"], floats["max_len"], _chunk_rows(chunk_size, weight),
-        fp32_accumulation, *_needs(hidden, weight, bias))
+        floats["num_sequences"], floats["max_len"], rows, fp32_accumulation,
+        *_needs(hidden, weight, bias))
     return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))

@@ -82,6 +82,15 @@ def mask_from(lengths, T, *, left_pad=False, holes=False, generator=None):
     return pos < lengths[:, None]
 
 
+def _sampled_near(z, targets, drift, B, g):
+    """(old, ref, advantages): old and ref log-probs the current ones (of logits z) plus noise
+    of std ``drift`` per token, and B advantages."""
+    logp = z.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
+    old = logp + drift * torch.randn(targets.shape, generator=g)
+    ref = logp + drift * torch.randn(targets.shape, generator=g)
+    return old, ref, torch.randn(B, generator=g)
+
+
 @dataclass
 class LossBatch:
     """Inputs of tic_loss in one layout; ``layout_kw`` is cu_seqlens=... or mask=..."""
@@ -111,11 +120,7 @@ def loss_batch(lengths, vocab, *, dtype=torch.float32, padded=False, T=None, dev
     logits = (torch.randn(*shape, vocab, generator=g) * logit_scale).to(dtype)
     targets = torch.randint(0, vocab, shape, generator=g)
     # log-probs of the rounded logits in fp32, so "old" differs from the current only by drift
-    z = logits.float()
-    logp = z.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
-    old = logp + drift * torch.randn(shape, generator=g)
-    ref = logp + drift * torch.randn(shape, generator=g)
-    adv = torch.randn(B, generator=g)
+    old, ref, adv = _sampled_near(logits.float(), targets, drift, B, g)
     if padded:
         mask = mask_from(lengths, T)
         # Masked positions hold garbage a kernel must never read into the loss.
@@ -178,11 +183,8 @@ def head_batch(lengths, vocab, hidden_size=16, *, dtype=torch.float32, padded=Fa
     weight = torch.randn(vocab, hidden_size, generator=g) * (2.0 / hidden_size ** 0.5)
     bias = torch.randn(vocab, generator=g) * 0.5
     targets = torch.randint(0, vocab, shape, generator=g)
-    z = torch.nn.functional.linear(hidden, weight, bias)
-    logp = z.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(z, -1)
-    old = logp + drift * torch.randn(shape, generator=g)
-    ref = logp + drift * torch.randn(shape, generator=g)
-    adv = torch.randn(B, generator=g)
+    old, ref, adv = _sampled_near(torch.nn.functional.linear(hidden, weight, bias), targets,
+                                  drift, B, g)
     if padded:
         mask = mask_from(lengths, T)
         hidden = torch.where(mask[..., None], hidden, torch.full_like(hidden, float("nan")))
