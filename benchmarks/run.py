@@ -8,7 +8,9 @@ Full grid (GPU): N in {4096, 16384, 32768} x V in {32000, 128256, 151936}, bf16 
 ratio modes token and trajectory (and sequence_mean, Liger's sequence level). On the CPU only
 the reference path against TRL's selective_log_softmax path, and the packing extension
 against its PyTorch fallback, are timed: the Triton kernels there are the interpreter.
-Then ``python benchmarks/report.py`` makes the plots and the README table.
+The fused LM head (bench_linear.py) runs at 16384 x 4096 x 151936 bf16 on a GPU (the GPU check
+runs it apart from --quick) and at 4096 x 256 x 32000 fp32 on the CPU. Then
+``python benchmarks/report.py`` makes the plots and the README table.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_linear  # noqa: E402
 import bench_packing  # noqa: E402
 import bench_tic_loss  # noqa: E402
 import bench_token_logprobs  # noqa: E402
@@ -60,6 +63,14 @@ def main(argv=None):
     recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only,
                                     save_as=(args.out, f"token_logprobs_{tag}"))
     print("wrote", harness.save(recs, args.out, f"token_logprobs_{tag}"))
+    # the fused LM head: on a GPU at the headline shape (the GPU check runs it apart from
+    # --quick), on the CPU at a CPU-sized one with 1024-row chunks (its chunked reference path)
+    if dev == "cpu" or not args.quick:
+        N, H, V, dt, chunk = ((4096, 256, 32000, fp32, 1024) if dev == "cpu"
+                              else (16384, 4096, 151936, bf16, None))
+        recs = bench_linear.run(args.device, N, H, V, dt, ["trajectory", "token"],
+                                chunk_size=chunk, save_as=(args.out, f"linear_{tag}"))
+        print("wrote", harness.save(recs, args.out, f"linear_{tag}"))
 
 
 if __name__ == "__main__":
