@@ -313,3 +313,31 @@ def test_fp16_loss_scale(device):
     want_grads = torch.autograd.grad(want.loss * scale, ref_leaves)
     for name, g, w in zip(("hidden", "weight", "bias"), grads, want_grads):
         assert_close_to_scale(g, w, HEAD_GRAD_TOL[torch.float16], name)
+
+
+def test_accumulate_mm_blocks(monkeypatch):
+    """Without a mixed-dtype GEMM, d weight chunks are formed block by block in the weight's
+    dtype and summed in fp32: every block counted once, each rounded to bf16 once."""
+    monkeypatch.setattr(linear, "_FALLBACK_ROWS", 100)
+    a = torch.randn(512, 16, dtype=torch.bfloat16)
+    b = torch.randn(16, 8, dtype=torch.bfloat16)
+    acc = torch.zeros(512, 8)
+    for _ in range(3):
+        linear._accumulate_mm(acc, a, b)
+    assert_close_to_scale(acc, 3 * (a.double() @ b.double()), 2 ** -7, "blocks")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed-dtype GEMM is CUDA's")
+def test_cuda_fp32_accumulation():
+    """On CUDA each chunk's d weight GEMM accumulates into the fp32 buffer itself (no fallback,
+    no warning): eight chunks are as accurate as fp32, not as one bf16 rounding each."""
+    import warnings
+    a = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
+    acc = torch.zeros(512, 32, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            linear._accumulate_mm(acc, a, b)
+    assert linear._MIXED_GEMM["cuda"]
+    assert_close_to_scale(acc, 8 * (a.double() @ b.double()), 1e-6, "fp32 accumulation")
