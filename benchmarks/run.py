@@ -8,8 +8,9 @@ Full grid (GPU): N in {4096, 16384, 32768} x V in {32000, 128256, 151936}, bf16 
 ratio modes token and trajectory (and sequence_mean, Liger's sequence level). On the CPU only
 the reference path against TRL's selective_log_softmax path, and the packing extension
 against its PyTorch fallback, are timed: the Triton kernels there are the interpreter.
-The fused LM head (bench_linear.py) runs at 16384 x 4096 x 151936 bf16 on a GPU (the GPU check
-runs it apart from --quick) and at 4096 x 256 x 32000 fp32 on the CPU. Then
+The fused LM head (bench_linear.py) runs at 16384 x 4096 x 151936 bf16 on a GPU and at
+4096 x 256 x 32000 fp32 on the CPU (--no-linear leaves it out: the GPU check runs it on its
+own). Then
 ``python benchmarks/report.py`` makes the plots and the README table.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help="NxV,... instead of the grid's")
     p.add_argument("--dtypes", default=None, help="instead of the grid's, e.g. bfloat16")
     p.add_argument("--packing", default="64x4096", help="BxT of the packing benchmark")
+    p.add_argument("--no-linear", action="store_true",
+                   help="leave the fused LM head out (the GPU check runs it on its own)")
+    p.add_argument("--linear", default=None, help="NxHxV of the fused LM head's benchmark "
+                   "(default: 16384x4096x151936 on a GPU, 4096x256x32000 on the CPU)")
     args = p.parse_args(argv)
     dev = torch.device(args.device).type
     bf16, fp32 = torch.bfloat16, torch.float32
@@ -63,11 +68,12 @@ def main(argv=None):
     recs = bench_token_logprobs.run(args.device, shapes, dtypes, only=only,
                                     save_as=(args.out, f"token_logprobs_{tag}"))
     print("wrote", harness.save(recs, args.out, f"token_logprobs_{tag}"))
-    # the fused LM head: on a GPU at the headline shape (the GPU check runs it apart from
-    # --quick), on the CPU at a CPU-sized one with 1024-row chunks (its chunked reference path)
-    if dev == "cpu" or not args.quick:
-        N, H, V, dt, chunk = ((4096, 256, 32000, fp32, 1024) if dev == "cpu"
-                              else (16384, 4096, 151936, bf16, None))
+    # the fused LM head: on a GPU at the headline shape, on the CPU at a CPU-sized one with
+    # 1024-row chunks (its chunked reference path)
+    if not args.no_linear:
+        dt, chunk = (fp32, 1024) if dev == "cpu" else (bf16, None)
+        N, H, V = (int(x) for x in (args.linear or ("4096x256x32000" if dev == "cpu"
+                                                    else "16384x4096x151936")).split("x"))
         recs = bench_linear.run(args.device, N, H, V, dt, ["trajectory", "token"],
                                 chunk_size=chunk, save_as=(args.out, f"linear_{tag}"))
         print("wrote", harness.save(recs, args.out, f"linear_{tag}"))
