@@ -100,11 +100,6 @@ def _grads(fn, h, w):
     return loss, torch.autograd.grad(loss, (h, w))
 
 
-def _rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
 def run(device, N, H, V, dtype, modes, *, chunk_size=None, reps=None, only=None,
         save_as=None):
     env = harness.environment(device)
@@ -131,7 +126,7 @@ def run(device, N, H, V, dtype, modes, *, chunk_size=None, reps=None, only=None,
             try:
                 loss, grads = _grads(fn, h, w)
                 errs = [abs(loss.item() - want_loss.item()) / max(abs(want_loss.item()), 1e-6)]
-                errs += [_rel_err(g, wg) for g, wg in zip(grads, want_grads)]
+                errs += [harness.rel_l2(g, wg) for g, wg in zip(grads, want_grads)]
                 del grads
                 tol = harness.CHECK_TOL[dtype]
                 if not (errs[0] <= tol[0] and max(errs[1:]) <= tol[1]):
@@ -152,10 +147,8 @@ def run(device, N, H, V, dtype, modes, *, chunk_size=None, reps=None, only=None,
                 recs = [harness.record(OP, name, pass_="fwd+bwd", status="oom", error=str(e),
                                        **common)]
             except Exception as e:  # a provider that cannot run here is reported, not fatal
-                msg = str(e).strip().splitlines()
                 recs = [harness.record(OP, name, pass_="fwd+bwd", status="error",
-                                       error=f"{type(e).__name__}: {msg[-1] if msg else ''}",
-                                       **common)]
+                                       error=harness.error_text(e), **common)]
             harness.print_table(recs)
             for r in recs:
                 if "tflops" in r:

@@ -27,8 +27,7 @@ class _TICLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 temperature, entropy_coef, inplace_backward, options):
-        if mask is not None:  # masked rows become ignored rows: the kernel never reads them
-            targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
+        targets = reference.ignoring_masked(targets, mask)  # the kernel never reads those rows
         with_entropy = entropy_coef != 0.0
         logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX,
                                                 with_entropy)

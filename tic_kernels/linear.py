@@ -127,13 +127,6 @@ class _Head:
         return self.dh, dw, db
 
 
-def _chunks(a, b, rows):
-    """[a, b) in the fewest pieces of at most ``rows``, of equal sizes (no ragged last GEMM)."""
-    n = -(-(b - a) // rows)
-    size = -(-(b - a) // max(n, 1))
-    return [(s, min(s + size, b)) for s in range(a, b, size)] if b > a else []
-
-
 def _active_rows(keep):
     """Indices of the rows to multiply, or None when every row is (one host sync)."""
     rows = keep.nonzero().squeeze(-1)
@@ -164,7 +157,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     entropy = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index, False,
                  False, False, False)
-    for a, b in _chunks(0, n, chunk_rows):
+    for a, b in reference.row_chunks(0, n, chunk_rows):
         head.forward(a, b, t, logp, lse, entropy)
     if rows is None:
         return logp, lse, entropy
@@ -203,7 +196,7 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         g_entropy = _compact(g_entropy, rows).float().contiguous()
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index,
                  fp32_accumulation, need_dh, need_dw, need_db)
-    for a, b in _chunks(0, t.numel(), chunk_rows):
+    for a, b in reference.row_chunks(0, t.numel(), chunk_rows):
         z, x = head.logits(a, b)
         head.backward(z, x, a, b, t, lse, entropy, g[a:b],
                       g_entropy[a:b] if with_entropy else g_entropy)
@@ -289,7 +282,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     cu = cu.contiguous()
     cu_host = cu.tolist()
     n, B = t.numel(), len(cu_host) - 1
-    lengths = torch.tensor([b - a for a, b in zip(cu_host, cu_host[1:])], dtype=torch.float64)
+    lengths = torch.tensor(cu_host, dtype=torch.float64).diff()
     norm = float(reference.aggregation_norm(aggregation, (lengths > 0).sum().double(),
                                             lengths.sum(), num_sequences, num_tokens, max_len))
     f32 = dict(dtype=torch.float32, device=dev)
@@ -306,7 +299,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, IGNORE_INDEX,
                  fp32_accumulation, need_dh, need_dw, need_db)
     for s0, s1 in _sequence_groups(cu_host, chunk_rows):
-        chunks = _chunks(cu_host[s0], cu_host[s1], chunk_rows)
+        chunks = reference.row_chunks(cu_host[s0], cu_host[s1], chunk_rows)
         for a, b in chunks:
             z, x = head.forward(a, b, t, logp, lse, entropy)
         launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None, advantages[s0:s1],
@@ -470,7 +463,7 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         # fp16 training scales the loss (GradScaler) so that small gradients survive fp16:
         # the scale arrives with the incoming gradient, so the logits gradient is formed in
         # the backward, after it (the log-probs' two passes, then op 4's kernels)
-        t = targets if mask is None else targets.masked_fill(~mask.bool(), IGNORE_INDEX)
+        t = reference.ignoring_masked(targets, mask)
         with_entropy = entropy_coef != 0.0
         logp, _, entropy = linear_logprobs(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, t.reshape(-1).contiguous(),

@@ -148,9 +148,13 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=IGNORE_INDEX, 
 # --------------------------------------------------------------------------------------------
 # Op 6: the fused LM head (log-probs from hidden states, one chunk of logits at a time)
 # --------------------------------------------------------------------------------------------
-def row_chunks(n: int, rows: int):
-    """[start, end) ranges of at most ``rows`` covering range(n)."""
-    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
+def row_chunks(a: int, b: int, rows: int):
+    """[a, b) in the fewest pieces of at most ``rows``, of equal sizes (no ragged last GEMM)."""
+    if b <= a:
+        return []
+    pieces = -(-(b - a) // rows)
+    size = -(-(b - a) // pieces)
+    return [(s, min(s + size, b)) for s in range(a, b, size)]
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -166,7 +170,7 @@ class _LinearLogprobs(torch.autograd.Function):
         dt = compute_dtype(weight)
         logp = torch.zeros(h.shape[0], dtype=dt, device=h.device)
         entropy = torch.zeros_like(logp)
-        for a, b in row_chunks(keep.numel(), chunk_rows):
+        for a, b in row_chunks(0, keep.numel(), chunk_rows):
             rows = keep[a:b]
             z = torch.nn.functional.linear(h[rows], weight, bias).to(dt)
             logp[rows], entropy[rows] = _rows_logprobs(z, targets.reshape(-1)[rows], temperature,
@@ -188,7 +192,7 @@ class _LinearLogprobs(torch.autograd.Function):
         dh = torch.zeros_like(h) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        for a, b in row_chunks(keep.numel(), chunk_rows):
+        for a, b in row_chunks(0, keep.numel(), chunk_rows):
             rows = keep[a:b]
             with torch.enable_grad():
                 x = h[rows].detach().requires_grad_(need_h)
@@ -440,12 +444,18 @@ def aggregation_norm(aggregation, n_seq, n_tok, num_sequences=None, num_tokens=N
     return 1.0 / B
 
 
+def ignoring_masked(targets, mask):
+    """targets with the positions outside ``mask`` set to IGNORE_INDEX (mask None: unchanged):
+    the losses' way of never reading a padded row."""
+    if mask is None:
+        return targets
+    return torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
+
+
 def _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
                     entropy_coef, loss_options):
     """tic_loss_from_logprobs on logprobs_of(targets, with_entropy), masked rows ignored."""
-    if mask is not None:  # masked rows are marked ignored, so they are never read
-        targets = torch.where(mask.bool(), targets, torch.full_like(targets, IGNORE_INDEX))
-    logp, entropy = logprobs_of(targets, entropy_coef != 0.0)
+    logp, entropy = logprobs_of(ignoring_masked(targets, mask), entropy_coef != 0.0)
     return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
                                   mask=mask, entropy=entropy if entropy_coef != 0.0 else None,
                                   entropy_coef=entropy_coef, **loss_options)

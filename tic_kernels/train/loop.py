@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import tic_kernels as tk
 from tic_kernels.attention import register_varlen_attention
-from tic_kernels.options import IGNORE_INDEX
+from tic_kernels.reference import ignoring_masked
 
 from .model import LossRowsLM, build_model
 from .plot import reward_plot
@@ -59,7 +59,8 @@ def train_step(policy, lm, opt, task, args, generator, world):
     weight, bias = policy.module.head() if world > 1 else policy.head()
     with torch.no_grad(), amp:
         hidden = view_rows(policy(**inputs), layout_kw)
-        old = tk.linear_token_logprobs(hidden, weight, targets_or_ignored(targets, layout_kw),
+        old = tk.linear_token_logprobs(hidden, weight,
+                                       ignoring_masked(targets, layout_kw.get("mask")),
                                        bias=bias, temperature=args.temperature)
     keywords = dict(ALGOS[args.algo], temperature=args.temperature, **layout_kw)
     for inner in range(args.mu):
@@ -86,13 +87,6 @@ def train_step(policy, lm, opt, task, args, generator, world):
     return StepLog(0, mean_reward.item(), out.loss.item(), stats["clip_fraction"].item(),
                    stats["ratio_mean"].item(), stats["ratio_max"].item(),
                    stats["delta_abs_mean"].item(), world * n_tokens / secs, secs)
-
-
-def targets_or_ignored(targets, layout_kw):
-    """Targets with the rows outside the mask ignored (their log-probs are 0, never computed)."""
-    if "mask" not in layout_kw:
-        return targets
-    return targets.masked_fill(~layout_kw["mask"], IGNORE_INDEX)
 
 
 def _save(out, lm, opt, step, generator, log):
