@@ -37,14 +37,14 @@ def variants():
                logprobs._token_logprobs_fwd_kernel,
                dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
                     entropy_ptr="*fp32", stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
-                    V="i32", inv_temperature="fp32", ignore_index="i32"),
+                    V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
                dict(WITH_ENTROPY=ent, UNIT_STRIDE_V=unit, BLOCK_V=4096), 8)
         yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
                logprobs._token_logprobs_bwd_kernel,
                dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", lse_ptr="*fp32",
                     entropy_ptr="*fp32", g_ptr="*fp32", g_entropy_ptr="*fp32", stride_b="i64",
                     stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
-                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32"),
+                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
                dict(WITH_ENTROPY=ent, EMULATE_RNE=False, UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit,
                     BLOCK_V=4096), 8)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):

@@ -111,4 +111,4 @@ def test_opcheck(device):
     _, lse, H = token_logprobs_fwd(x.detach(), t, 0.9, -100, True)
     torch.library.opcheck(token_logprobs_bwd, (x.detach(), torch.empty_like(x), t, lse, H,
                                                torch.randn(5, device=device),
-                                               torch.randn(5, device=device), 0.9, -100))
+                                               torch.randn(5, device=device), 0.9, -100, 0))

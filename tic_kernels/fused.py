@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import reference, vocab_parallel
 from . import validation as check
 from .backend import use_triton
 from .logprobs import logits_grad, token_logprobs_fwd
@@ -26,17 +26,23 @@ class _TICLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-                temperature, entropy_coef, inplace_backward, options):
+                temperature, entropy_coef, inplace_backward, options, shard):
         targets = reference.ignoring_masked(targets, mask)  # the kernel never reads those rows
         with_entropy = entropy_coef != 0.0
-        logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX,
-                                                with_entropy)
+        if shard is None:
+            logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX,
+                                                    with_entropy)
+        else:  # op 7: this rank's vocabulary columns, combined across the group
+            logp, lse, entropy = vocab_parallel.kernel_logprobs(
+                logits, targets.reshape(-1).contiguous(), temperature, IGNORE_INDEX,
+                with_entropy, shard)
         loss, stats, coef, coef_ent, norm = loss_on_segments(
             logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             entropy if with_entropy else None, entropy_coef=entropy_coef, **options)
         ctx.save_for_backward(logits, targets, lse, entropy, coef, coef_ent, norm)
         ctx.temperature, ctx.entropy_coef = temperature, entropy_coef
         ctx.inplace_backward, ctx.with_entropy = inplace_backward, with_entropy
+        ctx.vocab_start = 0 if shard is None else shard.start
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -47,8 +53,9 @@ class _TICLoss(torch.autograd.Function):
         g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent, ctx.entropy_coef,
                                                 ctx.with_entropy)
         grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
-                           IGNORE_INDEX, inplace=ctx.inplace_backward)
-        return (grad,) + (None,) * 10  # forward's other inputs: data and options
+                           IGNORE_INDEX, inplace=ctx.inplace_backward,
+                           vocab_start=ctx.vocab_start)
+        return (grad,) + (None,) * 11  # forward's other inputs: data and options
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -89,7 +96,7 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
              ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
              dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
              ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
-             num_sequences=None, max_len=None, inplace_backward=False):
+             num_sequences=None, max_len=None, inplace_backward=False, process_group=None):
     """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
 
     Args:
@@ -106,30 +113,42 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
             for logits that autograd produced (a model's output or a slice of it) whose
             elements do not overlap; for a leaf, a view of a leaf that requires grad, or an
             expanded tensor the gradient is allocated instead, with a warning.
+        process_group: the vocabulary is split over this torch.distributed group (op 7): the
+            logits hold this rank's columns [rank V_local, (rank + 1) V_local), targets are
+            global ids, every other input is replicated; the loss and statistics are the
+            whole vocabulary's on every rank, the gradient this rank's slice of it. See
+            :func:`tic_kernels.token_logprobs` for the communication.
         Other keywords: as in :func:`tic_kernels.tic_loss_from_logprobs`.
 
     Returns:
         LossOutput(loss, stats): float32 scalar loss with autograd to logits, and a dict of
         float32 statistics (see LossOutput), computed without a host sync.
     """
-    check.float_tensor("logits", logits)
-    options = check.loss_call(
-        "logits", logits, "V", logits.shape[-1], targets, old_logprobs, advantages, cu_seqlens,
-        mask, ref_logprobs, temperature,
-        (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-         ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
-    check.boolean("inplace_backward", inplace_backward)
+    def checks(vocab):
+        check.float_tensor("logits", logits)
+        options = check.loss_call(
+            "logits", logits, "V", vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
+            ref_logprobs, temperature,
+            (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
+        check.boolean("inplace_backward", inplace_backward)
+        return options
+
+    options, shard = vocab_parallel.checked(process_group, checks,
+                                            vocab_parallel.columns_of(logits),
+                                            vocab_parallel.rows_of(targets), "logits")
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
                                   cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,
-                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, **options)
+                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs,
+                                  shard=None if shard is None else shard.pair, **options)
     if inplace_backward and (why := inplace_refusal(logits)) is not None:
         warnings.warn(f"tic_loss: inplace_backward=True ignored, the gradient is allocated: the "
                       f"logits cannot be overwritten because {why}", stacklevel=2)
         inplace_backward = False
     loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
                                  ref_logprobs, float(temperature), float(entropy_coef),
-                                 inplace_backward, options)
+                                 inplace_backward, options, shard)
     return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))
 
 

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import reference, vocab_parallel
 from . import validation as check
 from .backend import grads_by_name, use_triton
 from .logprobs import launch_bwd, launch_fwd
@@ -75,10 +75,11 @@ class _Head:
     and d bias."""
 
     def __init__(self, hidden, weight, bias, rows, chunk, temperature, ignore_index,
-                 fp32_accumulation, need_dh, need_dw, need_db):
+                 fp32_accumulation, need_dh, need_dw, need_db, shard=None):
         n = hidden.shape[0] if rows is None else rows.numel()
         V = weight.shape[0]
         self.hidden, self.weight, self.bias, self.rows = hidden, weight, bias, rows
+        self.shard, self.vocab_start = shard, 0 if shard is None else shard.start
         self.temperature, self.ignore_index = temperature, ignore_index
         self.buf = torch.empty(min(chunk, n), V, dtype=weight.dtype, device=weight.device)
         acc = torch.float32 if fp32_accumulation else weight.dtype
@@ -99,18 +100,28 @@ class _Head:
         return z, x
 
     def forward(self, a, b, targets, logp, lse, entropy):
-        """Logits of rows [a, b) and their logp, lse (and entropy) into the buffers' [a, b)."""
+        """Logits of rows [a, b) and their logp, lse (and entropy) into the buffers' [a, b);
+        under op 7 this shard's partials (see combine)."""
         z, x = self.logits(a, b)
         launch_fwd(z, targets[a:b], logp[a:b], lse[2 * a:2 * b],
                    entropy[a:b] if entropy.numel() else entropy, self.temperature,
-                   self.ignore_index, entropy.numel() > 0)
+                   self.ignore_index, entropy.numel() > 0, self.vocab_start)
         return z, x
+
+    def combine(self, a, b, targets, logp, lse, entropy):
+        """Op 7: rows [a, b)'s partials made the whole vocabulary's, in place (two
+        all-reduces; every rank runs the same rows in the same order)."""
+        if self.shard is None or b <= a:
+            return
+        e = entropy[a:b] if entropy.numel() else entropy
+        logp[a:b], lse[2 * a:2 * b], e[:] = vocab_parallel.combine(
+            logp[a:b], lse[2 * a:2 * b], e, targets[a:b], self.ignore_index, self.shard)
 
     def backward(self, z, x, a, b, targets, lse, entropy, g, g_entropy):
         """The gradient of rows [a, b) written over their logits z, then into the gradients."""
         launch_bwd(z, z, targets[a:b], lse[2 * a:2 * b],
                    entropy[a:b] if g_entropy.numel() else entropy, g, g_entropy,
-                   self.temperature, self.ignore_index)
+                   self.temperature, self.ignore_index, self.vocab_start)
         if self.dh.numel():
             if self.rows is None:
                 torch.mm(z, self.weight, out=self.dh[a:b])
@@ -143,10 +154,11 @@ def _compact(t, rows):
 @torch.library.custom_op("tic_kernels::linear_logprobs", mutates_args=())
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     targets: torch.Tensor, temperature: float, ignore_index: int,
-                    with_entropy: bool, chunk_rows: int, fp32_accumulation: bool
+                    with_entropy: bool, chunk_rows: int, fp32_accumulation: bool, group_name: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp (R,), lse (2R,), entropy (R,) or (0,)) fp32 of rows hidden (R, H) against the
-    head; lse as token_logprobs_fwd keeps it. Ignored rows get zeros and are not multiplied."""
+    head; lse as token_logprobs_fwd keeps it. Ignored rows get zeros and are not multiplied.
+    ``group_name`` (op 7; "" none): the head is that group's vocabulary shard."""
     R = targets.numel()
     rows = _active_rows(targets != ignore_index)
     t = _compact(targets, rows).contiguous()
@@ -156,9 +168,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     lse = torch.zeros(2 * n, dtype=torch.float32, device=dev)
     entropy = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index, False,
-                 False, False, False)
+                 False, False, False, vocab_parallel.from_name(group_name, weight.shape[0]))
     for a, b in reference.row_chunks(0, n, chunk_rows):
         head.forward(a, b, t, logp, lse, entropy)
+    head.combine(0, n, t, logp, lse, entropy)
     if rows is None:
         return logp, lse, entropy
     full = torch.zeros(R, dtype=torch.float32, device=dev)
@@ -170,7 +183,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, chunk_rows,
-      fp32_accumulation):
+      fp32_accumulation, group_name):
     R = targets.numel()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (torch.empty(R, **f32), torch.empty(2 * R, **f32),
@@ -182,10 +195,11 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
                         targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
                         g_logp: torch.Tensor, g_entropy: torch.Tensor, temperature: float,
                         ignore_index: int, chunk_rows: int, fp32_accumulation: bool,
-                        need_dh: bool, need_dw: bool, need_db: bool
+                        need_dh: bool, need_dw: bool, need_db: bool, group_name: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d hidden, d weight, d bias), each empty when not needed, from the forward's lse and
-    the incoming gradients (g_entropy empty: no entropy term); each chunk is recomputed."""
+    the incoming gradients (g_entropy empty: no entropy term); each chunk is recomputed.
+    Under op 7 (``group_name``) d hidden is this shard's partial."""
     rows = _active_rows(targets != ignore_index)
     t = _compact(targets, rows).contiguous()
     lse = _compact(lse.view(-1, 2), rows).reshape(-1).contiguous()
@@ -195,7 +209,8 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         entropy = _compact(entropy, rows).contiguous()
         g_entropy = _compact(g_entropy, rows).float().contiguous()
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index,
-                 fp32_accumulation, need_dh, need_dw, need_db)
+                 fp32_accumulation, need_dh, need_dw, need_db,
+                 vocab_parallel.from_name(group_name, weight.shape[0]))
     for a, b in reference.row_chunks(0, t.numel(), chunk_rows):
         z, x = head.logits(a, b)
         head.backward(z, x, a, b, t, lse, entropy, g[a:b],
@@ -211,21 +226,22 @@ def _grad_shapes(hidden, weight, bias, need_dh, need_dw, need_db):
 
 @linear_logprobs_bwd.register_fake
 def _(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy, temperature,
-      ignore_index, chunk_rows, fp32_accumulation, need_dh, need_dw, need_db):
+      ignore_index, chunk_rows, fp32_accumulation, need_dh, need_dw, need_db, group_name):
     return _grad_shapes(hidden, weight, bias, need_dh, need_dw, need_db)
 
 
 def _logprobs_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, rows, fp32 = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, rows, fp32, group = \
+        inputs
     _, lse, entropy = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-    ctx.options = temperature, ignore_index, with_entropy, rows, fp32
+    ctx.options = temperature, ignore_index, with_entropy, rows, fp32, group
 
 
 @reference.first_order_only
 def _logprobs_backward(ctx, g_logp, _g_lse, g_entropy):
     hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, rows, fp32 = ctx.options
+    temperature, ignore_index, with_entropy, rows, fp32, group = ctx.options
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     if g_logp is None:  # only the entropy was used
         g_logp = lse.new_zeros(targets.numel())
@@ -233,7 +249,7 @@ def _logprobs_backward(ctx, g_logp, _g_lse, g_entropy):
         g_entropy = lse.new_empty(0)
     dh, dw, db = linear_logprobs_bwd(hidden, weight, bias, targets, lse, entropy, g_logp,
                                      g_entropy, temperature, ignore_index, rows, fp32,
-                                     need_dh, need_dw, bool(need_db and bias is not None))
+                                     need_dh, need_dw, bool(need_db and bias is not None), group)
     return grads_by_name(linear_logprobs, hidden=dh if need_dh else None,
                          weight=dw if need_dw else None, bias=db if need_db else None)
 
@@ -266,11 +282,13 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                 dual_clip: Optional[float], max_log_ratio: float, aggregation: str, beta: float,
                 num_tokens: Optional[float], num_sequences: Optional[float],
                 max_len: Optional[float], chunk_rows: int, fp32_accumulation: bool,
-                need_dh: bool, need_dw: bool, need_db: bool
+                need_dh: bool, need_dw: bool, need_db: bool, group_name: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stats (8,), d hidden, d weight, d bias) for hidden (R, H) and per-token (R,)
     tensors, packed (cu_seqlens) or padded (mask (B, T), R = B T); the gradients are those of
-    the loss itself (each empty when not needed), the backward scales them."""
+    the loss itself (each empty when not needed), the backward scales them. ``group_name``
+    (op 7; "" none): the head is that group's vocabulary shard, d hidden this shard's
+    partial."""
     dev = hidden.device
     if mask is not None:  # the loss rows, packed
         rows = _active_rows(mask.reshape(-1).bool())
@@ -297,11 +315,13 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     advantages = advantages.float().contiguous()
     grad = need_dh or need_dw or need_db
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, IGNORE_INDEX,
-                 fp32_accumulation, need_dh, need_dw, need_db)
+                 fp32_accumulation, need_dh, need_dw, need_db,
+                 vocab_parallel.from_name(group_name, weight.shape[0]))
     for s0, s1 in _sequence_groups(cu_host, chunk_rows):
         chunks = reference.row_chunks(cu_host[s0], cu_host[s1], chunk_rows)
         for a, b in chunks:
             z, x = head.forward(a, b, t, logp, lse, entropy)
+        head.combine(cu_host[s0], cu_host[s1], t, logp, lse, entropy)
         launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None, advantages[s0:s1],
                          cu[s0:s1 + 1], None, coef, coef_ent, part[s0:s1], **options)
         if not grad:
@@ -321,7 +341,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def _(hidden, weight, bias, targets, old, ref, advantages, cu_seqlens, mask, temperature,
       entropy_coef, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
       beta, num_tokens, num_sequences, max_len, chunk_rows, fp32_accumulation, need_dh,
-      need_dw, need_db):
+      need_dw, need_db, group_name):
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (torch.empty((), **f32), torch.empty(8, **f32)) + _grad_shapes(
         hidden, weight, bias, need_dh, need_dw, need_db)
@@ -329,7 +349,7 @@ def _(hidden, weight, bias, targets, old, ref, advantages, cu_seqlens, mask, tem
 
 def _loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
-    ctx.needs = inputs[-3:]  # need_dh, need_dw, need_db
+    ctx.needs = inputs[-4:-1]  # need_dh, need_dw, need_db
     # the statistics and the gradients are results, not functions of the inputs to
     # differentiate (as tic_loss's statistics)
     ctx.mark_non_differentiable(*output[1:])
@@ -381,7 +401,7 @@ def _needs(hidden, weight, bias):
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
                           ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
-                          fp32_accumulation=True):
+                          fp32_accumulation=True, process_group=None):
     """Log-probability of each target under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the logits.
 
@@ -396,6 +416,14 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
             options.LM_HEAD_CHUNK_BYTES (1 GiB) in the weight's dtype.
         fp32_accumulation: accumulate d weight and d bias across chunks in fp32 (a (V, H)
             fp32 buffer in the backward); False accumulates d weight in the weight's dtype.
+        process_group: the vocabulary is split over this torch.distributed group (op 7):
+            ``weight`` (and ``bias``) hold this rank's rows [rank V_local, (rank + 1) V_local)
+            of the head, a column-parallel LM head's shard; hidden and targets (global ids)
+            are replicated. Values are the whole vocabulary's; d weight and d bias are this
+            shard's, and **d hidden is this rank's partial**: the caller sums it over the
+            group, as a column-parallel layer does for its input in the backward (Megatron's
+            copy_to_tensor_model_parallel_region). Two all-reduces per chunk of rows (12
+            bytes a row, 16 with the entropy), none in the backward.
 
     Returns:
         logp (...) float32 (and entropy), differentiable w.r.t. hidden, weight and bias; the
@@ -403,23 +431,30 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         torch.autocast, the autocast dtype), the rest as token_logprobs. The backward
         recomputes each chunk's logits.
     """
-    hidden, weight, bias = _autocast(hidden, weight, bias)
-    check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
-    check.int_tensor("targets", targets)
-    check.shape("targets", targets, hidden.shape[:-1], " (hidden's shape without H)")
-    check.same_device("hidden", hidden, targets=targets)
-    check.positive("temperature", temperature)
-    check.integer("ignore_index", ignore_index)
-    check.boolean("return_entropy", return_entropy)
-    check.targets_in_range(targets, weight.shape[0], ignore_index)
+    def checks(vocab):
+        nonlocal hidden, weight, bias
+        hidden, weight, bias = _autocast(hidden, weight, bias)
+        check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
+        check.int_tensor("targets", targets)
+        check.shape("targets", targets, hidden.shape[:-1], " (hidden's shape without H)")
+        check.same_device("hidden", hidden, targets=targets)
+        check.positive("temperature", temperature)
+        check.integer("ignore_index", ignore_index)
+        check.boolean("return_entropy", return_entropy)
+        check.targets_in_range(targets, vocab, ignore_index)
+
+    _, shard = vocab_parallel.checked(process_group, checks,
+                                      vocab_parallel.columns_of(weight, 0),
+                                      vocab_parallel.rows_of(targets), "weight")
     if not use_triton(hidden):
         return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature,
                                                ignore_index, return_entropy, chunk_size,
-                                               fp32_accumulation)
+                                               fp32_accumulation,
+                                               None if shard is None else shard.pair)
     logp, _, entropy = linear_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).contiguous(),
         float(temperature), int(ignore_index), bool(return_entropy),
-        _chunk_rows(chunk_size, weight), fp32_accumulation)
+        _chunk_rows(chunk_size, weight), fp32_accumulation, vocab_parallel.name_of(shard))
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
@@ -429,13 +464,15 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                     dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
-                    num_sequences=None, max_len=None):
+                    num_sequences=None, max_len=None, process_group=None):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
         hidden: packed (N, H) with ``cu_seqlens``, or padded (B, T, H) with ``mask``; rows
             outside the mask are never multiplied and get zero gradient.
-        weight, bias, chunk_size, fp32_accumulation: as in :func:`linear_token_logprobs`.
+        weight, bias, chunk_size, fp32_accumulation, process_group: as in
+            :func:`linear_token_logprobs` (under a process group, d hidden is this rank's
+            partial, to be summed over the group by the caller).
         Every other argument: as in :func:`tic_kernels.tic_loss`.
 
     Returns:
@@ -445,19 +482,28 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         formed in the backward instead (a loss scale must reach it before it is rounded).
         Under torch.autocast the head runs in the autocast dtype, as F.linear would.
     """
-    hidden, weight, bias = _autocast(hidden, weight, bias)
-    check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
-    options = check.loss_call(
-        "hidden", hidden, "H", weight.shape[0], targets, old_logprobs, advantages, cu_seqlens,
-        mask, ref_logprobs, temperature,
-        (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-         ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
+    def checks(vocab):
+        nonlocal hidden, weight, bias
+        hidden, weight, bias = _autocast(hidden, weight, bias)
+        check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
+        return check.loss_call(
+            "hidden", hidden, "H", vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
+            ref_logprobs, temperature,
+            (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
+
+    options, shard = vocab_parallel.checked(process_group, checks,
+                                            vocab_parallel.columns_of(weight, 0),
+                                            vocab_parallel.rows_of(targets), "weight")
     if not use_triton(hidden):
         return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
                                          bias, cu_seqlens=cu_seqlens, mask=mask,
                                          temperature=temperature, entropy_coef=entropy_coef,
                                          chunk_size=chunk_size,
-                                         fp32_accumulation=fp32_accumulation, **options)
+                                         fp32_accumulation=fp32_accumulation,
+                                         shard=None if shard is None else shard.pair,
+                                         **options)
+    group_name = vocab_parallel.name_of(shard)
     rows = _chunk_rows(chunk_size, weight)
     if hidden.dtype == torch.float16:
         # fp16 training scales the loss (GradScaler) so that small gradients survive fp16:
@@ -467,7 +513,7 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         with_entropy = entropy_coef != 0.0
         logp, _, entropy = linear_logprobs(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, t.reshape(-1).contiguous(),
-            float(temperature), IGNORE_INDEX, with_entropy, rows, fp32_accumulation)
+            float(temperature), IGNORE_INDEX, with_entropy, rows, fp32_accumulation, group_name)
         loss, stats, *_ = loss_on_segments(
             logp.view(t.shape), old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             entropy.view(t.shape) if with_entropy else None, entropy_coef=entropy_coef,
@@ -488,5 +534,5 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         ratio, clip_mode, floats["eps_low"], floats["eps_high"], floats["dual_clip"],
         floats["max_log_ratio"], options["aggregation"], floats["beta"], floats["num_tokens"],
         floats["num_sequences"], floats["max_len"], rows, fp32_accumulation,
-        *_needs(hidden, weight, bias))
+        *_needs(hidden, weight, bias), group_name)
     return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))

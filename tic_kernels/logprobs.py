@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, vocab_parallel
 from . import validation as check
 from .backend import (cast_for_store, emulate_rne, grads_by_name, inputs_by_name, interpreting,
                       launch, triton_op, use_triton)
@@ -70,12 +70,13 @@ def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
     stride_b, stride_t, stride_v,
-    T, V, inv_temperature, ignore_index,
+    T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
+    target -= vocab_start  # a column of this shard of the vocabulary, or outside it (op 7)
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     cols = tl.arange(0, BLOCK_V)
     m = -float("inf")
@@ -95,8 +96,8 @@ def _token_logprobs_fwd_kernel(
     z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
     # logp = (z_t - m) - log s: forming lse = m + log s first would round log s away when |m|
     # is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
-    # An out-of-range target (only reachable when validation is skipped) gives NaN, never a
-    # plausible number.
+    # An out-of-range target (another shard's under op 7; else only reachable when validation
+    # is skipped) gives NaN, never a plausible number.
     logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
     tl.store(lse_ptr + 2 * row, tl.where(active, m, 0.0))
@@ -123,13 +124,14 @@ def _grad_block(z, idx, target, g, gH, H, m, log_s, WITH_ENTROPY: tl.constexpr):
 def _token_logprobs_bwd_kernel(
     logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
     stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
-    T, V, inv_temperature, ignore_index,
+    T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
     UNIT_STRIDE_GV: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
+    target -= vocab_start  # outside [0, V) under op 7 when another shard holds it: no 1[v = y]
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
     m = tl.load(lse_ptr + 2 * row)
@@ -185,9 +187,13 @@ def _rows_layout(logits):
     return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
 
 
-def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, with_entropy):
+def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, with_entropy,
+               vocab_start=0):
     """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
-    (R,), lse (2R,), entropy (R,) or empty); targets (R,) contiguous."""
+    (R,), lse (2R,), entropy (R,) or empty); targets (R,) contiguous. With ``vocab_start``
+    (op 7) the logits are columns [vocab_start, vocab_start + V) of the vocabulary: the
+    buffers get this shard's partial values (logp NaN where another shard holds the target),
+    which tic_kernels.reference.vocab_combine turns into the whole vocabulary's."""
     R = targets.numel()
     if not R:
         return
@@ -195,7 +201,7 @@ def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, w
     block, warps = _launch_config("fwd", logits.shape[-1])
     launch(_token_logprobs_fwd_kernel, (R,),
         logits, targets, logp, lse, entropy, sb, st, sv, T, logits.shape[-1], 1.0 / temperature,
-        ignore_index, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
+        ignore_index, vocab_start, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
         num_warps=warps)
 
 
@@ -217,10 +223,11 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 
 def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperature,
-               ignore_index):
+               ignore_index, vocab_start=0):
     """Runs the backward kernel: dL/dlogits into ``grad`` (which may be ``logits`` itself:
     each block is read before the same program overwrites it). Per-row inputs contiguous;
-    g_entropy empty: no entropy term."""
+    g_entropy empty: no entropy term. Under op 7, lse and entropy are the whole vocabulary's
+    and the logits columns [vocab_start, vocab_start + V) of it."""
     R = targets.numel()
     if not R:
         return
@@ -230,31 +237,33 @@ def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperatu
     launch(_token_logprobs_bwd_kernel, (R,),
         logits, grad, targets, lse, entropy, g_logp, g_entropy,
         sb, st, sv, gb, gt, gv, T, logits.shape[-1], 1.0 / temperature, ignore_index,
-        WITH_ENTROPY=g_entropy.numel() > 0, EMULATE_RNE=emulate_rne(grad.dtype),
+        vocab_start, WITH_ENTROPY=g_entropy.numel() > 0, EMULATE_RNE=emulate_rne(grad.dtype),
         UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
 
 
 @triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
 def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
                        lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
-                       g_entropy: torch.Tensor, temperature: float, ignore_index: int) -> None:
+                       g_entropy: torch.Tensor, temperature: float, ignore_index: int,
+                       vocab_start: int) -> None:
     """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself). g_entropy empty: no
     entropy term."""
     launch_bwd(logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
                entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(), temperature,
-               ignore_index)
+               ignore_index, vocab_start)
 
 
 def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
-                inplace=False):
-    """dL/dlogits (in the logits' dtype) from the forward's lse; shared with the fused loss."""
+                inplace=False, vocab_start=0):
+    """dL/dlogits (in the logits' dtype) from the forward's lse; shared with the fused loss
+    and op 7 (``vocab_start``: the logits are that shard of the vocabulary)."""
     grad = logits if inplace else torch.empty_like(logits)
     empty = lse.new_empty(0)
     token_logprobs_bwd(logits, grad, targets, lse,
                        entropy if g_entropy is not None else empty,
                        g_logp.reshape(-1).float().contiguous(),
                        empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
-                       temperature, ignore_index)
+                       temperature, ignore_index, vocab_start)
     return grad
 
 
@@ -281,7 +290,7 @@ token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDEX,
-                   return_entropy=False):
+                   return_entropy=False, process_group=None):
     """Log-probability of each target under softmax(logits / temperature).
 
     Args:
@@ -291,23 +300,34 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
         ignore_index: targets equal to it get logp 0, entropy 0 and a zero gradient, and their
             logits row is not read.
         return_entropy: also return the entropy of softmax(logits / temperature) per row.
+        process_group: a torch.distributed group over which the vocabulary is split (op 7):
+            this rank's logits are columns [rank V_local, (rank + 1) V_local) of the whole
+            vocabulary, targets are global ids in [0, world V_local), replicated. The values
+            are the whole vocabulary's; the gradient is this rank's slice of it. Two
+            all-reduces per call (12 bytes a row, 16 with the entropy) and one to agree on
+            the inputs; the backward communicates nothing (see tic_kernels.vocab_parallel).
 
     Returns:
         logp (...) float32 (float64 for float64 logits), and entropy of the same shape and dtype
         when ``return_entropy``. Differentiable w.r.t. logits (gradient in the logits' dtype).
     """
-    check.float_tensor("logits", logits)
-    check.int_tensor("targets", targets)
-    if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got shape "
-                         f"{tuple(logits.shape)}")
-    check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
-    check.same_device("logits", logits, targets=targets)
-    check.positive("temperature", temperature)
-    check.integer("ignore_index", ignore_index)
-    check.boolean("return_entropy", return_entropy)
-    check.targets_in_range(targets, logits.shape[-1], ignore_index)
-    if not use_triton(logits):
+    def checks(vocab):
+        check.float_tensor("logits", logits)
+        check.int_tensor("targets", targets)
+        if logits.dim() < 1 or logits.shape[-1] < 1:
+            raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got shape "
+                             f"{tuple(logits.shape)}")
+        check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
+        check.same_device("logits", logits, targets=targets)
+        check.positive("temperature", temperature)
+        check.integer("ignore_index", ignore_index)
+        check.boolean("return_entropy", return_entropy)
+        check.targets_in_range(targets, vocab, ignore_index)
+
+    _, shard = vocab_parallel.checked(process_group, checks, vocab_parallel.columns_of(logits),
+                                      vocab_parallel.rows_of(targets), "logits")
+    kernels = use_triton(logits)
+    if shard is None and not kernels:
         return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
     shape = targets.shape
     # the kernels describe rows by (b, t) strides: (V,) is one row; (..., T, V) merges the
@@ -316,6 +336,10 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
         logits, targets = logits.unsqueeze(0), targets.reshape(1)
     elif logits.dim() > 3:
         logits, targets = logits.flatten(0, -3), targets.flatten(0, -2)
+    if shard is not None:
+        out = vocab_parallel.token_logprobs(logits, targets, temperature, ignore_index,
+                                            return_entropy, shard, kernels)
+        return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
     logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index),
                                           bool(return_entropy))
     logp = logp.view(shape)

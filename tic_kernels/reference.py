@@ -146,6 +146,130 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=IGNORE_INDEX, 
 
 
 # --------------------------------------------------------------------------------------------
+# Op 7: vocabulary parallelism. A rank holds columns [start, start + V_local) of the vocabulary;
+# its partial values combine into the whole vocabulary's with two all-reduces per call.
+# --------------------------------------------------------------------------------------------
+def vocab_partials(z, targets, temperature, start, with_entropy):
+    """This shard's partial values for rows z (R, V_local), as the forward kernel writes them:
+    logp of the target within the shard's own softmax (NaN where another shard holds it),
+    lse (R, 2) = (max of z / tau, log sum exp(z / tau - max)), and the entropy of the shard's
+    own softmax (zeros unless with_entropy)."""
+    z = z / temperature
+    m = z.amax(-1)
+    zs = z - torch.where(m == -torch.inf, 0.0, m).unsqueeze(-1)
+    e = zs.exp()
+    s = e.sum(-1)
+    log_s = s.log()
+    t = targets - start
+    owned = (t >= 0) & (t < z.shape[-1])
+    zt = zs.gather(-1, t.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(owned, zt - log_s, torch.nan)
+    H = log_s - (e * torch.where(e > 0, zs, 0.0)).sum(-1) / s if with_entropy \
+        else torch.zeros_like(logp)
+    return logp, torch.stack([m, log_s], -1), H
+
+
+def vocab_combine(logp, lse, entropy, targets, ignore_index, start, V_local, group):
+    """The whole vocabulary's (logp, lse (R, 2), entropy) from every rank's partials (entropy
+    None: not wanted). With M the row max over the ranks and a_r = sum over shard r of
+    exp(z - M): log S = log sum_r a_r, logp = (logp_r + log a_r) - log S on the rank r owning
+    the target, H = sum_r a_r (H_r - log a_r) / S + log S. Communication per row: one MAX
+    all-reduce of 1 float and one SUM all-reduce of 2 floats (3 with the entropy), in the
+    partials' dtype: 12 bytes (16) in fp32."""
+    import torch.distributed as dist
+    m, log_s = lse.unbind(-1)
+    M = m.clone()
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+    shift = torch.where(M == -torch.inf, 0.0, M)
+    log_a = (m - shift) + log_s  # -inf when every logit of the shard is -inf
+    a = log_a.exp()
+    t = targets - start
+    owned = (t >= 0) & (t < V_local)
+    parts = [a, torch.where(owned, torch.where(m == -torch.inf, -torch.inf, logp + log_a), 0.0)]
+    if entropy is not None:
+        parts.append(torch.where(a > 0, a * (entropy - log_a), 0.0))
+    sums = torch.stack(parts)
+    dist.all_reduce(sums, group=group)
+    log_S = sums[0].log()
+    active = targets != ignore_index
+    logp = torch.where(active, sums[1] - log_S, 0.0)
+    H = None if entropy is None else torch.where(active, sums[2] / sums[0] + log_S, 0.0)
+    return logp, torch.stack([torch.where(active, shift, 0.0),
+                              torch.where(active, log_S, 0.0)], -1), H
+
+
+def vocab_logits_grad(z, targets, start, lse, entropy, g, g_entropy, temperature):
+    """dL/dz of this shard's rows z (R, V_local) from the whole vocabulary's lse and entropy:
+    (g (1[v = y] - p) - gH p (log p + H)) / tau, p the whole vocabulary's softmax
+    (g_entropy None: no entropy term)."""
+    log_p = (z / temperature - lse[:, :1]) - lse[:, 1:]
+    p = log_p.exp()
+    d = -g.unsqueeze(-1) * p
+    t = targets - start
+    owned = ((t >= 0) & (t < z.shape[-1])).nonzero().squeeze(-1)
+    d[owned, t[owned]] += g[owned]
+    if g_entropy is not None:
+        d -= g_entropy.unsqueeze(-1) * p * torch.where(p > 0, log_p + entropy.unsqueeze(-1), 0.0)
+    return d / temperature
+
+
+class _VocabTokenLogprobs(torch.autograd.Function):
+    """Op 1 over a shard of the vocabulary: chunked partials combined across the group in the
+    forward; the backward forms each chunk's gradient from the saved whole-vocabulary lse."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, group, start):
+        flat_t = targets.reshape(-1)
+        dt = compute_dtype(logits)
+        R, V = flat_t.numel(), logits.shape[-1]
+        logp = torch.zeros(R, dtype=dt, device=logits.device)
+        lse = torch.zeros(R, 2, dtype=dt, device=logits.device)
+        entropy = torch.zeros_like(logp)
+        for base, chunk in _row_views(logits):
+            t = flat_t[base:base + chunk.shape[0]]
+            keep = (t != ignore_index).nonzero().squeeze(-1)  # ignored rows are never read
+            rows = base + keep
+            logp[rows], lse[rows], entropy[rows] = vocab_partials(
+                chunk[keep].to(dt), t[keep], temperature, start, with_entropy)
+        logp, lse, H = vocab_combine(logp, lse, entropy if with_entropy else None, flat_t,
+                                     ignore_index, start, V, group)
+        entropy = entropy if H is None else H
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.options = temperature, ignore_index, with_entropy, start
+        return logp.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_logp, g_entropy):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, start = ctx.options
+        flat_t = targets.reshape(-1)
+        dt = compute_dtype(logits)
+        g_logp, g_entropy = g_logp.reshape(-1).to(dt), g_entropy.reshape(-1).to(dt)
+        grad = logits.new_zeros(logits.shape)
+        flat_grad = grad.view(-1, logits.shape[-1])
+        for base, chunk in _row_views(logits):
+            t = flat_t[base:base + chunk.shape[0]]
+            rows = base + (t != ignore_index).nonzero().squeeze(-1)
+            flat_grad[rows] = vocab_logits_grad(
+                chunk[rows - base].to(dt), flat_t[rows], start, lse[rows], entropy[rows],
+                g_logp[rows], g_entropy[rows] if with_entropy else None,
+                temperature).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def vocab_token_logprobs(logits, targets, temperature, ignore_index, return_entropy, group,
+                         start):
+    """token_logprobs over columns [start, start + V_local) of the vocabulary held by this rank
+    of ``group`` (targets are global ids): the whole vocabulary's values, this shard's
+    gradient."""
+    logp, entropy = _VocabTokenLogprobs.apply(logits, targets, float(temperature),
+                                              int(ignore_index), bool(return_entropy), group,
+                                              int(start))
+    return (logp, entropy) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
 # Op 6: the fused LM head (log-probs from hidden states, one chunk of logits at a time)
 # --------------------------------------------------------------------------------------------
 def row_chunks(a: int, b: int, rows: int):
@@ -160,30 +284,46 @@ def row_chunks(a: int, b: int, rows: int):
 class _LinearLogprobs(torch.autograd.Function):
     """logp (and entropy) of F.linear(hidden, weight, bias) chunk by chunk: the forward keeps
     only per-row values; the backward recomputes each chunk's logits and differentiates them
-    with autograd, accumulating d weight and d bias across chunks (in fp32 unless told)."""
+    with autograd, accumulating d weight and d bias across chunks (in fp32 unless told).
+
+    With ``shard`` = (group, start) the weight holds rows [start, start + V_local) of the
+    vocabulary (op 7): each chunk's partials are combined across the group in the forward and
+    the backward forms each chunk's logits gradient from the saved whole-vocabulary lse."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, with_entropy,
-                chunk_rows, fp32_accumulation):
+                chunk_rows, fp32_accumulation, shard):
         h = hidden.reshape(-1, hidden.shape[-1])
-        keep = (targets.reshape(-1) != ignore_index).nonzero().squeeze(-1)  # rows never multiplied otherwise
+        flat_t = targets.reshape(-1)
+        keep = (flat_t != ignore_index).nonzero().squeeze(-1)  # rows never multiplied otherwise
         dt = compute_dtype(weight)
         logp = torch.zeros(h.shape[0], dtype=dt, device=h.device)
         entropy = torch.zeros_like(logp)
+        lse = torch.zeros(h.shape[0], 2, dtype=dt, device=h.device)
         for a, b in row_chunks(0, keep.numel(), chunk_rows):
             rows = keep[a:b]
             z = torch.nn.functional.linear(h[rows], weight, bias).to(dt)
-            logp[rows], entropy[rows] = _rows_logprobs(z, targets.reshape(-1)[rows], temperature,
-                                                       with_entropy)
-        ctx.save_for_backward(hidden, weight, bias, targets, keep)
-        ctx.options = temperature, with_entropy, chunk_rows, fp32_accumulation
+            if shard is None:
+                logp[rows], entropy[rows] = _rows_logprobs(z, flat_t[rows], temperature,
+                                                           with_entropy)
+                continue
+            # every rank runs the same chunks (the rows are replicated): one combine each
+            group, start = shard
+            lp, lse_c, H = vocab_partials(z, flat_t[rows], temperature, start, with_entropy)
+            logp[rows], lse[rows], H = vocab_combine(lp, lse_c, H if with_entropy else None,
+                                                     flat_t[rows], ignore_index, start,
+                                                     weight.shape[0], group)
+            if with_entropy:
+                entropy[rows] = H
+        ctx.save_for_backward(hidden, weight, bias, targets, keep, lse, entropy)
+        ctx.options = temperature, with_entropy, chunk_rows, fp32_accumulation, shard
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
     @first_order_only
     def backward(ctx, g_logp, g_entropy):
-        hidden, weight, bias, targets, keep = ctx.saved_tensors
-        temperature, with_entropy, chunk_rows, fp32_accumulation = ctx.options
+        hidden, weight, bias, targets, keep, lse, entropy = ctx.saved_tensors
+        temperature, with_entropy, chunk_rows, fp32_accumulation, shard = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         h = hidden.reshape(-1, hidden.shape[-1])
         dt = compute_dtype(weight)
@@ -199,9 +339,15 @@ class _LinearLogprobs(torch.autograd.Function):
                 w = weight.detach().requires_grad_(need_w)
                 c = None if bias is None else bias.detach().requires_grad_(need_b)
                 z = torch.nn.functional.linear(x, w, c).to(dt)
-                lp, ent = _rows_logprobs(z, targets.reshape(-1)[rows], temperature, with_entropy)
-                outs, grads = ((lp, ent), (g_logp[rows], g_entropy[rows])) if with_entropy \
-                    else ((lp,), (g_logp[rows],))
+                t = targets.reshape(-1)[rows]
+                if shard is not None:  # the closed form: z's gradient needs the other shards
+                    outs, grads = (z,), (vocab_logits_grad(
+                        z.detach(), t, shard[1], lse[rows], entropy[rows], g_logp[rows],
+                        g_entropy[rows] if with_entropy else None, temperature),)
+                else:
+                    lp, ent = _rows_logprobs(z, t, temperature, with_entropy)
+                    outs, grads = ((lp, ent), (g_logp[rows], g_entropy[rows])) \
+                        if with_entropy else ((lp,), (g_logp[rows],))
                 wrt = [t for t, need in ((x, need_h), (w, need_w), (c, need_b)) if need]
                 got = list(torch.autograd.grad(outs, wrt, grads))
             if need_h:
@@ -212,19 +358,20 @@ class _LinearLogprobs(torch.autograd.Function):
                 db += got.pop(0)
         return (None if dh is None else dh.view(hidden.shape),
                 None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype)) + (None,) * 6
+                None if db is None else db.to(bias.dtype)) + (None,) * 7
 
 
 def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
                           ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
-                          fp32_accumulation=True):
+                          fp32_accumulation=True, shard=None):
     """token_logprobs(F.linear(hidden, weight, bias), targets, ...) without the logits: at most
     ``chunk_size`` rows of them at a time (default: CHUNK_ELEMENTS elements, as the other
-    chunked ops here); see docs/spec.md, op 6."""
+    chunked ops here); see docs/spec.md, op 6. ``shard`` = (group, start): the weight holds
+    vocabulary rows [start, start + V_local) (op 7); d hidden is this rank's partial."""
     rows = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])  # as token_logprobs chunks
     logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, targets, float(temperature),
                                           int(ignore_index), bool(return_entropy), rows,
-                                          bool(fp32_accumulation))
+                                          bool(fp32_accumulation), shard)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -462,12 +609,18 @@ def _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, 
 
 
 def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=None,
-             temperature=1.0, entropy_coef=0.0, inplace_backward=False, **loss_options):
+             temperature=1.0, entropy_coef=0.0, inplace_backward=False, shard=None,
+             **loss_options):
     """tic_loss_from_logprobs applied to token_logprobs(logits, targets); see docs/spec.md, op 4.
+    ``shard`` = (group, start): the logits are vocabulary columns [start, start + V_local)
+    (op 7).
 
     ``inplace_backward`` is accepted for signature parity and ignored: the reference allocates.
     """
     def logprobs_of(t, with_entropy):
+        if shard is not None:
+            out = vocab_token_logprobs(logits, t, temperature, IGNORE_INDEX, with_entropy, *shard)
+            return out if with_entropy else (out, None)
         return token_logprobs(logits, t, temperature, IGNORE_INDEX, return_entropy=True) \
             if with_entropy else (token_logprobs(logits, t, temperature, IGNORE_INDEX), None)
     return _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
@@ -476,12 +629,13 @@ def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=No
 
 def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, bias=None,
                     cu_seqlens=None, mask=None, temperature=1.0, entropy_coef=0.0,
-                    chunk_size=None, fp32_accumulation=True, **loss_options):
-    """tic_loss(F.linear(hidden, weight, bias), ...) through linear_token_logprobs (op 6)."""
+                    chunk_size=None, fp32_accumulation=True, shard=None, **loss_options):
+    """tic_loss(F.linear(hidden, weight, bias), ...) through linear_token_logprobs (op 6;
+    ``shard`` as there, op 7)."""
     def logprobs_of(t, with_entropy):
         out = linear_token_logprobs(hidden, weight, t, bias, temperature, IGNORE_INDEX,
                                     return_entropy=with_entropy, chunk_size=chunk_size,
-                                    fp32_accumulation=fp32_accumulation)
+                                    fp32_accumulation=fp32_accumulation, shard=shard)
         return out if with_entropy else (out, None)
     return _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
                            entropy_coef, loss_options)

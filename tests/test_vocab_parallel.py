@@ -1,0 +1,133 @@
+"""Op 7: the vocabulary split over 2 and 3 gloo processes gives the unsharded values and
+gradients (each rank its slice), on the path this run tests (the Triton kernels under the
+interpreter, or the reference with TIC_TEST_NO_INTERPRET=1); and bad inputs make every rank
+raise instead of hanging in a collective."""
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tic_kernels.testing import (GRAD_TOL, HEAD_GRAD_TOL, LOSS_TOL, VALUE_TOL,
+                                 assert_close_to_scale, tolerance)
+
+sys.path.insert(0, os.path.dirname(__file__))
+import vocab_parallel_cases as cases  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT_S = 600  # the interpreter on 2 cores; a hang fails the test instead of the run
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world, args_of, timeout=TIMEOUT_S):
+    """Runs ``world`` python processes (args_of(rank) after the interpreter) and returns their
+    outputs; any that is still running after ``timeout`` seconds is killed and the test fails."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [HERE, os.environ.get(
+        "PYTHONPATH")])), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, *args_of(r)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank did not finish within {timeout} s (a hang in a collective?)")
+    for r, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{o}"
+    return outs
+
+
+def _check(name, got, want, dtype):
+    if name.startswith("grad_hidden") or (name.startswith("grad_") and "linear" in name):
+        assert_close_to_scale(got, want, 2 * HEAD_GRAD_TOL[dtype], name)
+    elif name.startswith("grad_"):
+        torch.testing.assert_close(got, want, **tolerance(GRAD_TOL, dtype), msg=name)
+    elif name in ("logp", "entropy"):
+        torch.testing.assert_close(got, want, **tolerance(VALUE_TOL, dtype), msg=name)
+    else:
+        torch.testing.assert_close(got, want, **tolerance(LOSS_TOL), msg=name)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_equals_unsharded(world, tmp_path, device):
+    seed = random.randrange(1 << 30)  # fresh inputs each run; the seed is in the failure
+    port = _free_port()
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
+    _spawn(world, lambda r: [os.path.join(HERE, "vocab_parallel_cases.py"), str(r), str(world),
+                             str(port), str(seed), device, outs[r]])
+    want = cases.run_cases(seed, device)
+    for r in range(world):
+        got = torch.load(outs[r])
+        assert got.keys() == want.keys()
+        cols = cases._cols(r, world)
+        for case, values in want.items():
+            dtype = torch.bfloat16 if "bfloat16" in case else torch.float32
+            for k, w in values.items():
+                if k in cases.SHARDED_LAST:
+                    w = w[..., cols]
+                elif k in cases.SHARDED_FIRST:
+                    w = w[cols]
+                _check(f"{k} of {case}, rank {r}/{world}, seed {seed}", got[case][k], w, dtype)
+
+
+_ERRORS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    import tic_kernels as tk
+    rank, world, port, case = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    V = 8 + (rank if case == "uneven_vocab" else 0)
+    logits = torch.randn(5, V)
+    targets = torch.randint(0, 8 * world, (5,))
+    if case == "target_out_of_range":
+        targets[2] = 8 * world  # one past the whole vocabulary
+    if case == "bad_dtype_on_one_rank" and rank == 1:
+        logits = logits.to(torch.int64)
+    if case == "rows_differ" and rank == 0:
+        logits, targets = logits[:4], targets[:4]
+    try:
+        tk.token_logprobs(logits, targets, process_group=dist.group.WORLD)
+        print("NO ERROR")
+    except (TypeError, ValueError) as e:
+        print(type(e).__name__, e)
+    # the group still works: nobody is left inside a collective
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    print("after", int(x.item()))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.parametrize("case, every_rank, failing_rank", [
+    ("uneven_vocab", "same number of vocabulary columns", None),
+    ("target_out_of_range", "targets must lie in [0, 16)", None),
+    ("bad_dtype_on_one_rank", "another rank's inputs were rejected", "logits must be a floating"),
+    ("rows_differ", "the row counts range from 4 to 5", None),
+])
+def test_bad_inputs_raise_on_every_rank(case, every_rank, failing_rank, tmp_path):
+    script = tmp_path / "errors.py"
+    script.write_text(_ERRORS)
+    port = _free_port()
+    outs = _spawn(2, lambda r: [str(script), str(r), "2", str(port), case], timeout=120)
+    for r, out in enumerate(outs):
+        want = failing_rank if failing_rank and r == 1 else every_rank
+        assert want in out, f"rank {r}:\n{out}"
+        assert "NO ERROR" not in out and "after 2" in out, f"rank {r}:\n{out}"
+
+
+def test_process_group_must_be_a_group():
+    import tic_kernels as tk
+    with pytest.raises((TypeError, RuntimeError), match="process_group"):
+        tk.token_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long),
+                          process_group="world")
