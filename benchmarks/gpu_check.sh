@@ -14,6 +14,8 @@
 #      path and Liger's fused linear GRPO loss: time, TFLOP/s, memory beyond the gradients
 #   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at the headline shape
 #   4. the CUDA tests, in parallel when pytest-xdist is there
+#   4b. op 7: the vocabulary split over 2 and 3 processes sharing the one GPU (gloo on CUDA
+#      tensors: nccl refuses two ranks on one device) against the unsplit result
 #   5. a CUDA-graph capture of the loss with the value checks off
 #   6. two trainer steps on CUDA, in fp32 (per-sequence sdpa) and with --amp bf16 (varlen flash)
 #   7. the quick benchmarks against the peers that import (packing, tic_loss, token_logprobs)
@@ -23,7 +25,8 @@
 # reads
 #   gpu: <name> / headline: exit N in S (<targets>) / linear: exit N in S (<targets>) /
 #   sweep: exit N / build: exit N /
-#   tests: exit N (<pytest tail>) / graph: exit N (<result>) / trainer: exit N (fp32),
+#   tests: exit N (<pytest tail>) / vocab_parallel: exit N (<pytest tail>) /
+#   graph: exit N (<result>) / trainer: exit N (fp32),
 #   exit N (--amp bf16) / bench: exit N
 # Peer wheels (liger-kernel, flash-attn's Python parts) travel in a git-ignored .whl/ folder and
 # are installed with --no-index --no-deps into .whl/site, put on PYTHONPATH.
@@ -60,6 +63,7 @@ step() {
 if [ $dry = 1 ]; then
     export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
     device=cpu shape=16x300 lshape=16x32x300 reps=(--reps 1) tests=(tests/test_errors.py)
+    vp=(-k "bad_inputs and uneven")
     train=(--steps 1 --prompts 2 --group 2)
     bench=(--device cpu --shapes 16x300 --dtypes float32 --packing 8x64 --no-linear)
     sweep=(--blocks 256 --warps 4 --reps 1)
@@ -72,6 +76,7 @@ else
     # the headline measured 16384 x 151936; the peers' comparison at a quarter of it keeps
     # the reference provider's full-size runs out of the budget
     train=(--steps 2) bench=(--device cuda --quick --shapes 4096x151936 --no-linear) reps=() sweep=()
+    vp=()
     say "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -n 1)"
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -113,6 +118,11 @@ if [ $dry = 0 ] && python3 -c "import xdist" 2> /dev/null; then xdist=(-n 8); fi
 step tests 180 python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 \
     ${xdist[@]+"${xdist[@]}"} "${tests[@]}"
 say "tests: exit $? in $took ($(grep -E '(passed|failed|error)' "$logs/tests.log" | tail -n 1))"
+
+# 4b. op 7 over 2 and 3 processes on the one GPU
+step vocab_parallel 120 python3 -m pytest -q -p no:cacheprovider -rfE \
+    tests/test_vocab_parallel.py ${vp[@]+"${vp[@]}"}
+say "vocab_parallel: exit $? in $took ($(grep -E '(passed|failed|error)' "$logs/vocab_parallel.log" | tail -n 1))"
 
 # 5. CUDA-graph capture of the loss
 step graph 60 python3 benchmarks/graph_check.py

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("gpu", "headline", "linear", "sweep", "build", "tests", "graph", "trainer", "bench")
+STEPS = ("gpu", "headline", "linear", "sweep", "build", "tests", "vocab_parallel", "graph", "trainer", "bench")
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -251,19 +251,19 @@ def test_opcheck(device):
     h, w, b = _leaves(batch)
     t = batch.targets.clone()
     t[1] = -100
-    torch.library.opcheck(linear.linear_logprobs, (h, w, b, t, 0.9, -100, True, 3, True))
+    torch.library.opcheck(linear.linear_logprobs, (h, w, b, t, 0.9, -100, True, 3, True, ""))
     N = t.numel()
     lse = torch.randn(2 * N, device=device)
     torch.library.opcheck(linear.linear_logprobs_bwd,
                           (h.detach(), w.detach(), b.detach(), t, lse, torch.rand(N, device=device),
                            torch.randn(N, device=device), torch.randn(N, device=device), 1.0,
-                           -100, 3, True, True, True, True))
+                           -100, 3, True, True, True, True, ""))
     cu = batch.layout_kw["cu_seqlens"]
     torch.library.opcheck(linear.linear_loss,
                           (h, w, b, batch.targets, batch.old_logprobs, None, batch.advantages,
                            cu, None, 1.0, 0.01, "trajectory", "two_sided", 0.2, 0.28, None,
                            20.0, "seq-mean-token-mean", 0.0, None, None, None, 3, True, True,
-                           True, True))
+                           True, True, ""))
 
 
 def test_backward_twice_is_refused(device):

@@ -58,7 +58,7 @@ def test_packed_and_padded_give_the_same_loss():
     # uneven completions (some stop early at EOS) and left-padded prompts of two lengths
     prompts = task.sample_prompts(6, g)
     prompts[::2] = [[task.eq] + p for p in prompts[::2]]
-    ids, attn, comp, _, _ = train.sample(lm, task, prompts, 3, 1.5, g)
+    ids, attn, comp, _, _ = train.sample(policy, task, prompts, 3, 1.5, g)
     adv = torch.randn(ids.shape[0], generator=g)
     losses, grads = [], []
     for layout in ("packed", "padded"):
@@ -178,34 +178,134 @@ def test_custom_task_plugs_in(tmp_path, monkeypatch):
     assert len(log) == 2
 
 
-DDP_SCRIPT = textwrap.dedent("""
+def _torchrun(script, *args, nproc=2, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), str(script), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
+    from transformers import LlamaForCausalLM
     from tic_kernels import train
+    from tic_kernels.train.loop import _full_state
     p = train.parser()
     args = p.parse_args(sys.argv[1:])
     log, lm = train.run(args)
-    flat = torch.cat([q.detach().flatten() for q in lm.parameters()])
+    # the full weights: the replicas' (DDP) or the shards gathered (FSDP2), on every rank
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in lm.state_dict().items()}
+    flat = torch.cat([v.detach().flatten() for v in full.values()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
-    same = all(torch.equal(gathered[0], g) for g in gathered)
     if dist.get_rank() == 0:
-        json.dump({"same": same, "steps": len(log), "world": dist.get_world_size()},
-                  open(args.out + "/ddp.json", "w"))
+        saved = LlamaForCausalLM.from_pretrained(args.out + "/checkpoint").state_dict()
+        json.dump({"same": all(torch.equal(gathered[0], g) for g in gathered),
+                   "reloads": all(torch.equal(saved[k], v) for k, v in full.items()),
+                   "steps": len(log), "world": dist.get_world_size()},
+                  open(args.out + "/dist.json", "w"))
     dist.destroy_process_group()
 """)
 
 
-def test_ddp_two_processes_keep_identical_weights(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_checkpoint_and_resume(mode, tmp_path):
+    """Two gloo processes train, the ranks agree on the full weights, rank 0's checkpoint
+    (save_pretrained of the full state dict) holds them, and a run resumes from it."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    flags = [*FAST, "--device", "cpu", "--layers", "1", "--hidden", "32"] + \
+        (["--fsdp"] if mode == "fsdp" else [])
+    _torchrun(script, "--out", tmp_path, "--steps", "2", *flags)
+    out = json.loads((tmp_path / "dist.json").read_text())
+    assert out == {"same": True, "reloads": True, "steps": 2, "world": 2}
+    _torchrun(script, "--out", tmp_path, "--steps", "3", "--resume", *flags)
+    out = json.loads((tmp_path / "dist.json").read_text())
+    assert out == {"same": True, "reloads": True, "steps": 3, "world": 2}
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+
+
+SHARD_SCRIPT = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    import tic_kernels as tk
+    from tic_kernels import train
+    from tic_kernels.reference import ignoring_masked
+    from tic_kernels.train.loop import _full_state
+    mode, out = sys.argv[1], sys.argv[2]
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    task = train.CountingTask()
+    lm = train.build_model(train.parser().parse_args(["--layers", "2", "--hidden", "32"]), task)
+    policy = train.LossRowsLM(lm)
+    # one fixed batch, the same in every process (the same seeded model and generator)
+    g = torch.Generator().manual_seed(int(sys.argv[3]))
+    ids, attn, comp, _, _ = train.sample(policy, task, task.sample_prompts(4, g), 4, 1.0, g)
+    adv = tk.group_advantages(torch.rand(ids.shape[0], generator=g), 4)
+    B = ids.shape[0]
+    part = slice(rank * B // world, (rank + 1) * B // world)  # this process's share
+    if world > 1:
+        policy = train.shard(policy, mode)
+    opt = torch.optim.SGD(lm.parameters(), lr=0.5)
+    inputs, targets, kw = train.loss_view(ids[part], attn[part], comp[part], "padded")
+    with torch.no_grad():
+        old = policy(**inputs, head_fn=lambda h, w, b: tk.linear_token_logprobs(
+            train.view_rows(h, kw), w, ignoring_masked(targets, kw["mask"]), bias=b))
+    # ratios away from 1 at the start: noise drawn for the whole batch, then this share's
+    noise = torch.randn(train.loss_view(ids, attn, comp, "padded")[1].shape, generator=g)
+    old = old + 0.1 * noise[part]
+    for _ in range(3):
+        opt.zero_grad()
+        o = policy(**inputs, head_fn=lambda h, w, b: tk.linear_tic_loss(
+            train.view_rows(h, kw), w, targets, old, adv[part], bias=b,
+            num_sequences=B // world, **kw))
+        o.loss.backward()
+        opt.step()
+    state, _ = _full_state(lm, opt, mode == "fsdp" and world > 1)
+    if rank == 0:
+        torch.save(state, out)
+    if world > 1:
+        dist.destroy_process_group()
+""")
+
+
+def test_ddp_and_fsdp_match_one_process_on_the_combined_batch(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    seed = str(int(torch.randint(0, 1 << 30, ()).item()))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29517", str(script), "--out", str(tmp_path), "--steps", "3",
-           *FAST, "--device", "cpu"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run([sys.executable, str(script), "none", str(tmp_path / "one.pt"), seed],
+                         capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads((tmp_path / "ddp.json").read_text())
-    assert out == {"same": True, "steps": 3, "world": 2}
+    want = torch.load(tmp_path / "one.pt")
+    for mode in ("ddp", "fsdp"):
+        _torchrun(script, mode, tmp_path / f"{mode}.pt", seed)
+        got = torch.load(tmp_path / f"{mode}.pt")
+        assert got.keys() == want.keys()
+        moved = 0
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=2e-5, rtol=1e-4,
+                                       msg=f"{mode}: {k}, seed {seed}")
+            moved += int(not torch.equal(want[k], _initial(k)))
+        assert moved > len(want) // 2  # the steps changed most tensors
+
+
+def _initial(key, _cache={}):
+    if not _cache:
+        lm = train.build_model(train.parser().parse_args(["--layers", "2", "--hidden", "32"]),
+                               train.CountingTask())
+        _cache.update(lm.state_dict())
+    return _cache[key]
 
 
 def _local_model_dir(path):

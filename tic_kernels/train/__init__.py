@@ -18,15 +18,17 @@ log-probabilities, linear_tic_loss for the loss): the logits are never held whol
   no_is  no importance sampling: the gradient of A * logp is taken once at the old policy and
          reused for the mu steps (the paper's simplified variant)
 Logs one line per step and metrics.jsonl; checkpoints with save_pretrained (--resume).
+Under torchrun: DDP, or FSDP2 with --fsdp.
 """
 
 from .cli import check_args, main, parser
 from .compare import compare
 from .loop import ALGOS, StepLog, run, train_step
-from .model import LossRowsLM, build_model
+from .model import LossRowsLM, build_model, shard
 from .rollout import loss_view, sample, view_rows
 from .tasks import CountingTask, load_task
 
 __all__ = ["ALGOS", "CountingTask", "LossRowsLM", "StepLog", "build_model", "check_args",
-           "compare", "load_task", "loss_view", "main", "parser", "run", "sample", "train_step",
+           "compare", "load_task", "loss_view", "main", "parser", "run", "sample", "shard",
+           "train_step",
            "view_rows"]

@@ -41,6 +41,9 @@ def parser():
                    help="autocast the model's forward passes (bf16: the varlen flash kernels "
                    "on CUDA take the packed layout's attention)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (fully_shard) instead of "
+                   "DDP's replicas")
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=int, default=400)
     g.add_argument("--seed", type=int, default=0)

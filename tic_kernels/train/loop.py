@@ -18,7 +18,7 @@ import tic_kernels as tk
 from tic_kernels.attention import register_varlen_attention
 from tic_kernels.reference import ignoring_masked
 
-from .model import LossRowsLM, build_model
+from .model import LossRowsLM, build_model, shard
 from .plot import reward_plot
 from .rollout import loss_view, sample, view_rows
 from .tasks import load_task
@@ -47,7 +47,11 @@ class StepLog:
 def train_step(policy, lm, opt, task, args, generator, world):
     t0 = time.perf_counter()
     prompts = task.sample_prompts(args.prompts, generator)
-    ids, attn, comp, flat_prompts, completions = sample(lm, task, prompts, args.group,
+    # DDP's replicas sample on their own (its forward would broadcast buffers at every token);
+    # FSDP2 gathers the sharded parameters in the policy's forward
+    sampler = policy.module if isinstance(policy, torch.nn.parallel.DistributedDataParallel) \
+        else policy
+    ids, attn, comp, flat_prompts, completions = sample(sampler, task, prompts, args.group,
                                                         args.temperature, generator)
     rewards = torch.tensor([task.reward(p, c) for p, c in zip(flat_prompts, completions)],
                            device=ids.device)
@@ -56,12 +60,10 @@ def train_step(policy, lm, opt, task, args, generator, world):
     # --amp bf16: the model's forward and the LM head in bf16 (then the packed layout's
     # attention runs the varlen flash kernels on CUDA); the weights stay fp32
     amp = torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    weight, bias = policy.module.head() if world > 1 else policy.head()
     with torch.no_grad(), amp:
-        hidden = view_rows(policy(**inputs), layout_kw)
-        old = tk.linear_token_logprobs(hidden, weight,
-                                       ignoring_masked(targets, layout_kw.get("mask")),
-                                       bias=bias, temperature=args.temperature)
+        old = policy(**inputs, head_fn=lambda hidden, weight, bias: tk.linear_token_logprobs(
+            view_rows(hidden, layout_kw), weight, ignoring_masked(targets, layout_kw.get("mask")),
+            bias=bias, temperature=args.temperature))
     keywords = dict(ALGOS[args.algo], temperature=args.temperature, **layout_kw)
     for inner in range(args.mu):
         if args.algo == "no_is" and inner > 0:
@@ -69,8 +71,8 @@ def train_step(policy, lm, opt, task, args, generator, world):
             continue
         opt.zero_grad(set_to_none=True)
         with amp:
-            hidden = view_rows(policy(**inputs), layout_kw)
-            out = tk.linear_tic_loss(hidden, weight, targets, old, adv, bias=bias, **keywords)
+            out = policy(**inputs, head_fn=lambda hidden, weight, bias: tk.linear_tic_loss(
+                view_rows(hidden, layout_kw), weight, targets, old, adv, bias=bias, **keywords))
         out.loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(lm.parameters(), args.grad_clip)
@@ -89,12 +91,48 @@ def train_step(policy, lm, opt, task, args, generator, world):
                    stats["delta_abs_mean"].item(), world * n_tokens / secs, secs)
 
 
-def _save(out, lm, opt, step, generator, log):
+def _full_state(lm, opt, fsdp):
+    """The model's and the optimizer's full state dicts (under FSDP2 gathered to rank 0 on the
+    CPU, a collective: every rank calls it; the other ranks get empty dicts)."""
+    if not fsdp:
+        return lm.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(lm, options=options),
+            get_optimizer_state_dict(lm, opt, options=options))
+
+
+def _load_optimizer(lm, opt, state, fsdp):
+    if not fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(lm, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _gathered(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] (a collective when world > 1)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save(out, lm, opt, step, generator, log, rank, world, fsdp):
+    """save_pretrained of the full state dict and the trainer's state, written by rank 0; every
+    rank calls it (the per-rank random states are gathered, FSDP2's shards too)."""
     ckpt = Path(out) / "checkpoint"
-    lm.save_pretrained(ckpt)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "log": log},
-               ckpt / "trainer_state.pt")
+    model_state, opt_state = _full_state(lm, opt, fsdp)
+    rng = _gathered((generator.get_state(), torch.get_rng_state()), world)
+    if rank != 0:
+        return
+    lm.save_pretrained(ckpt, state_dict=model_state)
+    torch.save({"step": step, "optimizer": opt_state, "generators": [g for g, _ in rng],
+                "torch_rngs": [t for _, t in rng], "python_rng": random.getstate(), "log": log,
+                "world": world}, ckpt / "trainer_state.pt")
 
 
 def run(args):
@@ -130,14 +168,18 @@ def run(args):
         args.layout = "packed" if device.type == "cuda" else "padded"
     policy = LossRowsLM(lm)
     if world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(policy)
+        policy = shard(policy, "fsdp" if args.fsdp else "ddp")
     opt = torch.optim.Adam(lm.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
     log, start = [], 0
+    fsdp = world > 1 and args.fsdp
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        if state.get("world", 1) != world:
+            raise SystemExit(f"--resume: the checkpoint was written by {state.get('world', 1)} "
+                             f"processes, this run has {world}")
+        _load_optimizer(lm, opt, state["optimizer"], fsdp)
+        generator.set_state(state["generators"][rank])
+        torch.set_rng_state(state["torch_rngs"][rank])
         random.setstate(state["python_rng"])
         log, start = state["log"], state["step"]
     out = Path(args.out)
@@ -156,10 +198,10 @@ def run(args):
                 bar.write(f"step {rec.step:4d}  reward {rec.reward:.3f}  loss {rec.loss:+.4f}  "
                           f"clip {rec.clip_fraction:.3f}  ratio {rec.ratio_mean:.3f}/{rec.ratio_max:.3f}"
                           f"  |Delta| {rec.delta_abs_mean:.3f}  {rec.tokens_per_s:,.0f} tok/s")
-            if args.save_every and rec.step % args.save_every == 0:
-                _save(out, lm, opt, rec.step, generator, log)
+        if args.save_every and rec.step % args.save_every == 0:
+            _save(out, lm, opt, rec.step, generator, log, rank, world, fsdp)
+    _save(out, lm, opt, args.steps, generator, log, rank, world, fsdp)
     if rank == 0:
-        _save(out, lm, opt, args.steps, generator, log)
         metrics.close()
         if not args.quiet:
             plot = reward_plot({args.algo: [log]}, out / "reward.png")

@@ -27,7 +27,9 @@ class LossRowsLM(torch.nn.Module):
 
     Packed: input_ids (1, N_all) with position_ids restarting per sequence and the varlen
     attention over ``cu_seq_lens_q``; padded: (B, T) with an attention mask and sdpa.
-    ``rows`` index the flattened hidden states."""
+    ``rows`` index the flattened hidden states; ``head_fn(hidden rows, weight, bias)`` turns
+    them into the result inside the forward (under FSDP2 the head's parameters are gathered
+    only there). Without ``rows``: the next-token logits of each sequence (sampling)."""
 
     def __init__(self, lm):
         super().__init__()
@@ -37,9 +39,27 @@ class LossRowsLM(torch.nn.Module):
         out = self.lm.get_output_embeddings()
         return out.weight, out.bias
 
-    def forward(self, input_ids, rows, position_ids=None, attention_mask=None, **varlen):
+    def forward(self, input_ids, rows=None, position_ids=None, attention_mask=None,
+                head_fn=None, **varlen):
+        if rows is None:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=False).logits[:, -1]
         with attention(self.lm, "tic_varlen" if varlen else "sdpa"):
             hidden = self.lm.base_model(input_ids=input_ids, position_ids=position_ids,
                                         attention_mask=attention_mask, use_cache=False,
                                         **varlen).last_hidden_state
-        return hidden.reshape(-1, hidden.shape[-1])[rows]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+        return hidden if head_fn is None else head_fn(hidden, *self.head())
+
+
+def shard(policy, mode):
+    """The policy for ``world`` ranks: "ddp" (replicas, gradients all-reduced) or "fsdp"
+    (FSDP2's fully_shard on each decoder layer and on the whole: parameters, gradients and
+    optimizer state sharded, each layer gathered for its forward and backward)."""
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(policy)
+    from torch.distributed.fsdp import fully_shard
+    for layer in getattr(policy.lm.base_model, "layers", []):
+        fully_shard(layer)
+    fully_shard(policy)
+    return policy

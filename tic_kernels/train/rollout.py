@@ -13,10 +13,12 @@ def _positions(attn):
 
 
 @torch.no_grad()
-def sample(lm, task, prompts, group, temperature, generator):
+def sample(policy, task, prompts, group, temperature, generator):
     """G completions per prompt: (input_ids, attention_mask, completion_mask) (B, T) and the
-    completions as lists. Prompts are left-padded; a completion ends at EOS."""
-    device = next(lm.parameters()).device
+    completions as lists, from ``policy`` (a LossRowsLM, or it wrapped: called without loss
+    rows it returns the next-token logits). Prompts are left-padded; a completion ends at
+    EOS."""
+    device = next(policy.parameters()).device
     prompts = [p for p in prompts for _ in range(group)]
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), task.pad_id, dtype=torch.long)
@@ -29,7 +31,7 @@ def sample(lm, task, prompts, group, temperature, generator):
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(task.max_new_tokens):
         pos = _positions(attn)
-        logits = lm(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits[:, -1]
+        logits = policy(input_ids=ids, attention_mask=attn, position_ids=pos)
         probs = torch.softmax(logits.float() / temperature, -1)
         # Drawn on the host with the CPU generator (reproducible on any device): one device-to-
         # host copy and sync per generated token, and the prompt recomputed each token (no KV
