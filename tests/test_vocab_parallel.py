@@ -1,7 +1,7 @@
 """Op 7: the vocabulary split over 2 and 3 gloo processes gives the unsharded values and
-gradients (each rank its slice), on the path this run tests (the Triton kernels under the
-interpreter, or the reference with TIC_TEST_NO_INTERPRET=1); and bad inputs make every rank
-raise instead of hanging in a collective."""
+gradients (each rank its slice), on both paths (the Triton kernels, under the interpreter on
+the CPU, and the reference); and bad inputs make every rank raise instead of hanging in a
+collective."""
 import os
 import random
 import socket
@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from tic_kernels.backend import interpreting
 from tic_kernels.testing import (GRAD_TOL, HEAD_GRAD_TOL, LOSS_TOL, VALUE_TOL,
                                  assert_close_to_scale, tolerance)
 
@@ -59,8 +60,15 @@ def _check(name, got, want, dtype):
         torch.testing.assert_close(got, want, **tolerance(LOSS_TOL), msg=name)
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_equals_unsharded(world, tmp_path, device):
+def test_sharded_equals_unsharded(world, path, tmp_path, device, monkeypatch):
+    if path == "kernels" and device == "cpu" and not interpreting():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    if path == "reference":
+        if device == "cuda":
+            pytest.skip("on CUDA tensors the kernels run; the reference is the CPU's path")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # here and in the ranks
     seed = random.randrange(1 << 30)  # fresh inputs each run; the seed is in the failure
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(world)]
