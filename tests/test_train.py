@@ -148,6 +148,9 @@ def test_resume_continues_identically(tmp_path):
     (["--model", "/no/such/dir"], "--model must be a local directory"),
     (["--algo", "ppo"], "invalid choice: 'ppo'"),
     (["--layout", "ragged"], "invalid choice: 'ragged'"),
+    (["--clip", "lower"], "invalid choice: 'lower'"),
+    (["--eps-high", "-0.1"], "--eps-high must be a finite number >= 0"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
 ])
 def test_bad_flags(flags, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -161,6 +164,82 @@ def test_bad_task_and_missing_checkpoint(tmp_path):
         train.run(_args(tmp_path, "--task", "nocolon"))
     with pytest.raises(SystemExit, match="--resume: no checkpoint"):
         train.run(_args(tmp_path / "empty", "--resume"))
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["--algo", "tic"], dict(ratio="trajectory", clip_mode="upper", eps_low=0.2, eps_high=0.28,
+                             length_normalize=True)),
+    (["--algo", "tic", "--clip", "two_sided", "--no-length-normalize", "--eps-high", "0.3"],
+     dict(ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.3,
+          length_normalize=False)),
+    (["--algo", "tic-two-sided"], dict(ratio="trajectory", clip_mode="two_sided", eps_low=0.2,
+                                       eps_high=0.28, length_normalize=True)),
+    (["--algo", "tic-no-length-norm"], dict(ratio="trajectory", clip_mode="upper",
+                                            eps_low=0.2, eps_high=0.28,
+                                            length_normalize=False)),
+    (["--algo", "grpo", "--length-normalize"], dict(ratio="token", clip_mode="two_sided",
+                                                    eps_low=0.2, eps_high=0.28,
+                                                    length_normalize=True)),
+    (["--algo", "no_is", "--clip", "upper"], dict(ratio="none", length_normalize=False)),
+])
+def test_the_metrics_log_records_the_resolved_keywords(flags, want, tmp_path):
+    log, _ = train.run(_args(tmp_path, "--steps", "2", *flags))
+    assert [r["loss_keywords"] for r in log] == [want, want]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["loss_keywords"] == want
+
+
+def test_long_counting_task_rewards_exactly():
+    task = train.TASKS["long_counting"]()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    for p in task.sample_prompts(20, g):
+        d = p[1]  # digits are their own ids
+        right = [(d + k) % 10 for k in range(1, 21)] + [task.eos_id]
+        assert task.answer(p) == right and task.max_new_tokens == 21
+        assert task.reward(p, right) == 1.0
+        assert task.reward(p, right[:10]) == pytest.approx(10 / 21)  # partial credit
+        wrong = right.copy()
+        wrong[3] = (wrong[3] + 1) % 10
+        assert task.reward(p, wrong) == pytest.approx(3 / 21)  # right up to the mistake
+        assert task.reward(p, right + [5, 5]) == 1.0  # nothing is read after EOS
+        assert task.reward(p, [task.eos_id]) == 0.0
+
+
+def test_long_counting_task_trains(tmp_path):
+    log, _ = train.run(_args(tmp_path, "--task", "long_counting", "--steps", "2"))
+    assert len(log) == 2 and 0.0 <= log[-1]["reward"] <= 1.0
+
+
+def test_compare_writes_csv_plot_and_summary(tmp_path):
+    runs = train.compare(_args(tmp_path, "compare", "--algos", "tic,grpo", "--seeds", "2",
+                               "--steps", "3", "--jobs", "2"))
+    assert {k: len(v) for k, v in runs.items()} == {"tic": 2, "grpo": 2}
+    rows = (tmp_path / "compare.csv").read_text().splitlines()
+    assert rows[0].startswith("algo,seed,step,reward") and len(rows) == 1 + 2 * 2 * 3
+    table = (tmp_path / "summary.md").read_text()
+    assert "| tic | 2 |" in table and "| grpo | 2 |" in table
+
+
+def test_summary_statistics():
+    from tic_kernels.train.compare import steps_to, summary
+    log = [{"reward": r} for r in [0.0] * 10 + [1.0] * 10]
+    assert steps_to(log, 0.6) == 16  # steps 7..16: six 1.0s and four 0.0s
+    assert steps_to(log, 1.01) is None
+    flat = [{"reward": 0.5}] * 20
+    table = summary({"a": [log, flat], "b": [flat, flat, [{"reward": 0.2}] * 20]}, 0.6, last=5)
+    # a: final rewards 1.0 and 0.5: mean 0.75, sample sd 0.354; one seed of two reaches 0.6
+    assert "| a | 2 | 0.750 +- 0.354 | 0.500..1.000 | - | 16; 1/2 |" in table
+    # b: 0.5, 0.5, 0.2: mean 0.4, sd 0.173; t = -0.35 / sqrt(0.173^2 / 3 + 0.354^2 / 2) = -1.3
+    assert "| b | 3 | 0.400 +- 0.173 | 0.200..0.500 | -0.350 (-1.3) | never; 0/3 |" in table
+
+
+def test_runs_come_back_from_the_csv(tmp_path):
+    from tic_kernels.train.compare import runs_from_csv
+    runs = train.compare(_args(tmp_path, "compare", "--algos", "grpo", "--seeds", "2",
+                               "--steps", "2"))
+    back = runs_from_csv(tmp_path / "compare.csv")
+    assert [[r["reward"] for r in lg] for lg in back["grpo"]] == \
+        [[round(r["reward"], 4) for r in lg] for lg in runs["grpo"]]
 
 
 def test_custom_task_plugs_in(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from . import __doc__ as USAGE
 from .compare import compare
 from .loop import ALGOS, run
+from .tasks import TASKS
 
 
 def parser():
@@ -19,7 +20,17 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=["train", "compare"], default="train")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--algo", choices=sorted(ALGOS), default="tic")
+    g.add_argument("--algo", choices=sorted(ALGOS), default="tic",
+                   help="tic: the paper's TIC-GRPO (trajectory ratio, upper-only clip, "
+                   "length-corrected advantages); tic-two-sided and tic-no-length-norm each "
+                   "switch one ingredient off")
+    g.add_argument("--clip", choices=["two_sided", "upper"], default=None,
+                   help="clip_mode (default: the algorithm's)")
+    g.add_argument("--eps-low", type=float, default=None, help="default: the algorithm's")
+    g.add_argument("--eps-high", type=float, default=None, help="default: the algorithm's")
+    g.add_argument("--length-normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="length-corrected group advantages, r_i / L_i (default: the "
+                   "algorithm's: on for tic)")
     g.add_argument("--mu", type=int, default=2, help="optimisation steps per batch")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
@@ -27,8 +38,9 @@ def parser():
     g.add_argument("--prompts", type=int, default=16, help="prompts per step (per rank)")
     g.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--task", default=None, help="'module:factory' called with the tokenizer "
-                   "(None without --model); default: the built-in counting task")
+    g.add_argument("--task", default=None, help="a built-in task (" + ", ".join(TASKS) +
+                   ") or 'module:factory' called with the tokenizer (None without --model); "
+                   "default: counting")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="local Hugging Face causal LM directory; "
                    "default: a tiny random-init Llama built from a config")
@@ -52,17 +64,24 @@ def parser():
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     g.add_argument("--quiet", action="store_true")
     g = p.add_argument_group("compare")
-    g.add_argument("--seeds", type=int, default=3)
-    g.add_argument("--algos", default="tic,grpo,gspo,no_is")
+    g.add_argument("--seeds", type=int, default=5)
+    g.add_argument("--algos", default="tic,grpo,gspo,no_is,tic-two-sided,tic-no-length-norm")
+    g.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
+    g.add_argument("--threshold", type=float, default=0.6,
+                   help="the reward whose first crossing (10-step mean) the summary reports")
     return p
 
 
 def check_args(p, args):
-    for name in ("mu", "prompts", "group", "steps", "hidden", "layers", "seeds"):
+    for name in ("mu", "prompts", "group", "steps", "hidden", "layers", "seeds", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.group < 2:
         p.error("--group must be >= 2: a group of one has advantage 0")
+    for name in ("eps_low", "eps_high"):
+        value = getattr(args, name)
+        if value is not None and not (0 <= value < 1e6 and math.isfinite(value)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     for name in ("lr", "temperature"):
         if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
             p.error(f"--{name} must be a finite number > 0, got {getattr(args, name)}")

@@ -23,12 +23,38 @@ from .plot import reward_plot
 from .rollout import loss_view, sample, view_rows
 from .tasks import load_task
 
-ALGOS = {  # tic_loss keywords of each algorithm
-    "tic": dict(ratio="trajectory", eps_low=0.2, eps_high=0.28),
-    "grpo": dict(ratio="token", eps_low=0.2, eps_high=0.28),
-    "gspo": dict(ratio="sequence_mean", eps_low=3e-4, eps_high=4e-4),
-    "no_is": dict(ratio="none"),
+# Each algorithm: its tic_loss keywords, and whether the group advantages are length-corrected
+# (group_advantages(..., lengths=L, length_normalize=True)). "tic" is the paper's TIC-GRPO
+# (trajectory ratio, upper-only clip, length-corrected normalisation); the two "tic-" entries
+# each switch one of its ingredients off (the ablations of `compare`).
+ALGOS = {
+    "tic": dict(ratio="trajectory", clip_mode="upper", eps_low=0.2, eps_high=0.28,
+                length_normalize=True),
+    "tic-two-sided": dict(ratio="trajectory", clip_mode="two_sided", eps_low=0.2,
+                          eps_high=0.28, length_normalize=True),
+    "tic-no-length-norm": dict(ratio="trajectory", clip_mode="upper", eps_low=0.2,
+                               eps_high=0.28, length_normalize=False),
+    "grpo": dict(ratio="token", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+                 length_normalize=False),
+    "gspo": dict(ratio="sequence_mean", clip_mode="two_sided", eps_low=3e-4, eps_high=4e-4,
+                 length_normalize=False),
+    "no_is": dict(ratio="none", length_normalize=False),
 }
+
+
+def resolved(args):
+    """(tic_loss keywords, length_normalize) of ``args.algo`` with the ablation flags
+    (--clip, --eps-low, --eps-high, --length-normalize) applied where given."""
+    keywords = dict(ALGOS[args.algo])
+    length_normalize = keywords.pop("length_normalize")
+    if keywords["ratio"] != "none":
+        for flag, key in (("clip", "clip_mode"), ("eps_low", "eps_low"),
+                          ("eps_high", "eps_high")):
+            if getattr(args, flag, None) is not None:
+                keywords[key] = getattr(args, flag)
+    if getattr(args, "length_normalize", None) is not None:
+        length_normalize = args.length_normalize
+    return keywords, length_normalize
 
 
 @dataclass
@@ -42,6 +68,7 @@ class StepLog:
     delta_abs_mean: float
     tokens_per_s: float
     seconds: float
+    loss_keywords: dict  # the resolved tic_loss keywords, and length_normalize
 
 
 def train_step(policy, lm, opt, task, args, generator, world):
@@ -55,7 +82,9 @@ def train_step(policy, lm, opt, task, args, generator, world):
                                                         args.temperature, generator)
     rewards = torch.tensor([task.reward(p, c) for p, c in zip(flat_prompts, completions)],
                            device=ids.device)
-    adv = tk.group_advantages(rewards, args.group)
+    loss_keywords, length_normalize = resolved(args)
+    adv = tk.group_advantages(rewards, args.group, lengths=comp.sum(1),
+                              length_normalize=length_normalize)
     inputs, targets, layout_kw = loss_view(ids, attn, comp, args.layout)
     # --amp bf16: the model's forward and the LM head in bf16 (then the packed layout's
     # attention runs the varlen flash kernels on CUDA); the weights stay fp32
@@ -64,7 +93,7 @@ def train_step(policy, lm, opt, task, args, generator, world):
         old = policy(**inputs, head_fn=lambda hidden, weight, bias: tk.linear_token_logprobs(
             view_rows(hidden, layout_kw), weight, ignoring_masked(targets, layout_kw.get("mask")),
             bias=bias, temperature=args.temperature))
-    keywords = dict(ALGOS[args.algo], temperature=args.temperature, **layout_kw)
+    keywords = dict(loss_keywords, temperature=args.temperature, **layout_kw)
     for inner in range(args.mu):
         if args.algo == "no_is" and inner > 0:
             opt.step()  # the same gradient, taken once at the old policy
@@ -88,7 +117,8 @@ def train_step(policy, lm, opt, task, args, generator, world):
     secs = time.perf_counter() - t0
     return StepLog(0, mean_reward.item(), out.loss.item(), stats["clip_fraction"].item(),
                    stats["ratio_mean"].item(), stats["ratio_max"].item(),
-                   stats["delta_abs_mean"].item(), world * n_tokens / secs, secs)
+                   stats["delta_abs_mean"].item(), world * n_tokens / secs, secs,
+                   dict(loss_keywords, length_normalize=length_normalize))
 
 
 def _full_state(lm, opt, fsdp):
@@ -178,8 +208,12 @@ def run(args):
             raise SystemExit(f"--resume: the checkpoint was written by {state.get('world', 1)} "
                              f"processes, this run has {world}")
         _load_optimizer(lm, opt, state["optimizer"], fsdp)
-        generator.set_state(state["generators"][rank])
-        torch.set_rng_state(state["torch_rngs"][rank])
+        if "generators" in state:
+            generator.set_state(state["generators"][rank])
+            torch.set_rng_state(state["torch_rngs"][rank])
+        else:  # a checkpoint written before the per-rank random states (one process)
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         log, start = state["log"], state["step"]
     out = Path(args.out)

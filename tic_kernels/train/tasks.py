@@ -36,16 +36,46 @@ class CountingTask:
         ds = torch.randint(0, 10, (n,), generator=generator).tolist()
         return [[self.bos, self.digits[d], self.eq] for d in ds]
 
-    def reward(self, prompt, completion):
+    def answer(self, prompt):
+        """The right completion of ``prompt``, EOS included."""
         d = self.digits.index(prompt[1])
-        want = [self.digits[(d + k) % 10] for k in range(1, self.length + 1)] + [self.eos_id]
+        return [self.digits[(d + k) % 10] for k in range(1, self.length + 1)] + [self.eos_id]
+
+    def reward(self, prompt, completion):
+        want = self.answer(prompt)
         got = completion[: len(want)]
         return sum(int(a == b) for a, b in zip(got, want)) / len(want)
+
+
+class LongCountingTask(CountingTask):
+    """Long answers: the counting task with ``length`` = 20 digits (21 tokens with EOS).
+    Reward: the fraction of the answer right before its first mistake (partial credit, exactly
+    checked). Scoring every position instead left a tiny model at ~0.09 for 150 steps: the
+    credit of one digit drowns in the noise of twenty; the prefix makes the first wrong digit
+    the one that matters. The task where a per-token ratio and a trajectory ratio (a sum of
+    21 token log-ratios) differ most."""
+
+    def __init__(self, length=20, tokenizer=None):
+        super().__init__(length, tokenizer)
+
+    def reward(self, prompt, completion):
+        want = self.answer(prompt)
+        right = 0
+        for got, expected in zip(completion, want):
+            if got != expected:
+                break
+            right += 1
+        return right / len(want)
+
+
+TASKS = {"counting": CountingTask, "long_counting": LongCountingTask}  # --task NAME
 
 
 def load_task(spec, tokenizer):
     if spec is None:
         return CountingTask(tokenizer=tokenizer)
+    if spec in TASKS:
+        return TASKS[spec](tokenizer=tokenizer)
     module, _, attr = spec.partition(":")
     if not attr:
         raise SystemExit(f"--task must look like 'package.module:factory', got {spec!r}")
