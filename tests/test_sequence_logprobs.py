@@ -31,7 +31,9 @@ def test_matches_reference(reduce, dtype, padded, device):
     (b * g).sum().backward()
     assert a.dtype == torch.float32 and x.grad.dtype == dtype
     torch.testing.assert_close(a, b, **tolerance(LONG_SUM_TOL))  # 2.5k-term fp32 sums
-    torch.testing.assert_close(x.grad, y.grad, atol=0, rtol=0)
+    # sum: the gradient is g itself, exactly; mean: g / L, which a GPU rounds as g * (1 / L)
+    # (the H100 run differed by 7e-8 relative, one rounding)
+    torch.testing.assert_close(x.grad, y.grad, atol=0, rtol=0 if reduce == "sum" else 2 ** -22)
     if padded:
         assert (x.grad[~layout["mask"]] == 0).all()
 
