@@ -61,18 +61,26 @@ def variants():
                dict(rewards_ptr="*fp32", group_ptr="*i64", batch_std_ptr="*fp32", out_ptr="*fp32",
                     B="i32", eps="fp32"),
                dict(SCALE=scale, SAMPLE_STD=sample, BLOCK=advantages.BLOCK_B), 4)
-    for ratio, (two_sided, dual, per_seq, mask, ref, ent) in itertools.product(
-            range(4), [(True, False, True, False, False, False), (False, True, False, True, True, True),
-                       (True, True, True, True, True, False)]):
+    options = [(True, False, True, False, False, False, 0, False),
+               (False, True, False, True, True, True, 0, False),
+               (True, True, True, True, True, False, 0, False),
+               # the sampler correction (op 4b): per token, per sequence, given weights
+               (True, False, True, True, True, False, 1, True),
+               (False, True, True, False, False, True, 2, False),
+               (True, False, False, True, False, False, 3, False)]
+    for ratio, (two_sided, dual, per_seq, mask, ref, ent, rollout, rw_mask) in itertools.product(
+            range(4), options):
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
-               f"ref={ref},ent={ent}]", loss._ratio_loss_fwd_kernel,
+               f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask}]",
+               loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
-                    adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", coef_ptr="*fp32",
-                    coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32", eps_low="fp32",
-                    eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32"),
+                    adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", roll_ptr="*fp32",
+                    coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32",
+                    eps_low="fp32", eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32",
+                    rw_lo="fp32", rw_hi="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
-                    HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent,
-                    BLOCK=backend.BLOCK_TOKENS), 4)
+                    HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, ROLLOUT=rollout,
+                    RW_MASK=rw_mask, BLOCK=backend.BLOCK_TOKENS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
                loss._ratio_loss_finalize_kernel,
@@ -80,7 +88,19 @@ def variants():
                     B="i32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
                     entropy_coef="fp32"),
                dict(RATIO=ratio, AGG=agg, GIVEN_TOKENS=given, GIVEN_SEQUENCES=given,
-                    BLOCK=loss.BLOCK_SEQS), 4)
+                    RW_PER_SEQ=given, BLOCK=loss.BLOCK_SEQS), 4)
+
+
+def with_fp64_scalars(all_variants):
+    """Inductor, when a compiled graph launches these kernels, passes Python floats as fp64:
+    the first variant of each kernel again with every fp32 scalar argument typed fp64."""
+    seen = set()
+    for name, kernel, types, consts, warps in all_variants:
+        yield name, kernel, types, consts, warps
+        if kernel not in seen:
+            seen.add(kernel)
+            fp64 = {a: "fp64" if t == "fp32" else t for a, t in types.items()}
+            yield f"{name.split('[')[0]}[fp64 scalars]", kernel, fp64, consts, warps
 
 
 def resource_usage(cubin):
@@ -98,7 +118,7 @@ def resource_usage(cubin):
 
 def main():
     failures = 0
-    for name, kernel, types, consts, warps in variants():
+    for name, kernel, types, consts, warps in with_fp64_scalars(variants()):
         signature = {a: types.get(a, "constexpr") for a in kernel.arg_names}
         try:
             out = triton.compile(ASTSource(kernel, signature, constexprs=consts), target=TARGET,

@@ -51,3 +51,13 @@ def requires_triton():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def require_extra(module: str, extra: str):
+    """Imports an optional framework for its integration tests (``extra`` is the pip extra
+    that installs it). Absent, the tests skip, unless TIC_KERNELS_REQUIRE_EXTRAS=1 (CI sets
+    it, having installed the extras), where an absent framework fails the run."""
+    if os.environ.get("TIC_KERNELS_REQUIRE_EXTRAS") == "1":
+        import importlib
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"pip install tic_kernels[{extra}]")

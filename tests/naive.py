@@ -58,10 +58,49 @@ def _clip(x, A, clip_mode, eps_low, eps_high, dual_clip):
     return J, dJ, clipped
 
 
+def rollout(seqs, values, mode, lo, hi, cap):
+    """Op 4b: (per-token weights as seqs' lists, statistics). ``values``: per token, the
+    sampler's log-prob (a ROLLOUT_IS mode) or the weight itself (mode "weights")."""
+    if mode == "weights":
+        weights = [list(v) for v in values]
+        units = [w for v in weights for w in v]
+        stats = {}
+    else:
+        lo, hi = (0.0 if lo is None else lo), (math.inf if hi is None else hi)
+
+        def bounded(log_w):
+            w = math.exp(max(-cap, min(cap, log_w)))
+            if mode.endswith("_mask"):
+                return 0.0 if (w > hi or w < lo) else w
+            return min(max(w, lo), hi)
+        us = [[0.0 if math.isnan(o - r) else o - r for (_, o, _, _), r in zip(s, v)]
+              for s, v in zip(seqs, values)]
+        if mode.startswith("sequence"):
+            weights = [[bounded(sum(u))] * len(u) for u in us]
+            units = [w[0] for w in weights if w]
+        else:
+            weights = [[bounded(x) for x in u] for u in us]
+            units = [w for ws in weights for w in ws]
+        scored = [max(-cap, min(cap, o - r)) for s, v in zip(seqs, values)
+                  for (_, o, _, _), r in zip(s, v) if not math.isnan(o - r)]
+        k3 = [math.exp(-x) + x - 1.0 for x in scored]
+        stats = {"rollout_kl": sum(k3) / len(k3) if k3 else 0.0}
+    n = len(units)
+    square = sum(w * w for w in units)
+    stats.update(rollout_is_mean=sum(units) / n if n else 0.0,
+                 rollout_is_max=max(units) if n else 0.0,
+                 rollout_is_min=min(units) if n else 0.0,
+                 rollout_masked_fraction=sum(w == 0 for w in units) / n if n else 0.0,
+                 rollout_ess=sum(units) ** 2 / (n * square) if square else 0.0)
+    return weights, stats
+
+
 def loss(seqs, A, *, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
          dual_clip=None, max_log_ratio=20.0, aggregation=None, beta=0.0, entropy_coef=0.0,
-         num_tokens=None, num_sequences=None, max_len=None):
-    """seqs: list of sequences, each a list of (logp, old, ref, entropy) tuples.
+         num_tokens=None, num_sequences=None, max_len=None, rollout_values=None,
+         rollout_mode=None, rollout_is_min=None, rollout_is_max=3.0):
+    """seqs: list of sequences, each a list of (logp, old, ref, entropy) tuples;
+    ``rollout_values`` (lists like seqs) and ``rollout_mode``: op 4b, see rollout().
 
     Returns (loss, grads, stats) with grads[i][t] = dL/dlogp of token t of sequence i.
     """
@@ -79,12 +118,18 @@ def loss(seqs, A, *, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps
                 "seq-mean-token-sum": 1.0 / B_eff,
                 "seq-mean-token-sum-norm": 1.0 / (B_eff * (max_len or 1))}[aggregation]
 
+    if rollout_values is not None:
+        weights, rollout_stats = rollout(seqs, rollout_values, rollout_mode, rollout_is_min,
+                                         rollout_is_max, max_log_ratio)
+    else:
+        weights, rollout_stats = [[1.0] * len(s) for s in seqs], {}
     total, grads = 0.0, []
     units = clipped_units = capped_seqs = 0
     ratio_sum, ratio_max, delta_abs, logp_sum, kl_sum, ent_sum = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     for i, s in enumerate(seqs):
         L = len(s)
         w = weight(L)
+        wr = weights[i]
         delta = sum(lp - old for lp, old, _, _ in s)
         g = [0.0] * L
         if L:
@@ -95,8 +140,8 @@ def loss(seqs, A, *, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps
             J, dJ, clipped = _clip(x, A[i], clip_mode, eps_low, eps_high, dual_clip)
             chi = 0.0 if abs(lr) > cap else 1.0
             for t in range(L):
-                total -= w * J
-                g[t] -= w * L * dJ * x * chi / (L if ratio == "sequence_mean" else 1)
+                total -= w * wr[t] * J
+                g[t] -= w * sum(wr) * dJ * x * chi / (L if ratio == "sequence_mean" else 1)
             units += 1
             clipped_units += clipped
             capped_seqs += abs(lr) > cap
@@ -108,16 +153,16 @@ def loss(seqs, A, *, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps
                 lr = lp - old
                 x = math.exp(max(-cap, min(cap, lr)))
                 J, dJ, clipped = _clip(x, A[i], clip_mode, eps_low, eps_high, dual_clip)
-                total -= w * J
-                g[t] -= w * dJ * x * (0.0 if abs(lr) > cap else 1.0)
+                total -= w * wr[t] * J
+                g[t] -= w * wr[t] * dJ * x * (0.0 if abs(lr) > cap else 1.0)
                 units += 1
                 clipped_units += clipped
                 seq_capped |= abs(lr) > cap
                 ratio_sum += x
                 ratio_max = max(ratio_max, x)
             elif ratio == "none":
-                total -= w * A[i] * lp
-                g[t] -= w * A[i]
+                total -= w * wr[t] * A[i] * lp
+                g[t] -= w * wr[t] * A[i]
             if ref is not None:
                 u = max(-cap, min(cap, ref - lp))
                 kl = math.exp(u) - u - 1.0
@@ -143,4 +188,5 @@ def loss(seqs, A, *, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps
         stats["kl_mean"] = kl_sum / n_tok if n_tok else 0.0
     if any(t[3] is not None for s in seqs for t in s):
         stats["entropy_mean"] = ent_sum / n_tok if n_tok else 0.0
+    stats.update(rollout_stats)
     return total, grads, stats

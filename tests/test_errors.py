@@ -61,6 +61,62 @@ def test_tic_loss_errors(over, kw, exc, msg):
         _loss(kw, **over)
 
 
+ROLLOUT_ERRORS = [
+    (dict(rollout_is="token_truncate"), ValueError,
+     "rollout_is='token_truncate' needs rollout_logprobs"),
+    (dict(rollout_logprobs=torch.randn(N)), ValueError,
+     "rollout_logprobs needs rollout_is, the correction to apply: 'token_truncate'"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token"), ValueError,
+     "rollout_is='token' is not supported; accepted values: 'token_truncate'"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask",
+          rollout_weights=torch.rand(N)), ValueError, "rollout_logprobs .* or rollout_weights"),
+    (dict(rollout_weights=torch.rand(N), rollout_is="sequence_mask"), ValueError,
+     "rollout_is='sequence_mask' applies to rollout_logprobs"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_max=0.0),
+     ValueError, "rollout_is_max must be a finite number > 0"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_max=float("inf")),
+     ValueError, "rollout_is_max must be a finite number > 0"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_min=-1.0),
+     ValueError, "rollout_is_min must be a finite number >= 0"),
+    (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_min=2.0,
+          rollout_is_max=1.5), ValueError, "rollout_is_min=2.0 exceeds rollout_is_max=1.5"),
+    (dict(rollout_logprobs=torch.randn(N - 1), rollout_is="token_mask"), ValueError,
+     "rollout_logprobs has shape"),
+    (dict(rollout_logprobs=torch.randint(0, 3, (N,)), rollout_is="token_mask"), TypeError,
+     "rollout_logprobs must be a floating"),
+    (dict(rollout_weights=torch.rand(N, 1)), ValueError, "rollout_weights has shape"),
+    (dict(rollout_weights=torch.tensor([1.0, 0.5, -0.1, 1, 1, 1, 1])), ValueError,
+     "rollout_weights must be finite and >= 0, found -0.1"),
+    (dict(rollout_weights=torch.tensor([1.0, 0.5, float("nan"), 1, 1, 1, 1])), ValueError,
+     "rollout_weights must be finite and >= 0, found nan"),
+]
+
+
+@pytest.mark.parametrize("fn", ["tic_loss", "tic_loss_from_logprobs", "linear_tic_loss"])
+@pytest.mark.parametrize("kw,exc,msg", ROLLOUT_ERRORS)
+def test_rollout_errors(fn, kw, exc, msg):
+    a = _args()
+    first = {"tic_loss": (a["logits"], a["targets"]),
+             "tic_loss_from_logprobs": (torch.randn(N),),
+             "linear_tic_loss": (torch.randn(N, 4), torch.randn(V, 4), a["targets"])}[fn]
+    with pytest.raises(exc, match=msg):
+        getattr(tk, fn)(*first, a["old_logprobs"], a["advantages"], cu_seqlens=CU, **kw)
+
+
+def test_rollout_weights_checked_under_the_mask_only():
+    logits, targets = torch.randn(B, 4, V), torch.randint(0, V, (B, 4))
+    old, adv = torch.randn(B, 4), torch.randn(B)
+    mask = torch.ones(B, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    w = torch.rand(B, 4)
+    w[1, 3] = float("nan")  # padding: never read
+    assert torch.isfinite(tk.tic_loss(logits, targets, old, adv, mask=mask,
+                                      rollout_weights=w).loss)
+    w[1, 2] = -1.0
+    with pytest.raises(ValueError, match="rollout_weights must be finite and >= 0, found -1"):
+        tk.tic_loss(logits, targets, old, adv, mask=mask, rollout_weights=w)
+
+
 def test_padded_layout_errors():
     logits, targets = torch.randn(B, 4, V), torch.randint(0, V, (B, 4))
     old, adv = torch.randn(B, 4), torch.randn(B)

@@ -4,13 +4,14 @@ not, the memory bound, torch.compile and opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tic_kernels as tk
 from tic_kernels import linear
 from tic_kernels import reference as ref
 from tic_kernels.testing import (HEAD_GRAD_TOL, LOSS_TOL, VALUE_TOL, assert_close_to_scale,
-                                 head_batch, tolerance)
+                                 head_batch, rollout_keywords, tolerance)
 
 LENGTHS = [3, 0, 6, 1, 5, 4]
 
@@ -86,6 +87,27 @@ def test_loss_half_precision(dtype, ratio, device):
     _check(batch, dtype, ratio=ratio, chunk_size=5, entropy_coef=0.02)
 
 
+@pytest.mark.parametrize("ratio, mode", [("trajectory", "sequence_mask"),
+                                         ("trajectory", "token_truncate"),
+                                         ("token", "weights"), ("sequence_mean", "token_mask")])
+@pytest.mark.parametrize("padded", [False, True])
+def test_loss_rollout_correction(ratio, mode, padded, device):
+    """Op 4b through the fused LM head (chunks of 4 rows split sequences)."""
+    batch = head_batch(LENGTHS, 41, padded=padded, device=device, seed=14)
+    kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=15)
+    out = _check(batch, ratio=ratio, chunk_size=4, ref_logprobs=batch.ref_logprobs, beta=0.05,
+                 **kw)
+    assert 0 < out.stats["rollout_ess"] < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_rollout_half_precision(dtype, device):
+    """float16 forms the gradient in the backward (another path through op 4)."""
+    batch = head_batch(LENGTHS, 53, dtype=dtype, device=device, seed=16)
+    kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, "sequence_truncate", seed=17)
+    _check(batch, dtype, ratio="trajectory", chunk_size=5, **kw)
+
+
 @pytest.mark.parametrize("kw", [
     dict(aggregation="token-mean", num_tokens=40),
     dict(aggregation="seq-mean-token-sum", num_sequences=9, dual_clip=2.0),
@@ -94,6 +116,24 @@ def test_loss_half_precision(dtype, ratio, device):
 def test_loss_aggregations(kw, device):
     batch = head_batch(LENGTHS, 33, device=device, seed=3)
     _check(batch, bias=False, chunk_size=7, **kw)
+
+
+def test_loss_float64_runs_the_reference_with_every_term(device):
+    """float64 takes the reference path (no kernel): the KL and the sampler correction must
+    reach it as they reach the kernels (the KL was once dropped there)."""
+    batch = head_batch(LENGTHS, 29, dtype=torch.float64, device=device, seed=18)
+    kw = dict(ref_logprobs=batch.ref_logprobs, beta=0.2, entropy_coef=0.01,
+              **rollout_keywords(batch.old_logprobs, batch.layout_kw, "token_mask", seed=19))
+    h = batch.hidden.clone().requires_grad_()
+    out = tk.linear_tic_loss(h, batch.weight, batch.targets, batch.old_logprobs,
+                             batch.advantages, bias=batch.bias, **batch.layout_kw, **kw)
+    x = h.detach().clone().requires_grad_()
+    want = ref.tic_loss(F.linear(x, batch.weight, batch.bias), batch.targets,
+                        batch.old_logprobs, batch.advantages, **batch.layout_kw, **kw)
+    assert "kl_mean" in out.stats and "rollout_kl" in out.stats
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, h)[0],
+                               torch.autograd.grad(want.loss, x)[0], rtol=1e-10, atol=1e-12)
 
 
 def test_loss_edge_shapes(device):
@@ -199,6 +239,14 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@triton_kernel_wrapper_mutation.py_impl(_LargestTensor)
+def _launch_under_probe(mode, *args, **kwargs):
+    """On a GPU a kernel launch under a dispatch mode is the higher-order op
+    triton_kernel_wrapper_mutation, which needs a rule per mode. A launch allocates nothing:
+    it runs as it would without the probe (the dispatcher has popped the mode here)."""
+    return triton_kernel_wrapper_mutation(*args, **kwargs)
+
+
 @pytest.mark.parametrize("path", ["fused", "reference"])
 @pytest.mark.parametrize("fn", ["loss", "logprobs"])
 def test_logits_never_materialised(path, fn, device, monkeypatch):
@@ -227,10 +275,11 @@ def test_compile_fullgraph(padded, device):
     batch = head_batch(LENGTHS, 40, device=device, seed=11, padded=padded)
     mask = batch.layout_kw.get("mask")
     targets = batch.targets if mask is None else batch.targets.masked_fill(~mask, -100)
+    rollout = rollout_keywords(batch.old_logprobs, batch.layout_kw, "token_mask", seed=12)
 
     def step(h, w, b):
         out = tk.linear_tic_loss(h, w, batch.targets, batch.old_logprobs, batch.advantages,
-                                 bias=b, chunk_size=5, **batch.layout_kw)
+                                 bias=b, chunk_size=5, **batch.layout_kw, **rollout)
         logp = tk.linear_token_logprobs(h.detach(), w.detach(), targets,
                                         bias=b.detach(), chunk_size=5)
         return out.loss, logp
@@ -262,7 +311,8 @@ def test_opcheck(device):
     torch.library.opcheck(linear.linear_loss,
                           (h, w, b, batch.targets, batch.old_logprobs, None, batch.advantages,
                            cu, None, 1.0, 0.01, "trajectory", "two_sided", 0.2, 0.28, None,
-                           20.0, "seq-mean-token-mean", 0.0, None, None, None, 3, True, True,
+                           20.0, "seq-mean-token-mean", 0.0, None, None, None,
+                           batch.old_logprobs + 0.2, "token_truncate", 0.0, 2.0, 3, True, True,
                            True, True, ""))
 
 

@@ -7,6 +7,7 @@ import torch
 
 import naive
 from tic_kernels import reference as ref
+from tic_kernels.options import ROLLOUT_IS
 from tic_kernels.testing import cu_seqlens_from, mask_from
 
 
@@ -167,16 +168,21 @@ def _check_against_naive(opts, lengths=LENGTHS, drift=0.3, seed=0, with_ref=True
         x, old, A, cu_seqlens=cu_seqlens_from(torch.tensor(lengths)),
         ref_logprobs=refp if with_ref else None, entropy=ent if with_ent else None, **opts)
     out.loss.backward()
-    want_loss, want_grads, want_stats = naive.loss(
+    _assert_naive(out, x.grad, naive.loss(
         _naive_seqs(lengths, logp, old, refp if with_ref else None, ent if with_ent else None),
-        A.tolist(), **opts)
+        A.tolist(), **opts))
+    return out
+
+
+def _assert_naive(out, grad, naive_result):
+    """The reference's loss, gradient and statistics equal the naive loops' (float64)."""
+    want_loss, want_grads, want_stats = naive_result
     assert math.isclose(out.loss.item(), want_loss, rel_tol=1e-10, abs_tol=1e-12)
     flat = torch.tensor([g for s in want_grads for g in s], dtype=torch.float64)
-    torch.testing.assert_close(x.grad, flat, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grad, flat, atol=1e-12, rtol=1e-10)
     assert set(out.stats) == set(want_stats)
     for k, v in want_stats.items():
         assert math.isclose(out.stats[k].item(), v, rel_tol=1e-10, abs_tol=1e-12), k
-    return out
 
 
 @pytest.mark.parametrize("ratio", ["trajectory", "sequence_mean", "token", "none"])
@@ -193,6 +199,70 @@ def test_loss_matches_naive(ratio, clip_mode, dual_clip, aggregation, beta):
     out = _check_against_naive(opts)
     if ratio != "none":  # the inputs must exercise clipping, else the test proves little
         assert 0 < out.stats["clip_fraction"] < 1
+
+
+def _rollout_values(lengths, old, mode, seed):
+    """The sampler's log-probs near ``old`` (one NaN: a token it did not score) or, for mode
+    "weights", positive weights with some zeros, as per-sequence lists and a flat tensor."""
+    g = torch.Generator().manual_seed(seed)
+    if mode == "weights":
+        flat = torch.rand(old.shape, generator=g, dtype=old.dtype) * 2
+        flat[::4] = 0.0
+    else:
+        flat = old + 0.4 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+        flat[2] = float("nan")
+    seqs, start = [], 0
+    for L in lengths:
+        seqs.append(flat[start:start + L].tolist())
+        start += L
+    return seqs, flat
+
+
+@pytest.mark.parametrize("ratio", ["trajectory", "sequence_mean", "token", "none"])
+@pytest.mark.parametrize("mode", ROLLOUT_IS + ("weights",))
+@pytest.mark.parametrize("bounds", [(None, 1.3), (0.8, None), (0.7, 1.5)])
+def test_rollout_correction_matches_naive(ratio, mode, bounds):
+    """Op 4b: the weights, their statistics, and the loss and its gradient with the weight on
+    each token's policy objective (KL and entropy unweighted)."""
+    lengths = [3, 0, 5, 1, 4]
+    logp, old, refp, ent, A = _inputs(lengths, seed=7)
+    values, flat = _rollout_values(lengths, old, mode, seed=8)
+    lo, hi = bounds
+    opts = dict(ratio=ratio, beta=0.05, entropy_coef=0.01)
+    correction = (dict(rollout_weights=flat) if mode == "weights" else
+                  dict(rollout_logprobs=flat, rollout_is=mode, rollout_is_min=lo,
+                       rollout_is_max=hi))
+    x = logp.clone().requires_grad_(True)
+    out = ref.tic_loss_from_logprobs(x, old, A, cu_seqlens=cu_seqlens_from(torch.tensor(lengths)),
+                                     ref_logprobs=refp, entropy=ent, **opts, **correction)
+    out.loss.backward()
+    _assert_naive(out, x.grad, naive.loss(
+        _naive_seqs(lengths, logp, old, refp, ent), A.tolist(), **opts, rollout_values=values,
+        rollout_mode=mode, rollout_is_min=lo, rollout_is_max=hi))
+    # the inputs exercise the correction: the weights differ, and some hit a bound
+    assert 0 < out.stats["rollout_ess"] < 1
+    if mode == "weights" or (mode.endswith("_mask") and bounds == (0.7, 1.5)):
+        assert 0 < out.stats["rollout_masked_fraction"] < 1
+    elif mode.endswith("_truncate") and bounds == (0.7, 1.5):
+        assert out.stats["rollout_is_max"] == hi or out.stats["rollout_is_min"] == lo
+
+
+def test_rollout_weights_of_one_change_nothing():
+    """Weights of 1 (and sampler log-probs equal to old ones) leave loss and gradient as
+    without a correction."""
+    logp, old, refp, _, A = _inputs(seed=9)
+    cu = cu_seqlens_from(torch.tensor(LENGTHS))
+    results = []
+    for correction in ({}, dict(rollout_weights=torch.ones_like(old)),
+                       dict(rollout_logprobs=old.clone(), rollout_is="sequence_mask")):
+        x = logp.clone().requires_grad_(True)
+        out = ref.tic_loss_from_logprobs(x, old, A, cu_seqlens=cu, ref_logprobs=refp, beta=0.1,
+                                         **correction)
+        out.loss.backward()
+        results.append((out.loss, x.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-14, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("ratio", ["trajectory", "token"])

@@ -6,7 +6,9 @@ import tic_kernels as tk
 from tic_kernels import reference as ref
 from tic_kernels.backend import segments
 from tic_kernels.loss import ratio_loss
-from tic_kernels.testing import COMPILE_TOL, GRAD_TOL, LOSS_TOL, loss_batch, tolerance
+from tic_kernels.options import ROLLOUT_IS
+from tic_kernels.testing import (COMPILE_TOL, GRAD_TOL, LONG_SUM_TOL, LOSS_TOL, loss_batch,
+                                 rollout_keywords, tolerance)
 
 pytestmark = pytest.mark.usefixtures("requires_triton")
 
@@ -22,10 +24,11 @@ def _run(fn, batch, **kw):
     return out, x.grad
 
 
-def _compare(batch, dtype=torch.float32, **kw):
+def _compare(batch, dtype=torch.float32, sum_tol=LOSS_TOL, **kw):
+    """``sum_tol``: of the loss and the statistics, sums over the batch's tokens."""
     out, grad = _run(tk.tic_loss, batch, **kw)
     want, want_grad = _run(ref.tic_loss, batch, **kw)
-    atol, rtol = LOSS_TOL
+    atol, rtol = sum_tol
     assert out.loss.dtype == torch.float32 and grad.dtype == batch.logits.dtype
     torch.testing.assert_close(out.loss, want.loss, atol=atol, rtol=rtol)
     assert set(out.stats) == set(want.stats)
@@ -74,8 +77,11 @@ def test_normalisers_eps_cap(kw, device):
 def test_edge_shapes(device):
     _compare(loss_batch([1], 17, device=device))                  # one token
     _compare(loss_batch([0, 0, 4, 0], 17, device=device))         # empty sequences
-    _compare(loss_batch([2300, 2], 9, device=device, drift=0.002), ratio="trajectory")  # long
-    _compare(loss_batch([2300, 2], 9, device=device, drift=0.002), ratio="token")
+    # long: Delta sums 2300 differences of log-probs that differ from the reference's by an
+    # fp32 rounding or two (more on a GPU, whose exp and log round differently)
+    long = loss_batch([2300, 2], 9, device=device, drift=0.002)
+    _compare(long, sum_tol=LONG_SUM_TOL, ratio="trajectory")
+    _compare(long, sum_tol=LONG_SUM_TOL, ratio="token")
     out = _compare(loss_batch([0, 0], 17, device=device))         # no tokens at all
     assert out.loss == 0
 
@@ -125,13 +131,8 @@ def test_bitwise_deterministic(device):
     assert all(torch.equal(o1.stats[k], o2.stats[k]) for k in o1.stats)
 
 
-@pytest.mark.parametrize("ratio", RATIOS)
-@pytest.mark.parametrize("padded", [False, True])
-def test_from_logprobs_matches_reference(ratio, padded, device):
-    batch = loss_batch(LENGTHS, 40, padded=padded, device=device, drift=0.2, seed=6)
+def _from_logprobs_against_reference(batch, **kw):
     logp = ref.token_logprobs(batch.logits.nan_to_num(), batch.targets.clamp(min=0))
-    kw = dict(ratio=ratio, dual_clip=3.0, ref_logprobs=batch.ref_logprobs, beta=0.02,
-              **batch.layout_kw)
     x, y = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     a = tk.tic_loss_from_logprobs(x, batch.old_logprobs, batch.advantages, **kw)
     b = ref.tic_loss_from_logprobs(y, batch.old_logprobs, batch.advantages, **kw)
@@ -140,8 +141,49 @@ def test_from_logprobs_matches_reference(ratio, padded, device):
     atol, rtol = LOSS_TOL
     torch.testing.assert_close(a.loss, b.loss, atol=atol, rtol=rtol)
     torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=rtol)
+    assert set(a.stats) == set(b.stats)
     for k in b.stats:
-        torch.testing.assert_close(a.stats[k], b.stats[k], atol=atol, rtol=rtol)
+        torch.testing.assert_close(a.stats[k], b.stats[k], atol=atol, rtol=rtol, msg=k)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_from_logprobs_matches_reference(ratio, padded, device):
+    batch = loss_batch(LENGTHS, 40, padded=padded, device=device, drift=0.2, seed=6)
+    _from_logprobs_against_reference(batch, ratio=ratio, dual_clip=3.0,
+                                     ref_logprobs=batch.ref_logprobs, beta=0.02,
+                                     **batch.layout_kw)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+@pytest.mark.parametrize("mode", ROLLOUT_IS + ("weights",))
+@pytest.mark.parametrize("padded", [False, True])
+def test_rollout_correction(ratio, mode, padded, device):
+    """Op 4b in the loss kernel: loss, statistics and logits gradient as the reference, with
+    the KL and the entropy bonus on (the weight must leave them alone)."""
+    batch = loss_batch(LENGTHS + [2, 7], 37, padded=padded, device=device, drift=0.3, seed=11)
+    kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=12)
+    out = _compare(batch, ratio=ratio, ref_logprobs=batch.ref_logprobs, beta=0.05,
+                   entropy_coef=0.01, **kw)
+    assert 0 < out.stats["rollout_ess"] < 1
+    assert ("rollout_kl" in out.stats) == (mode != "weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["token_mask", "sequence_truncate"])
+def test_rollout_correction_dtypes(dtype, mode, device):
+    batch = loss_batch(LENGTHS, 300, dtype=dtype, device=device, drift=0.3, seed=13)
+    kw = rollout_keywords(batch.old_logprobs.to(dtype), batch.layout_kw, mode, seed=14)
+    _compare(batch, dtype, ratio="trajectory", **kw)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", "weights"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_rollout_from_logprobs_matches_reference(mode, padded, device):
+    batch = loss_batch(LENGTHS, 40, padded=padded, device=device, drift=0.3, seed=15)
+    _from_logprobs_against_reference(
+        batch, ratio="token", **batch.layout_kw,
+        **rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=16))
 
 
 def test_ticloss_module(device):
@@ -179,6 +221,29 @@ def test_compile_fullgraph(backend, inplace, device):
         torch.testing.assert_close(a, b, **tolerance(COMPILE_TOL))
 
 
+def test_rollout_compile_fullgraph(device):
+    """The sampler correction's tensors and statistics trace with no graph break."""
+    batch = loss_batch(LENGTHS, 29, device=device, padded=True, drift=0.3)
+    kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, "sequence_mask", seed=17)
+    B, T, V = batch.logits.shape
+    w = torch.randn(8, V, device=device, requires_grad=True)
+    h = torch.randn(B, T, 8, device=device, requires_grad=True)
+
+    def step(hidden, head):
+        out = tk.tic_loss(hidden @ head, batch.targets, batch.old_logprobs, batch.advantages,
+                          **batch.layout_kw, **kw)
+        return out.loss, out.stats["rollout_ess"]
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        h.grad = w.grad = None
+        loss, ess = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), ess, h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tolerance(COMPILE_TOL))
+
+
 def test_ratio_loss_opcheck(device):
     batch = loss_batch(LENGTHS, 13, device=device)
     cu, _ = segments(batch.layout_kw["cu_seqlens"], None, device)
@@ -187,7 +252,9 @@ def test_ratio_loss_opcheck(device):
     args = (logp, batch.old_logprobs, batch.advantages, cu, None, batch.ref_logprobs, ent,
             "trajectory", "two_sided", 0.2, 0.28, 2.0, 20.0, "seq-mean-token-mean", 0.1, 0.01,
             None, None, None)
-    torch.library.opcheck(ratio_loss, args)
+    torch.library.opcheck(ratio_loss, args + (None, "", 0.0, float("inf")))
+    sampler = batch.old_logprobs + 0.1 * torch.randn_like(batch.old_logprobs)
+    torch.library.opcheck(ratio_loss, args + (sampler, "sequence_mask", 0.5, 2.0))
 
 
 class _AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
@@ -260,8 +327,9 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
     b = loss_batch([3, 0, 5, 2], 23, padded=padded, device=device)
     src = b.logits.clone().requires_grad_(True)
+    sampler = rollout_keywords(b.old_logprobs, b.layout_kw, "sequence_mask", seed=5)
     kw = dict(ref_logprobs=b.ref_logprobs, beta=0.1, entropy_coef=0.1, num_sequences=4,
-              **b.layout_kw)
+              **b.layout_kw, **sampler)
     with _OpRecorder() as outside:
         out = tk.tic_loss(src * 1, b.targets, b.old_logprobs, b.advantages, **kw)
         out.loss.backward()
@@ -271,7 +339,8 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
         lp, _, H = token_logprobs_fwd._init_fn(b.logits, targets, 1.0, -100, True)
         ratio_loss._init_fn(lp, b.old_logprobs.reshape(-1), b.advantages, cu, flat_mask,
                             b.ref_logprobs.reshape(-1), H, "token", "two_sided", 0.2, 0.28,
-                            None, 20.0, "token-mean", 0.1, 0.1, 50.0, None, None)
+                            None, 20.0, "token-mean", 0.1, 0.1, 50.0, None, None,
+                            sampler["rollout_logprobs"].reshape(-1), "sequence_mask", 0.8, 1.25)
     assert "tic_kernels.ratio_loss.default" in outside.names
     for names in (outside.names, inside.names):
         assert not [n for n in names if any(s in n for s in SYNCING_OPS)], names

@@ -276,7 +276,6 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from transformers import LlamaForCausalLM
     from tic_kernels import train
-    from tic_kernels.train.loop import _full_state
     p = train.parser()
     args = p.parse_args(sys.argv[1:])
     log, lm = train.run(args)

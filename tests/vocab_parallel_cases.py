@@ -13,7 +13,7 @@ import sys
 import torch
 
 import tic_kernels as tk
-from tic_kernels.testing import head_batch, loss_batch
+from tic_kernels.testing import head_batch, loss_batch, rollout_keywords
 
 # Keys of the results that are gradients of the vocabulary-sharded inputs: the logits' last
 # dimension, the head's first.
@@ -57,12 +57,14 @@ def run_cases(seed, device, rank=0, world=1, group=None):
             gh = torch.randn(lp.shape, generator=g).to(device)
             (lp * gl + H * gh).sum().backward()
             out[f"token_logprobs/{name}/{lay}"] = dict(logp=lp, entropy=H, grad_logits=z.grad)
-            # op 4 from the logits: every term (KL, entropy bonus, temperature)
+            # op 4 from the logits: every term (KL, entropy bonus, temperature, op 4b)
             z = _leaf(b.logits, cols)
             o = tk.tic_loss(z, b.targets, b.old_logprobs, b.advantages, temperature=0.8,
                             ref_logprobs=b.ref_logprobs, beta=0.05, entropy_coef=0.01,
                             ratio="token" if padded else "trajectory", process_group=group,
-                            **b.layout_kw)
+                            **b.layout_kw, **rollout_keywords(
+                                b.old_logprobs, b.layout_kw,
+                                "weights" if padded else "sequence_mask", seed=seed))
             o.loss.backward()
             out[f"tic_loss/{name}/{lay}"] = dict(loss=o.loss, grad_logits=z.grad, **o.stats)
             # op 6: the head's shard; chunks of 4 rows split the 9-token sequence
@@ -83,7 +85,11 @@ def run_cases(seed, device, rank=0, world=1, group=None):
             w, bias = _leaf(hb.weight, cols, last=False), _leaf(hb.bias, cols, last=False)
             o = tk.linear_tic_loss(h, w, hb.targets, hb.old_logprobs, hb.advantages, bias=bias,
                                    chunk_size=4, ref_logprobs=hb.ref_logprobs, beta=0.05,
-                                   entropy_coef=0.01, process_group=group, **hb.layout_kw)
+                                   entropy_coef=0.01, process_group=group, **hb.layout_kw,
+                                   **rollout_keywords(
+                                       hb.old_logprobs, hb.layout_kw,
+                                       "sequence_truncate" if padded else "token_truncate",
+                                       seed=seed))
             o.loss.backward()
             out[f"linear_tic_loss/{name}/{lay}"] = dict(
                 loss=o.loss, grad_hidden=_reduced(torch.nan_to_num(h.grad), group),

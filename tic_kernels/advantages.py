@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import reference
 from . import validation as check
-from .backend import launch, triton_op, use_triton
+from .backend import as_f32, launch, triton_op, use_triton
 from .options import SCALES, STDS
 
 BLOCK_B = 1024
@@ -30,6 +30,7 @@ def _group_advantages_kernel(
     rewards_ptr, group_ptr, batch_std_ptr, out_ptr, B, eps,
     SCALE: tl.constexpr, SAMPLE_STD: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    eps = as_f32(eps)
     i = tl.program_id(0)
     gi = tl.load(group_ptr + i)
     ri = tl.load(rewards_ptr + i)

@@ -84,6 +84,15 @@ def op_argument_names(op):
 
 
 @triton.jit
+def as_f32(x):
+    """A float scalar argument of a kernel in fp32. Triton types a Python float argument
+    fp32, but Inductor, when it compiles a graph that launches these kernels, passes Python
+    floats as fp64: an fp32 value carried through a loop would turn fp64 and fail to
+    compile. Each kernel casts its float arguments first."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def cast_for_store(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """x (fp32) rounded to ``dtype`` to nearest-even. The GPU does that in ``.to``; the
     interpreter truncates fp32 -> bf16, so there (EMULATE_RNE) the rounding is done on the bits."""

@@ -16,7 +16,7 @@ from . import reference, vocab_parallel
 from . import validation as check
 from .backend import use_triton
 from .logprobs import logits_grad, token_logprobs_fwd
-from .loss import loss_on_segments, scaled_coefficients, stats_dict
+from .loss import Rollout, loss_on_segments, scaled_coefficients, stats_dict
 from .options import IGNORE_INDEX
 from .output import LossOutput
 
@@ -96,7 +96,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
              ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
              dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
              ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
-             num_sequences=None, max_len=None, inplace_backward=False, process_group=None):
+             num_sequences=None, max_len=None, inplace_backward=False, process_group=None,
+             rollout_logprobs=None, rollout_is=None, rollout_is_max=3.0, rollout_is_min=None,
+             rollout_weights=None):
     """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
 
     Args:
@@ -118,7 +120,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
             global ids, every other input is replicated; the loss and statistics are the
             whole vocabulary's on every rank, the gradient this rank's slice of it. See
             :func:`tic_kernels.token_logprobs` for the communication.
-        Other keywords: as in :func:`tic_kernels.tic_loss_from_logprobs`.
+        Other keywords (the sampler correction rollout_* included): as in
+            :func:`tic_kernels.tic_loss_from_logprobs`.
 
     Returns:
         LossOutput(loss, stats): float32 scalar loss with autograd to logits, and a dict of
@@ -130,7 +133,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
             "logits", logits, "V", vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
             ref_logprobs, temperature,
             (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
+             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef),
+            (rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights))
         check.boolean("inplace_backward", inplace_backward)
         return options
 
@@ -149,7 +153,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
     loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
                                  ref_logprobs, float(temperature), float(entropy_coef),
                                  inplace_backward, options, shard)
-    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))
+    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None,
+                                       Rollout.from_options(options).mode))
 
 
 class TICLoss(torch.nn.Module):

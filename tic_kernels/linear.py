@@ -40,8 +40,8 @@ from . import reference, vocab_parallel
 from . import validation as check
 from .backend import grads_by_name, use_triton
 from .logprobs import launch_bwd, launch_fwd
-from .loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
-                   stats_dict)
+from .loss import (STAT_KEYS, Rollout, launch_finalize, launch_ratio_fwd, loss_on_segments,
+                   new_partials, stats_dict)
 from .options import IGNORE_INDEX, default_aggregation, lm_head_chunk_rows
 from .output import LossOutput
 
@@ -281,14 +281,16 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                 ratio: str, clip_mode: str, eps_low: float, eps_high: float,
                 dual_clip: Optional[float], max_log_ratio: float, aggregation: str, beta: float,
                 num_tokens: Optional[float], num_sequences: Optional[float],
-                max_len: Optional[float], chunk_rows: int, fp32_accumulation: bool,
+                max_len: Optional[float], rollout: Optional[torch.Tensor], rollout_mode: str,
+                rollout_lo: float, rollout_hi: float, chunk_rows: int, fp32_accumulation: bool,
                 need_dh: bool, need_dw: bool, need_db: bool, group_name: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, stats (8,), d hidden, d weight, d bias) for hidden (R, H) and per-token (R,)
-    tensors, packed (cu_seqlens) or padded (mask (B, T), R = B T); the gradients are those of
-    the loss itself (each empty when not needed), the backward scales them. ``group_name``
-    (op 7; "" none): the head is that group's vocabulary shard, d hidden this shard's
-    partial."""
+    """(loss, stats (len(STAT_KEYS),), d hidden, d weight, d bias) for hidden (R, H) and
+    per-token (R,) tensors, packed (cu_seqlens) or padded (mask (B, T), R = B T); the
+    gradients are those of the loss itself (each empty when not needed), the backward scales
+    them. The sampler correction is Rollout(rollout, rollout_mode, rollout_lo, rollout_hi).
+    ``group_name`` (op 7; "" none): the head is that group's vocabulary shard, d hidden this
+    shard's partial."""
     dev = hidden.device
     if mask is not None:  # the loss rows, packed
         rows = _active_rows(mask.reshape(-1).bool())
@@ -297,6 +299,8 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         rows, cu = None, cu_seqlens.to(torch.int64)
     t, old = _compact(targets, rows).contiguous(), _compact(old, rows).float().contiguous()
     ref = None if ref is None else _compact(ref, rows).float().contiguous()
+    correction = Rollout(None if rollout is None else _compact(rollout, rows).contiguous(),
+                         rollout_mode, rollout_lo, rollout_hi)
     cu = cu.contiguous()
     cu_host = cu.tolist()
     n, B = t.numel(), len(cu_host) - 1
@@ -311,7 +315,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     part, loss, stats, norm_out = new_partials(B, dev)
     options = dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
                    dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
-                   beta=beta)
+                   beta=beta, rollout=correction)
     advantages = advantages.float().contiguous()
     grad = need_dh or need_dw or need_db
     head = _Head(hidden, weight, bias, rows, chunk_rows, temperature, IGNORE_INDEX,
@@ -333,17 +337,17 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                           coef_ent[a:b] * (entropy_coef * norm) if with_entropy else coef_ent)
     launch_finalize(part, loss, stats, norm_out, aggregation=aggregation, ratio=ratio,
                     entropy_coef=entropy_coef, num_tokens=num_tokens,
-                    num_sequences=num_sequences, max_len=max_len)
+                    num_sequences=num_sequences, max_len=max_len, rollout=correction)
     return (loss, stats) + head.grads()
 
 
 @linear_loss.register_fake
 def _(hidden, weight, bias, targets, old, ref, advantages, cu_seqlens, mask, temperature,
       entropy_coef, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-      beta, num_tokens, num_sequences, max_len, chunk_rows, fp32_accumulation, need_dh,
-      need_dw, need_db, group_name):
+      beta, num_tokens, num_sequences, max_len, rollout, rollout_mode, rollout_lo, rollout_hi,
+      chunk_rows, fp32_accumulation, need_dh, need_dw, need_db, group_name):
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    return (torch.empty((), **f32), torch.empty(8, **f32)) + _grad_shapes(
+    return (torch.empty((), **f32), torch.empty(len(STAT_KEYS), **f32)) + _grad_shapes(
         hidden, weight, bias, need_dh, need_dw, need_db)
 
 
@@ -435,13 +439,8 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         nonlocal hidden, weight, bias
         hidden, weight, bias = _autocast(hidden, weight, bias)
         check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
-        check.int_tensor("targets", targets)
-        check.shape("targets", targets, hidden.shape[:-1], " (hidden's shape without H)")
-        check.same_device("hidden", hidden, targets=targets)
-        check.positive("temperature", temperature)
-        check.integer("ignore_index", ignore_index)
-        check.boolean("return_entropy", return_entropy)
-        check.targets_in_range(targets, vocab, ignore_index)
+        check.gather_call("hidden", hidden, "H", vocab, targets, temperature, ignore_index,
+                          return_entropy)
 
     _, shard = vocab_parallel.checked(process_group, checks,
                                       vocab_parallel.columns_of(weight, 0),
@@ -464,7 +463,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                     dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
-                    num_sequences=None, max_len=None, process_group=None):
+                    num_sequences=None, max_len=None, process_group=None,
+                    rollout_logprobs=None, rollout_is=None, rollout_is_max=3.0,
+                    rollout_is_min=None, rollout_weights=None):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -490,7 +491,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
             "hidden", hidden, "H", vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
             ref_logprobs, temperature,
             (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef))
+             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef),
+            (rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights))
 
     options, shard = vocab_parallel.checked(process_group, checks,
                                             vocab_parallel.columns_of(weight, 0),
@@ -499,12 +501,13 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
                                          bias, cu_seqlens=cu_seqlens, mask=mask,
                                          temperature=temperature, entropy_coef=entropy_coef,
-                                         chunk_size=chunk_size,
+                                         ref_logprobs=ref_logprobs, chunk_size=chunk_size,
                                          fp32_accumulation=fp32_accumulation,
                                          shard=None if shard is None else shard.pair,
                                          **options)
     group_name = vocab_parallel.name_of(shard)
     rows = _chunk_rows(chunk_size, weight)
+    correction = Rollout.from_options(options)
     if hidden.dtype == torch.float16:
         # fp16 training scales the loss (GradScaler) so that small gradients survive fp16:
         # the scale arrives with the incoming gradient, so the logits gradient is formed in
@@ -518,7 +521,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
             logp.view(t.shape), old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             entropy.view(t.shape) if with_entropy else None, entropy_coef=entropy_coef,
             **options)
-        return LossOutput(loss, stats_dict(stats, with_entropy, ref_logprobs is not None))
+        return LossOutput(loss, stats_dict(stats, with_entropy, ref_logprobs is not None,
+                                           correction.mode))
     if options["aggregation"] is None:
         options["aggregation"] = default_aggregation(ratio)
     if mask is not None and options["max_len"] is None:
@@ -533,6 +537,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         advantages.detach(), cu_seqlens, mask, float(temperature), float(entropy_coef),
         ratio, clip_mode, floats["eps_low"], floats["eps_high"], floats["dual_clip"],
         floats["max_log_ratio"], options["aggregation"], floats["beta"], floats["num_tokens"],
-        floats["num_sequences"], floats["max_len"], rows, fp32_accumulation,
+        floats["num_sequences"], floats["max_len"],
+        None if correction.tensor is None else correction.tensor.detach().reshape(-1),
+        correction.mode, correction.lo, correction.hi, rows, fp32_accumulation,
         *_needs(hidden, weight, bias), group_name)
-    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None))
+    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None,
+                                       correction.mode))

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import reference, vocab_parallel
 from . import validation as check
-from .backend import (cast_for_store, emulate_rne, grads_by_name, inputs_by_name, interpreting,
+from .backend import (as_f32, cast_for_store, emulate_rne, grads_by_name, inputs_by_name, interpreting,
                       launch, triton_op, use_triton)
 from .options import IGNORE_INDEX
 
@@ -73,6 +73,7 @@ def _token_logprobs_fwd_kernel(
     T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    inv_temperature = as_f32(inv_temperature)
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
@@ -128,6 +129,7 @@ def _token_logprobs_bwd_kernel(
     WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
     UNIT_STRIDE_GV: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    inv_temperature = as_f32(inv_temperature)
     row = tl.program_id(0)
     target = tl.load(targets_ptr + row).to(tl.int64)
     active = target != ignore_index
@@ -313,16 +315,11 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
     """
     def checks(vocab):
         check.float_tensor("logits", logits)
-        check.int_tensor("targets", targets)
         if logits.dim() < 1 or logits.shape[-1] < 1:
             raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got shape "
                              f"{tuple(logits.shape)}")
-        check.shape("targets", targets, logits.shape[:-1], " (the logits' shape without V)")
-        check.same_device("logits", logits, targets=targets)
-        check.positive("temperature", temperature)
-        check.integer("ignore_index", ignore_index)
-        check.boolean("return_entropy", return_entropy)
-        check.targets_in_range(targets, vocab, ignore_index)
+        check.gather_call("logits", logits, "V", vocab, targets, temperature, ignore_index,
+                          return_entropy)
 
     _, shard = vocab_parallel.checked(process_group, checks, vocab_parallel.columns_of(logits),
                                       vocab_parallel.rows_of(targets), "logits")

@@ -8,6 +8,9 @@ AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-
 REDUCES = ("sum", "mean")
 SCALES = ("group", "batch", "none")
 STDS = ("sample", "population")
+# Correction for the sampler's log-probabilities (op 4b): the weight's level and what happens
+# outside [rollout_is_min, rollout_is_max] (TRL's vllm_importance_sampling_mode values)
+ROLLOUT_IS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 # A target equal to it has logp 0 and no gradient (PyTorch's and TRL's convention); the losses
 # also use it internally to mark padded positions.

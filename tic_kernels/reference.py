@@ -498,14 +498,65 @@ class _NaNGradientWhere(torch.autograd.Function):
         return torch.where(bad, float("nan"), 0.0).to(g.dtype) * g, None
 
 
+def _k3(u):
+    """The k3 estimator exp(u) - u - 1 of a log-ratio u."""
+    return u.exp() - u - 1.0
+
+
+def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_weights=None,
+                       rollout_is=None, rollout_is_max=3.0, rollout_is_min=None):
+    """Op 4b on flat per-token tensors of the sequences of ``lengths``: (w per token, its
+    statistics). u_t = old_t - rollout_t (a NaN rollout log-prob: u_t = 0); the weight is
+    exp(u_t) per token or exp(sum_t u_t) per sequence, its log capped at ``cap``, truncated to
+    or masked outside [rollout_is_min, rollout_is_max]; or ``rollout_weights`` as given.
+    The statistics are over the weighted units (tokens, or non-empty sequences) and of the
+    weights applied."""
+    seg = segment_ids(lengths)
+    stats = {}
+    if rollout_weights is not None:
+        w = rollout_weights.detach().to(dt)
+        units = w
+    else:
+        u = old.to(dt) - rollout_logprobs.detach().to(dt)
+        valid = ~torch.isnan(u)
+        u = torch.where(valid, u, 0.0)
+        per_seq = rollout_is.startswith("sequence")
+        log_w = segment_sum(u, lengths) if per_seq else u
+        units = log_w.clamp(-cap, cap).exp()
+        lo = 0.0 if rollout_is_min is None else float(rollout_is_min)
+        hi = math.inf if rollout_is_max is None else float(rollout_is_max)
+        if rollout_is.endswith("_mask"):
+            units = torch.where((units > hi) | (units < lo), 0.0, units)
+        else:
+            units = units.clamp(lo, hi)
+        if per_seq:
+            units = units[lengths > 0]  # an empty sequence is no unit
+        w = units[segment_ids(lengths[lengths > 0])] if per_seq else units
+        # k3 of the sampler against the old policy, over the tokens the sampler scored
+        kl = _k3((-u).clamp(-cap, cap))
+        stats["rollout_kl"] = _mean(torch.where(valid, kl, 0.0), valid.sum())
+    n = units.new_tensor(float(units.numel()))
+    square = (units * units).sum()
+    stats.update(
+        rollout_is_mean=_mean(units, n),
+        rollout_is_max=units.max() if units.numel() else n * 0,
+        rollout_is_min=units.min() if units.numel() else n * 0,
+        rollout_masked_fraction=_mean((units == 0).to(dt), n),
+        rollout_ess=torch.where(square > 0, units.sum() ** 2 / (n * square), 0.0))
+    assert w.shape == seg.shape
+    return w, stats
+
+
 def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, mask=None,
                            ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
-                           max_len=None, entropy=None, entropy_coef=0.0):
+                           max_len=None, entropy=None, entropy_coef=0.0, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
-    ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic.
+    ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
+    ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
+    rollout_is_max, rollout_is_min), see rollout_correction.
     """
     aggregation = aggregation or default_aggregation(ratio)
     dt = compute_dtype(logprobs)
@@ -515,6 +566,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         logprobs, old_logprobs = masked_rows(logprobs, mask), masked_rows(old_logprobs, mask)
         ref_logprobs = None if ref_logprobs is None else masked_rows(ref_logprobs, mask)
         entropy = None if entropy is None else masked_rows(entropy, mask)
+        for k in ("rollout_logprobs", "rollout_weights"):
+            if rollout.get(k) is not None:
+                rollout[k] = masked_rows(rollout[k], mask)
     lengths = lengths_of(cu_seqlens, mask)
     seg = segment_ids(lengths)
     cap = float(max_log_ratio)
@@ -554,10 +608,16 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                      ratio_max=xd.max() if xd.numel() else xd.new_zeros(()),
                      cap_fraction=_mean(seq_capped.to(dt), n_seq))
 
+    stats_of = {}
+    if rollout.get("rollout_logprobs") is not None or rollout.get("rollout_weights") is not None:
+        w_rollout, stats_of = rollout_correction(old_logprobs, lengths, cap, dt, **rollout)
+        J_tok = J_tok * w_rollout  # a detached weight on the policy objective only
+    stats.update(stats_of)
+
     n_tok = logp.new_tensor(float(logp.numel()))
     if ref_logprobs is not None:
-        u = (ref_logprobs.to(dt) - logp).clamp(-cap, cap)
-        kl = u.exp() - u - 1.0  # k3 estimator; the cap keeps exp finite, gradient 0 beyond it
+        # k3 estimator; the cap keeps exp finite, gradient 0 beyond it
+        kl = _k3((ref_logprobs.to(dt) - logp).clamp(-cap, cap))
         if beta:
             J_tok = J_tok - beta * kl
         stats["kl_mean"] = _mean(kl.detach(), n_tok)

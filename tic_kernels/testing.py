@@ -137,6 +137,26 @@ def loss_batch(lengths, vocab, *, dtype=torch.float32, padded=False, T=None, dev
                      {k: v.to(**to) for k, v in layout.items()})
 
 
+def rollout_keywords(old_logprobs, layout_kw, mode, seed=0, lo=0.8, hi=1.25):
+    """Op 4b's keywords for a generated batch: for ``mode`` "weights", weights in [0, 2) with
+    every third one 0; else the sampler's log-probs near ``old_logprobs`` (std 0.3, one NaN:
+    a token it did not score) with ``mode`` and the bounds. Padded positions hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    old = old_logprobs.detach().float().cpu()
+    if mode == "weights":
+        values = torch.rand(old.shape, generator=g) * 2
+        values.view(-1)[::3] = 0.0
+    else:
+        values = old + 0.3 * torch.randn(old.shape, generator=g)
+        values.view(-1)[1] = float("nan")
+    if "mask" in layout_kw:
+        values = torch.where(layout_kw["mask"].cpu(), values, float("nan"))
+    values = values.to(device=old_logprobs.device)
+    if mode == "weights":
+        return dict(rollout_weights=values)
+    return dict(rollout_logprobs=values, rollout_is=mode, rollout_is_min=lo, rollout_is_max=hi)
+
+
 # The fused LM head against float64 logits computed from the same rounded inputs: the
 # gradients pass through the logits gradient rounded to the weight's dtype and a GEMM in that
 # dtype, so they are compared by their largest error relative to their largest entry.

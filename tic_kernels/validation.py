@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from .options import AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, default_aggregation
+from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, ROLLOUT_IS,
+                      default_aggregation)
 from .reference import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -100,6 +101,16 @@ def nonnegative(name, t):
     """Every entry of t is >= 0 (a value check)."""
     if checking_values(t) and t.numel() and bool((t < 0).any()):
         raise ValueError(f"{name} must be >= 0, found {t.min().item()}")
+
+
+def finite_nonnegative(name, t, mask=None):
+    """Every entry of t (where ``mask`` is set) is finite and >= 0 (a value check)."""
+    if checking_values(t, mask) and t.numel():
+        bad = ~torch.isfinite(t) | (t < 0)
+        if mask is not None:
+            bad &= mask.bool()
+        if bool(bad.any()):
+            raise ValueError(f"{name} must be finite and >= 0, found {t[bad][0].item()}")
 
 
 def cu_seqlens_ok(cu_seqlens, n, device_of=None):
@@ -235,8 +246,53 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
                 beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
 
 
+def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return_entropy):
+    """The checks of a log-prob gather over rows of ``x`` once x's own have passed: the
+    logits (last dimension "V") or the fused LM head's hidden states ("H")."""
+    int_tensor("targets", targets)
+    shape("targets", targets, x.shape[:-1], f" ({name}'s shape without {last})")
+    same_device(name, x, targets=targets)
+    positive("temperature", temperature)
+    integer("ignore_index", ignore_index)
+    boolean("return_entropy", return_entropy)
+    targets_in_range(targets, vocab, ignore_index)
+
+
+def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
+                    rollout_weights):
+    """Checks the keywords of the sampler correction (op 4b); returns those in use as a dict
+    (empty without a correction). The tensors' shapes are loss_inputs' to check."""
+    if rollout_is_max is not None:
+        positive("rollout_is_max", rollout_is_max)
+    if rollout_is_min is not None:
+        positive("rollout_is_min", rollout_is_min, allow_zero=True)
+        if rollout_is_max is not None and rollout_is_min > rollout_is_max:
+            raise ValueError(f"rollout_is_min={rollout_is_min!r} exceeds "
+                             f"rollout_is_max={rollout_is_max!r}")
+    if rollout_weights is not None:
+        if rollout_logprobs is not None:
+            raise ValueError("pass rollout_logprobs (with rollout_is) or rollout_weights "
+                             "(precomputed weights), not both")
+        if rollout_is is not None:
+            raise ValueError(f"rollout_is={rollout_is!r} applies to rollout_logprobs; "
+                             "rollout_weights are used as given")
+        return dict(rollout_weights=rollout_weights)
+    if rollout_is is not None:
+        choice("rollout_is", rollout_is, ROLLOUT_IS)
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_is={rollout_is!r} needs rollout_logprobs (the sampler's "
+                             "per-token log-probabilities)")
+    elif rollout_logprobs is not None:
+        raise ValueError("rollout_logprobs needs rollout_is, the correction to apply: "
+                         + ", ".join(repr(m) for m in ROLLOUT_IS))
+    if rollout_logprobs is None:
+        return {}
+    return dict(rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
+                rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min)
+
+
 def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,
-                device_of, max_len=None):
+                device_of, max_len=None, rollout=None):
     """Check the layout and the per-token and per-sequence tensors of a loss; returns B.
 
     ``tokens`` is the per-token tensor that fixes the layout (targets or logprobs): (N,) with
@@ -259,21 +315,28 @@ def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, 
     per_token("old_logprobs", old_logprobs, tokens.shape, device_of)
     if ref_logprobs is not None:
         per_token("ref_logprobs", ref_logprobs, tokens.shape, device_of)
+    for name in ("rollout_logprobs", "rollout_weights"):
+        if (rollout or {}).get(name) is not None:
+            per_token(name, rollout[name], tokens.shape, device_of)
+    if (rollout or {}).get("rollout_weights") is not None:
+        finite_nonnegative("rollout_weights", rollout["rollout_weights"], mask)
     advantages_ok(advantages, num_seqs, device_of)
     max_len_ok(max_len, cu_seqlens, mask)
     return num_seqs
 
 
 def loss_call(name, x, last, vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
-              ref_logprobs, temperature, options):
+              ref_logprobs, temperature, options, rollout):
     """The checks of a loss over rows of ``x``: the logits (last dimension "V") or the hidden
     states of the fused LM head ("H"), packed (N, last) with cu_seqlens or padded (B, T, last)
     with mask; ``options`` the loss keywords as loss_options takes them (ratio ... max_len,
-    entropy_coef). Returns loss_options' dict."""
+    entropy_coef), ``rollout`` rollout_options' keywords. Returns loss_options' dict and
+    rollout_options' in one."""
     int_tensor("targets", targets)
     positive("temperature", temperature)
     *head, entropy_coef = options
     checked = loss_options(*head, mask is not None, entropy_coef)
+    correction = rollout_options(*rollout)
     layout(cu_seqlens, mask)
     if x.dim() != (2 if mask is None else 3):
         want = f"(B, T, {last}) with mask" if mask is not None else f"(N, {last}) with cu_seqlens"
@@ -281,6 +344,6 @@ def loss_call(name, x, last, vocab, targets, old_logprobs, advantages, cu_seqlen
     shape("targets", targets, x.shape[:-1], f" ({name}'s shape without {last})")
     same_device(name, x, targets=targets)
     loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,
-                (name, x), checked["max_len"])
+                (name, x), checked["max_len"], correction)
     targets_in_range(targets, vocab, mask=mask)
-    return checked
+    return {**checked, **correction}

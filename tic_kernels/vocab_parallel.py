@@ -29,11 +29,10 @@ from . import logprobs, reference  # logprobs imports this module: its names are
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank's slice of the vocabulary: columns [start, start + size) of world * size."""
+    """This rank's slice of the vocabulary: columns [start, start + size)."""
     group: object
     start: int
     size: int
-    world: int
 
     @property
     def pair(self):
@@ -88,7 +87,7 @@ def checked(process_group, checks, V_local, rows, name):
         raise ValueError(f"targets: every rank of process_group must hold the same rows "
                          f"(the inputs other than the vocabulary are replicated); the row "
                          f"counts range from {-r_lo} to {r_hi}")
-    return result, Shard(process_group, rank * V_local, V_local, world)
+    return result, Shard(process_group, rank * V_local, V_local)
 
 
 def rows_of(t):
@@ -174,4 +173,4 @@ def from_name(group_name, V_local):
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _resolve_process_group
     group = _resolve_process_group(group_name)
-    return Shard(group, dist.get_rank(group) * V_local, V_local, dist.get_world_size(group))
+    return Shard(group, dist.get_rank(group) * V_local, V_local)

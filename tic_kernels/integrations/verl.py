@@ -1,0 +1,362 @@
+"""tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
+
+Importing this module registers four losses with verl's ``register_policy_loss``
+(``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
+that was reset. ``import tic_kernels`` never imports verl; only this module does.
+
+=============  =================================================================================
+loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
+=============  =================================================================================
+``tic``        TIC-GRPO: trajectory ratio exp(sum_t (log_prob - old_log_prob)), two-sided clip
+               [1 - clip_ratio_low, 1 + clip_ratio_high], verl's dual clip ``clip_ratio_c`` for
+               negative advantages (as verl's ``vanilla`` applies it, always).
+``tic_upper``  the same with the upper-only clip (``clip_mode="upper"``, eps_high =
+               clip_ratio_high: the paper's), dual clip ``clip_ratio_c`` too.
+``tic_gspo``   GSPO, ratio exp(mean_t (log_prob - old_log_prob)): equals verl's ``gspo``
+               (``compute_policy_loss_gspo``) in value and gradient, its log-ratio capped at 10
+               as verl's is, no dual clip (verl's gspo has none).
+``tic_token``  the per-token ratio (GRPO / DAPO / PPO): equals verl's ``vanilla``
+               (``compute_policy_loss_vanilla``) in value and gradient, dual clip included.
+=============  =================================================================================
+
+Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
+advantages, response_mask, loss_agg_mode, config, rollout_is_weights)`` with (B, T) tensors,
+returning ``(loss, metrics)``. ``loss`` is tic_kernels' scalar (float32; float64 for float64
+inputs), times ``dp_size`` as in verl's ``agg_loss``; ``metrics`` holds Python floats: verl's
+``actor/pg_clipfrac``, ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower`` with verl's definitions
+(token-weighted means over the response mask; for the sequence ratios every token carries its
+sequence's decision, as in verl's gspo), plus tic_kernels' statistics as ``actor/tic_<name>``
+(clip_fraction, ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean, and
+rollout_is_mean, ..., rollout_ess when rollout_is_weights are given; see
+``tic_kernels.LossOutput``). All metrics come back to the host in one read, as verl's own
+``.item()`` calls do.
+
+**Advantages.** tic_kernels takes one advantage per sequence. verl passes (B, T) advantages;
+the outcome estimators (grpo, rloo, reinforce_plus_plus, remax, opo, gpg, ...) broadcast one
+value over each response, and these losses take it. Advantages that vary over a sequence's
+response tokens (GAE, or any token-level estimator) raise a ValueError for all four modes,
+``tic_token`` included: use verl's ``vanilla`` there. The check compares each sequence's
+largest and smallest advantage over its response tokens (tolerance 1e-5 * max(1, |A|)) and
+reads one boolean back to the host; like tic_kernels' own value checks it is skipped under
+``TIC_KERNELS_CHECK_VALUES=0`` and while torch.compile traces (the loss then uses each
+sequence's largest advantage over its response tokens).
+
+**Aggregation** (``actor.loss_agg_mode``) maps to tic_kernels' aggregation of the same name,
+with verl's global normalisers from ``config.global_batch_info`` (set by verl's ``ppo_loss``
+before each micro-batch): "token-mean" divides by ``batch_num_tokens`` (``num_tokens``), the
+seq-mean modes by ``global_batch_size`` (``num_sequences``), each times ``dp_size``; without
+them (``dp_size`` 1) the micro-batch's own counts (its tokens; its non-empty sequences), as
+verl's ``agg_loss``. "seq-mean-token-sum-norm" divides further by
+``global_batch_info["loss_scale_factor"]`` or, when that is None, by the mask's T (``max_len``);
+tic_kernels requires it to be at least the longest response. "token-sum" is "token-mean" with
+``num_tokens=1`` (times ``dp_size``). Other modes raise a ValueError.
+
+**rollout_is_weights** (verl's rollout correction) are passed to tic_kernels as
+``rollout_weights``: each token's objective is multiplied by its detached weight before the
+aggregation, which is exactly verl's ``pg_losses * rollout_is_weights`` for ``tic_token``. For
+the sequence ratios the weighted loss is a function of one ratio per sequence, so a token's
+gradient is its sequence's summed weight times the ratio's derivative (tic_kernels' definition).
+verl's gspo instead writes its ratio per token as sg[s_i] * pi_t / sg[pi_t] (the "GSPO-token"
+form), which sends each token's weight to that token's gradient alone: the two agree when the
+weights are constant over each sequence (verl's rollout_is="sequence") and differ for
+token-level weights. ``tic_gspo`` follows verl: with rollout_is_weights it evaluates that
+GSPO-token form with tic_kernels' token ratio (old log-probs shifted to log_prob - sg[mean_t
+log-ratio], so that each token's ratio is the sequence's s_i); its ``actor/tic_*`` statistics
+are then per token (clip_fraction, ratio_mean) rather than per sequence. ``tic`` and
+``tic_upper`` keep tic_kernels' definition.
+
+**Differences from verl that remain** (all at the level of rounding): tic_kernels computes in
+float32 (float64 inputs: in float64, on its reference path), verl in the inputs' dtype; verl's
+"seq-mean-token-mean" divides by L + 1e-8, tic_kernels by L; ``tic_gspo`` caps the mean
+log-ratio to [-10, 10] where verl caps it above only, so a sequence with mean log-ratio below
+-10 (ratio < 4.6e-5) contributes exp(-10) * A and no gradient instead of its (smaller) ratio.
+
+Using it in verl: make every worker import this module, e.g.
+``actor_rollout_ref.model.external_lib=tic_kernels.integrations.verl`` (verl imports it in
+each process that builds the model config) or ``VERL_USE_EXTERNAL_MODULES=
+tic_kernels.integrations.verl`` in the workers' environment, and select
+``actor_rollout_ref.actor.policy_loss.loss_mode=tic`` (or tic_upper, tic_gspo, tic_token).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from verl.trainer.ppo import core_algos as _core_algos
+
+from .. import validation as _check
+from ..loss import tic_loss_from_logprobs
+
+__all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
+           "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_token",
+           "compute_policy_loss_tic_upper", "register"]
+
+# tic_kernels' own statistics are reported as METRIC_PREFIX + their name
+METRIC_PREFIX = "actor/tic_"
+
+# verl's clamp of the log-ratio: vanilla clamps it to [-20, 20], gspo above at 10
+_VANILLA_CAP = 20.0
+_GSPO_CAP = 10.0
+
+# loss_agg_mode -> tic_kernels' aggregation ("token-sum" is token-mean over num_tokens=1)
+_AGGREGATIONS = {
+    "token-mean": "token-mean",
+    "token-sum": "token-mean",
+    "seq-mean-token-sum": "seq-mean-token-sum",
+    "seq-mean-token-mean": "seq-mean-token-mean",
+    "seq-mean-token-sum-norm": "seq-mean-token-sum-norm",
+}
+
+# loss_mode -> (tic_kernels ratio, clip_mode, dual clip from clip_ratio_c, |log-ratio| cap)
+_MODES = {
+    "tic": ("trajectory", "two_sided", True, _VANILLA_CAP),
+    "tic_upper": ("trajectory", "upper", True, _VANILLA_CAP),
+    "tic_gspo": ("sequence_mean", "two_sided", False, _GSPO_CAP),
+    "tic_token": ("token", "two_sided", True, _VANILLA_CAP),
+}
+
+
+def _get(config, key, default=None):
+    """config.key for verl's ActorConfig (a dataclass with .get) or an omegaconf DictConfig."""
+    if hasattr(config, "get"):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _number(name, value):
+    """A Python float from an int, float or one-element tensor (one host read)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"config.global_batch_info[{name!r}] must be a number, got {value!r}")
+    return float(value)
+
+
+def _clip_ratios(config, loss_mode):
+    """(eps_low, eps_high, clip_ratio_c) as verl's vanilla reads them."""
+    if config is None:
+        raise ValueError(f"policy loss {loss_mode!r} needs the actor config (clip ratios)")
+    clip_ratio = _get(config, "clip_ratio")
+    low = _get(config, "clip_ratio_low")
+    high = _get(config, "clip_ratio_high")
+    low = clip_ratio if low is None else low
+    high = clip_ratio if high is None else high
+    if low is None or high is None:
+        raise ValueError(f"policy loss {loss_mode!r}: the config sets neither clip_ratio_low/high "
+                         "nor clip_ratio")
+    clip_c = float(_get(config, "clip_ratio_c", 3.0))
+    if not clip_c > 1.0:
+        raise ValueError(f"config.clip_ratio_c (the dual clip of negative advantages) must be > 1, "
+                         f"got {clip_c!r}")
+    return float(low), float(high), clip_c
+
+
+def _aggregation(loss_agg_mode, config, response_mask):
+    """(tic_kernels keywords, factor on the loss) mirroring verl's agg_loss with the config's
+    global_batch_info (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)."""
+    if loss_agg_mode not in _AGGREGATIONS:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not supported by tic_kernels' verl "
+                         "losses; accepted values: " + ", ".join(repr(m) for m in _AGGREGATIONS))
+    info = _get(config, "global_batch_info", None) or {}
+    dp_size = info.get("dp_size", 1)
+    dp_size = 1 if dp_size is None else int(_number("dp_size", dp_size))
+    keywords = dict(aggregation=_AGGREGATIONS[loss_agg_mode])
+    if loss_agg_mode == "token-sum":
+        keywords["num_tokens"] = 1.0
+    elif loss_agg_mode == "token-mean":
+        batch_num_tokens = info.get("batch_num_tokens")
+        if batch_num_tokens is not None:
+            keywords["num_tokens"] = _number("batch_num_tokens", batch_num_tokens)
+        elif dp_size > 1:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1 "
+                             "(config.global_batch_info, set by verl's ppo_loss)")
+    else:
+        global_batch_size = info.get("global_batch_size")
+        if global_batch_size is not None:
+            keywords["num_sequences"] = _number("global_batch_size", global_batch_size)
+        elif dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1 "
+                             "(config.global_batch_info, set by verl's ppo_loss)")
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            factor = info.get("loss_scale_factor")
+            keywords["max_len"] = (float(response_mask.shape[-1]) if factor is None
+                                   else _number("loss_scale_factor", factor))
+    return keywords, dp_size
+
+
+def _sequence_advantages(advantages, response_mask, loss_mode):
+    """(B,) advantages from verl's (B, T), which must hold one value per response (a value
+    check, skippable like tic_kernels' own)."""
+    _check.float_tensor("advantages", advantages)
+    if advantages.dim() != 2 or advantages.shape != response_mask.shape:
+        raise ValueError(f"advantages must be (B, T) like response_mask "
+                         f"{tuple(response_mask.shape)}, got shape {tuple(advantages.shape)}")
+    adv = advantages.detach()
+    keep = response_mask.bool()
+    has_tokens = keep.any(dim=-1)
+    largest = torch.where(keep, adv, -math.inf).amax(dim=-1)
+    per_seq = torch.where(has_tokens, largest, 0.0)
+    if _check.checking_values(advantages, response_mask):
+        smallest = torch.where(keep, adv, math.inf).amin(dim=-1)
+        spread = torch.where(has_tokens, largest - smallest, 0.0)
+        varies = spread > 1e-5 * torch.maximum(largest.abs(), smallest.abs()).clamp(min=1.0)
+        if bool(varies.any()):
+            i = int(varies.nonzero()[0, 0])
+            raise ValueError(
+                f"policy loss {loss_mode!r} takes one advantage per sequence, but sequence {i}'s "
+                f"advantages vary over its response tokens (from {smallest[i].item():.6g} to "
+                f"{largest[i].item():.6g}), as a token-level estimator such as GAE gives. Use an "
+                "outcome-level estimator (grpo, rloo, reinforce_plus_plus, ...) or verl's own "
+                "'vanilla' loss for token-level advantages.")
+    return per_seq
+
+
+@torch.no_grad()
+def _verl_metrics(log_ratio, keep, adv, level, eps_low, eps_high, upper, clip_c, cap_lo, cap_hi):
+    """verl's pg_clipfrac, ppo_kl and pg_clipfrac_lower (0-d tensors), with its definitions:
+    token-weighted means over the mask; ``level`` "token" or "trajectory" / "sequence_mean"."""
+    m = keep.to(log_ratio.dtype)
+    d = log_ratio * m
+    n = m.sum()
+    ppo_kl = -d.sum() / (n + 1e-8)
+    if level == "token":
+        x_log, A, weight = d, adv.unsqueeze(-1), m
+    else:
+        lengths = m.sum(dim=-1)
+        x_log = d.sum(dim=-1)
+        if level == "sequence_mean":
+            x_log = x_log / lengths.clamp(min=1.0)
+        A, weight = adv, lengths
+    x = torch.exp(x_log.clamp(min=cap_lo, max=cap_hi))
+    xc = x.clamp(max=1.0 + eps_high) if upper else x.clamp(1.0 - eps_low, 1.0 + eps_high)
+    unclipped, constant = A * x, A * xc
+    clipped = unclipped > constant  # verl: -A clip(x) > -A x
+    if clip_c is None:
+        lower = torch.zeros_like(clipped)
+    else:  # verl: max(-A x, -A clip(x)) > -A c for A < 0
+        lower = (A < 0) & (torch.minimum(unclipped, constant) < A * clip_c)
+    return {
+        "actor/pg_clipfrac": (clipped.to(m.dtype) * weight).sum() / (n + 1e-8),
+        "actor/ppo_kl": ppo_kl,
+        "actor/pg_clipfrac_lower": (lower.to(m.dtype) * weight).sum() / (n + 1e-8),
+    }
+
+
+def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                 config, rollout_is_weights):
+    ratio, clip_mode, dual, cap = _MODES[loss_mode]
+    eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode)
+    keywords, dp_size = _aggregation(loss_agg_mode, config, response_mask)
+    _check.float_tensor("log_prob", log_prob)
+    _check.float_tensor("old_log_prob", old_log_prob)
+    adv = _sequence_advantages(advantages, response_mask, loss_mode)
+    if rollout_is_weights is not None:
+        keywords["rollout_weights"] = rollout_is_weights.detach()
+
+    # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    keep = response_mask.bool()
+    log_ratio = torch.where(keep, log_prob.detach().to(dtype) - old_log_prob.detach().to(dtype),
+                            0.0)
+    old = old_log_prob
+    kernel_ratio = ratio
+    if loss_mode == "tic_gspo" and rollout_is_weights is not None:
+        # verl's GSPO-token: per-token ratio sg[s_i] pi_t / sg[pi_t], i.e. tic_kernels' token
+        # ratio against old'_t = sg[log_prob_t] - sg[mean log-ratio of i]
+        lengths = keep.sum(dim=-1).clamp(min=1).to(dtype)
+        mean = log_ratio.sum(dim=-1) / lengths
+        old = log_prob.detach().to(dtype) - mean.unsqueeze(-1)
+        kernel_ratio = "token"
+
+    out = tic_loss_from_logprobs(
+        log_prob, old, adv, mask=response_mask, ratio=kernel_ratio, clip_mode=clip_mode,
+        eps_low=eps_low, eps_high=eps_high, dual_clip=clip_c if dual else None,
+        max_log_ratio=cap, **keywords)
+    loss = out.loss * dp_size if dp_size != 1 else out.loss
+
+    if loss_mode == "tic_gspo":
+        metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), "sequence_mean", eps_low,
+                                eps_high, False, None, -math.inf, _GSPO_CAP)
+    else:
+        metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), ratio, eps_low, eps_high,
+                                clip_mode == "upper", clip_c, -_VANILLA_CAP, _VANILLA_CAP)
+    metrics.update({METRIC_PREFIX + k: v for k, v in out.stats.items()})
+    names = list(metrics)
+    values = torch.stack([metrics[k].detach().to(torch.float64).reshape(()) for k in names])
+    return loss, dict(zip(names, values.tolist()))  # one host read for all metrics
+
+
+_DOC = """verl policy loss {name!r} (tic_kernels): see tic_kernels.integrations.verl.
+
+    Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode;
+    config: the actor config (clip_ratio_low/high, clip_ratio_c, global_batch_info);
+    rollout_is_weights: (B, T) or None. Returns (loss, metrics dict of floats)."""
+
+
+def compute_policy_loss_tic(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                            advantages: torch.Tensor, response_mask: torch.Tensor,
+                            loss_agg_mode: str = "seq-mean-token-mean",
+                            config: Optional[Any] = None,
+                            rollout_is_weights: Optional[torch.Tensor] = None
+                            ) -> tuple[torch.Tensor, dict[str, Any]]:
+    return _policy_loss("tic", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+                        config, rollout_is_weights)
+
+
+def compute_policy_loss_tic_upper(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                  advantages: torch.Tensor, response_mask: torch.Tensor,
+                                  loss_agg_mode: str = "seq-mean-token-mean",
+                                  config: Optional[Any] = None,
+                                  rollout_is_weights: Optional[torch.Tensor] = None
+                                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    return _policy_loss("tic_upper", old_log_prob, log_prob, advantages, response_mask,
+                        loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_tic_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                 advantages: torch.Tensor, response_mask: torch.Tensor,
+                                 loss_agg_mode: str = "seq-mean-token-mean",
+                                 config: Optional[Any] = None,
+                                 rollout_is_weights: Optional[torch.Tensor] = None
+                                 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    return _policy_loss("tic_gspo", old_log_prob, log_prob, advantages, response_mask,
+                        loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_tic_token(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                                  advantages: torch.Tensor, response_mask: torch.Tensor,
+                                  loss_agg_mode: str = "token-mean", config: Optional[Any] = None,
+                                  rollout_is_weights: Optional[torch.Tensor] = None
+                                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    return _policy_loss("tic_token", old_log_prob, log_prob, advantages, response_mask,
+                        loss_agg_mode, config, rollout_is_weights)
+
+
+LOSS_MODES = {
+    "tic": compute_policy_loss_tic,
+    "tic_upper": compute_policy_loss_tic_upper,
+    "tic_gspo": compute_policy_loss_tic_gspo,
+    "tic_token": compute_policy_loss_tic_token,
+}
+for _name, _fn in LOSS_MODES.items():
+    _fn.__doc__ = _DOC.format(name=_name)
+
+
+def register() -> None:
+    """Registers the four losses with verl's policy-loss registry (idempotent). A different
+    loss already registered under one of the names is replaced, with a warning."""
+    registry = _core_algos.POLICY_LOSS_REGISTRY
+    for name, fn in LOSS_MODES.items():
+        current = registry.get(name)
+        if current is fn:
+            continue
+        if current is not None and getattr(current, "__module__", None) != __name__:
+            warnings.warn(f"tic_kernels.integrations.verl replaces verl's policy loss {name!r} "
+                          f"({getattr(current, '__qualname__', current)!r})", stacklevel=2)
+        _core_algos.register_policy_loss(name)(fn)
+
+
+register()
