@@ -1,7 +1,11 @@
 """Benchmark of the fused LM head: hidden states -> loss, forward + backward (op 6).
 
-Providers, each checked against the reference (float32 logits through the reference loss,
-gradients of hidden and weight) before it is timed:
+Providers, each checked against the reference (the logits with the value the op's definition
+gives them, the head's GEMM in the weight's dtype, and a float32 gradient, through the
+reference loss; gradients of hidden and weight) before it is timed. The value matters: logits
+left in float32 differ from bf16 ones by a rounding of about 0.01 a token, which a
+1024-token trajectory ratio sums into a different loss (the first H100 run rejected every
+provider's trajectory rows against such a reference):
   tic_kernels_linear          linear_tic_loss (on a CPU: the chunked reference path)
   tic_kernels_linear_accw     the same with fp32_accumulation=False
   unfused_tic_kernels         logits = hidden @ weight.T, tic_loss (inplace_backward), and
@@ -95,6 +99,13 @@ def providers(b, mode, chunk_size=None):
     return out
 
 
+def _reference_logits(h, w):
+    """float32 logits valued as the head's own (F.linear in the weight's dtype), whose
+    gradient is the float32 one of hidden @ weight.T."""
+    exact = F.linear(h.float(), w.float())
+    return exact + (F.linear(h.detach(), w.detach()).float() - exact).detach()
+
+
 def _grads(fn, h, w):
     loss = fn(h, w)
     return loss, torch.autograd.grad(loss, (h, w))
@@ -118,7 +129,7 @@ def run(device, N, H, V, dtype, modes, *, chunk_size=None, reps=None, only=None,
     for mode in modes:
         common = dict(shape=shape, dtype=dtype, mode=mode, env=env)
         want_loss, want_grads = _grads(lambda h_, w_: ref.tic_loss(
-            F.linear(h_.float(), w_.float()), b["targets"], b["old"], b["adv"], mask=b["mask"],
+            _reference_logits(h_, w_), b["targets"], b["old"], b["adv"], mask=b["mask"],
             ratio=mode).loss, h, w)
         for name, fn in providers(b, mode, chunk_size).items():
             if only and name not in only:

@@ -33,7 +33,7 @@ def providers(batch, mode, compiled=True):
     adds torch.compile of the reference (30-60 s of compilation per mode: left out of --quick,
     and it graph-breaks on the reference's boolean indexing anyway)."""
     t, old, adv, mask = batch["targets"], batch["old"], batch["adv"], batch["mask"]
-    kw = dict(mask=mask, ratio=mode)
+    kw = dict(mask=mask, **harness.loss_keywords(mode, batch))
     out = {
         "tic_kernels": lambda x: tk.tic_loss(x, t, old, adv, **kw).loss,
         "tic_kernels_inplace": lambda x: tk.tic_loss(x, t, old, adv, inplace_backward=True,
@@ -55,7 +55,7 @@ def providers(batch, mode, compiled=True):
     fa_logp = harness.flash_attn_logprobs() if batch["logits"].is_cuda else None
     if fa_logp is not None:
         out["flash_attn_ce+torch"] = lambda x: loss_from_logp(fa_logp(x, t))
-    level = {"token": "token", "sequence_mean": "sequence"}.get(mode)
+    level = {"token": "token", "sequence_mean": "sequence"}.get(mode)  # Liger: no op 4b
     if level is not None and batch["logits"].is_cuda:
         try:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -89,7 +89,7 @@ def run(device, shapes, dtypes, modes, passes=PASSES, only=None, reps=None, save
             for mode in modes:
                 want = harness.loss_and_grad(lambda x: ref.tic_loss(
                     x, batch["targets"], batch["old"], batch["adv"], mask=batch["mask"],
-                    ratio=mode).loss, batch["logits"])
+                    **harness.loss_keywords(mode, batch)).loss, batch["logits"])
                 for name, fn in providers(batch, mode, compiled).items():
                     if only and name not in only:
                         continue
@@ -114,7 +114,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default="16384x151936", help="NxV,NxV,...")
     p.add_argument("--dtypes", default="bfloat16")
-    p.add_argument("--modes", default="token,trajectory")
+    p.add_argument("--modes", default="token,trajectory",
+                   help="ratios, each optionally with +sampler (op 4b: the sampler's log-probs)")
     p.add_argument("--providers", default=None, help="comma-separated subset")
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default=None, help="JSON file name (default: tic_loss_<device>)")

@@ -47,7 +47,21 @@ def make_batch(N, V, dtype, device, seqlen=1024, seed=0):
     old = logp + 0.02 * torch.randn(B, T, device=device, generator=g)
     adv = torch.randn(B, device=device, generator=g)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask)
+    # an inference engine's log-probs near the old ones (op 4b's benchmark modes)
+    sampler = old + 0.002 * torch.randn(B, T, device=device, generator=g)
+    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask, sampler=sampler)
+
+
+SAMPLER_SUFFIX = "+sampler"
+
+
+def loss_keywords(mode, batch):
+    """The loss keywords of a benchmark mode: a ratio, optionally with SAMPLER_SUFFIX (op 4b,
+    the sampler's log-probs with sequence_mask, the engine's drift of about 0.002 a token)."""
+    if mode.endswith(SAMPLER_SUFFIX):
+        return dict(ratio=mode[:-len(SAMPLER_SUFFIX)], rollout_logprobs=batch["sampler"],
+                    rollout_is="sequence_mask")
+    return dict(ratio=mode)
 
 
 def flash_attn_logprobs():

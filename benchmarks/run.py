@@ -45,7 +45,9 @@ def main(argv=None):
     dev = torch.device(args.device).type
     bf16, fp32 = torch.bfloat16, torch.float32
     if dev == "cuda" and args.quick:
-        shapes, dtypes, modes = [(16384, 151936)], [bf16], ["token", "trajectory"]
+        # trajectory+sampler: the cost of op 4b (the sampler correction) next to trajectory
+        shapes, dtypes, modes = [(16384, 151936)], [bf16], ["token", "trajectory",
+                                                            "trajectory+sampler"]
         only = None
     elif dev == "cuda":
         shapes = [(n, v) for n in (4096, 16384, 32768) for v in (32000, 128256, 151936)]

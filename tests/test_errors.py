@@ -72,6 +72,11 @@ ROLLOUT_ERRORS = [
           rollout_weights=torch.rand(N)), ValueError, "rollout_logprobs .* or rollout_weights"),
     (dict(rollout_weights=torch.rand(N), rollout_is="sequence_mask"), ValueError,
      "rollout_is='sequence_mask' applies to rollout_logprobs"),
+    (dict(rollout_weights=torch.rand(N), rollout_is_min=0.5), ValueError,
+     "rollout_is_min=0.5 applies to rollout_logprobs"),
+    (dict(rollout_logprobs=torch.tensor([-1.0, float("inf"), -2, -1, -1, -1, -1]),
+          rollout_is="sequence_mask"), ValueError,
+     "rollout_logprobs must be log-probabilities .* found \\+inf"),
     (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_max=0.0),
      ValueError, "rollout_is_max must be a finite number > 0"),
     (dict(rollout_logprobs=torch.randn(N), rollout_is="token_mask", rollout_is_max=float("inf")),
@@ -115,6 +120,10 @@ def test_rollout_weights_checked_under_the_mask_only():
     w[1, 2] = -1.0
     with pytest.raises(ValueError, match="rollout_weights must be finite and >= 0, found -1"):
         tk.tic_loss(logits, targets, old, adv, mask=mask, rollout_weights=w)
+    sampler = old - 0.1
+    sampler[1, 3] = float("inf")  # padding: never read
+    assert torch.isfinite(tk.tic_loss(logits, targets, old, adv, mask=mask,
+                                      rollout_logprobs=sampler, rollout_is="token_mask").loss)
 
 
 def test_padded_layout_errors():

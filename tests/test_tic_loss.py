@@ -186,6 +186,35 @@ def test_rollout_from_logprobs_matches_reference(mode, padded, device):
         **rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=16))
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("mode", ["weights", "token_truncate"])
+def test_rollout_ess_is_scale_free(path, mode, device):
+    """rollout_ess of weights c w equals that of w for c = 1e20 or 1e-20 (their squares
+    overflow or vanish in fp32) and the float64 formula; the statistics come detached."""
+    fn = tk.tic_loss_from_logprobs if path == "kernels" else ref.tic_loss_from_logprobs
+    g = torch.Generator().manual_seed(21)
+    lengths = [3, 0, 600, 2]  # one sequence over a block of the kernel: its max grows
+    N = sum(lengths)
+    logp = (-torch.rand(N, generator=g) * 3).to(device).requires_grad_(True)
+    old = logp.detach() + 0.1 * torch.randn(N, generator=g).to(device)
+    adv = torch.randn(len(lengths), generator=g).to(device)
+    cu = torch.tensor([0, 3, 3, 603, 605], dtype=torch.int32, device=device)
+    # weights in [0.025, 4.2]: their logs stay inside max_log_ratio = 60 once scaled by c
+    w = (0.05 + torch.rand(N, generator=g)).to(device) * torch.linspace(0.5, 4.0, N).to(device)
+    want = (w.double().sum() ** 2 / (N * (w.double() ** 2).sum())).float()
+    for c in (1.0, 1e20, 1e-20):
+        if mode == "weights":
+            kw = dict(rollout_weights=w * c)
+        else:  # weights exp(u) of log-ratio u = log(c w), no bounds
+            kw = dict(rollout_logprobs=old - torch.log(w * c), rollout_is=mode,
+                      rollout_is_max=None, max_log_ratio=60.0)
+        out = fn(logp, old, adv, cu_seqlens=cu, **kw)
+        assert all(not v.requires_grad for v in out.stats.values())
+        torch.testing.assert_close(out.stats["rollout_ess"], want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(out.stats["rollout_is_max"], (w * c).max(), rtol=1e-5,
+                                   atol=0)
+
+
 def test_ticloss_module(device):
     batch = loss_batch(LENGTHS, 21, device=device)
     fn = tk.TICLoss(ratio="token", eps_high=0.3)

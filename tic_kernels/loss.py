@@ -50,8 +50,9 @@ RW_TOKEN, RW_SEQUENCE, RW_GIVEN = (tl.constexpr(ROLLOUT_CODE[k])
 
 # Columns of the per-sequence partial sums that the loss kernel writes and the finalize kernel
 # reduces: the objective, the entropy bonus's objective, the length, then the statistics' sums
-# (the sampler correction's last: over its units, the weights' sum, sum of squares, max, min
-# and count of zeros; its k3 sum and the count of tokens with a sampler log-prob).
+# (the sampler correction's last: over its units, the weights' sum, sum of squares relative to
+# their max, max, min and count of zeros; its k3 sum and the count of tokens with a sampler
+# log-prob).
 (COL_OBJ, COL_ENT_OBJ, COL_LEN, COL_CLIPPED, COL_RATIO_SUM, COL_RATIO_MAX, COL_DELTA_ABS,
  COL_CAPPED, COL_LOGP, COL_KL, COL_ENT, COL_RW_SUM, COL_RW_SQ, COL_RW_MAX, COL_RW_MIN,
  COL_RW_ZERO, COL_RKL, COL_RVALID) = (tl.constexpr(i) for i in range(18))
@@ -154,8 +155,12 @@ def _ratio_loss_fwd_kernel(
 
     # pass 1: Delta_i, L_i and the sums of the statistics
     delta, count, logp_sum, kl_sum, ent_sum = zero, zero, zero, zero, zero
-    u_sum, w_sum, w_sq, w_max, w_zero, rkl_sum, r_valid = zero, zero, zero, zero, zero, zero, zero
+    u_sum, w_sum, w_zero, rkl_sum, r_valid = zero, zero, zero, zero, zero
     w_min = zero + float("inf")
+    # the weights' max and their sum of squares relative to it (rescaled as the max grows, so
+    # that weights of 1e20 or 1e-25 do not overflow or vanish when squared)
+    w_max = 0.0
+    w_sq = 0.0
     for off in range(start, end, BLOCK):
         idx = off + cols
         keep = idx < end
@@ -183,8 +188,10 @@ def _ratio_loss_fwd_kernel(
             u_sum += tl.where(keep, u, 0.0)
             w = tl.where(keep, w, 0.0)
             w_sum += w
-            w_sq += w * w
-            w_max = tl.maximum(w_max, w)
+            m_new = tl.maximum(w_max, tl.max(w, 0))
+            inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+            w_sq = w_sq * (w_max * inv) * (w_max * inv) + tl.sum((w * inv) * (w * inv), 0)
+            w_max = m_new
             w_min = tl.minimum(w_min, tl.where(keep, w, float("inf")))
             w_zero += (keep & (w == 0)).to(tl.float32)
     Delta = tl.sum(delta, 0)
@@ -199,11 +206,11 @@ def _ratio_loss_fwd_kernel(
     if ROLLOUT == RW_SEQUENCE:
         W_seq = _rollout_weight(tl.sum(u_sum, 0), rw_lo, rw_hi, cap, RW_MASK)
         S_w = L * W_seq
-        rw_sum, rw_sq, rw_max = W_seq * unit, W_seq * W_seq * unit, W_seq * unit
+        rw_sum, rw_sq, rw_max = W_seq * unit, (W_seq > 0).to(tl.float32) * unit, W_seq * unit
         rw_min = tl.where(nonempty, W_seq, float("inf"))
         rw_zero = (W_seq == 0).to(tl.float32) * unit
     else:
-        rw_sum, rw_sq, rw_max = tl.sum(w_sum, 0), tl.sum(w_sq, 0), tl.max(w_max, 0)
+        rw_sum, rw_sq, rw_max = tl.sum(w_sum, 0), w_sq, w_max
         rw_min, rw_zero = tl.min(w_min, 0), tl.sum(w_zero, 0)
         if ROLLOUT != 0:
             S_w = rw_sum
@@ -246,7 +253,9 @@ def _ratio_loss_fwd_kernel(
         J_tok = zero + J_seq  # the token's objective, to apply the NaN rule below
         wt = zero + W_seq  # the token's sampler weight (the token-level ratios read it)
         if RATIO == TOKEN or RATIO == NO_RATIO:
-            old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+            old = lp  # read only by the token ratio and the sampler's token weights
+            if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
+                old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
             if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
                 _u, _valid, wt = _token_rollout(roll_ptr, old, idx, keep, rw_lo, rw_hi, cap,
                                                 ROLLOUT, RW_MASK)
@@ -333,7 +342,7 @@ def _ratio_loss_finalize_kernel(
     obj, ent_obj, n_tok, n_seq, clipped, rsum, delta_abs, capped, logp, kl, ent = (
         0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     rmax = 0.0
-    w_sum, w_sq, w_zero, rkl, r_valid, w_max, w_min = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, float("inf")
+    w_sum, w_zero, rkl, r_valid, w_max, w_min = 0.0, 0.0, 0.0, 0.0, 0.0, float("inf")
     for off in range(0, B, BLOCK):
         rows = off + cols
         keep = rows < B
@@ -351,7 +360,6 @@ def _ratio_loss_finalize_kernel(
         ent += _column_sum(part_ptr, rows, keep, COL_ENT)
         rmax = tl.maximum(rmax, tl.max(_column(part_ptr, rows, keep, COL_RATIO_MAX, 0.0), 0))
         w_sum += _column_sum(part_ptr, rows, keep, COL_RW_SUM)
-        w_sq += _column_sum(part_ptr, rows, keep, COL_RW_SQ)
         w_zero += _column_sum(part_ptr, rows, keep, COL_RW_ZERO)
         rkl += _column_sum(part_ptr, rows, keep, COL_RKL)
         r_valid += _column_sum(part_ptr, rows, keep, COL_RVALID)
@@ -391,8 +399,18 @@ def _ratio_loss_finalize_kernel(
     tl.store(stats_ptr + STAT_RW_MAX, w_max)
     tl.store(stats_ptr + STAT_RW_MIN, tl.where(rw_units > 0, w_min, 0.0))
     tl.store(stats_ptr + STAT_RW_ZERO, w_zero / tl.maximum(rw_units, 1.0))
+    # ESS of the weights relative to their max M: (sum w / M)^2 / (n sum (w / M)^2), the rows
+    # holding their sum of squares relative to their own max
+    inv_max = 1.0 / tl.where(w_max > 0, w_max, 1.0)
+    w_sq = 0.0
+    for off in range(0, B, BLOCK):
+        rows = off + cols
+        keep = rows < B
+        r = _column(part_ptr, rows, keep, COL_RW_MAX, 0.0) * inv_max
+        w_sq += tl.sum(_column(part_ptr, rows, keep, COL_RW_SQ, 0.0) * r * r, 0)
+    s = w_sum * inv_max
     ess_den = tl.where(w_sq > 0, rw_units * w_sq, 1.0)  # all weights 0 (or none): ESS 0
-    tl.store(stats_ptr + STAT_RW_ESS, tl.where(w_sq > 0, w_sum * w_sum / ess_den, 0.0))
+    tl.store(stats_ptr + STAT_RW_ESS, tl.where(w_sq > 0, s * s / ess_den, 0.0))
     tl.store(stats_ptr + STAT_RKL, rkl / tl.maximum(r_valid, 1.0))
 
 
@@ -543,6 +561,9 @@ def stats_keys(has_entropy, has_ref, rollout_mode=""):
 
 
 def stats_dict(stats, has_entropy, has_ref, rollout_mode=""):
+    """The statistics reported, by name, detached (the loss op's stats output is a function
+    of logp to autograd, though never differentiated)."""
+    stats = stats.detach()
     return {k: stats[STAT_KEYS.index(k)] for k in stats_keys(has_entropy, has_ref, rollout_mode)}
 
 
@@ -607,11 +628,13 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             (defaults 3.0 and None, no lower bound).
         rollout_weights: instead of rollout_logprobs, the per-token weights precomputed (as
             verl's rollout_is_weights; finite, >= 0), used as given.
+            rollout_is_max / rollout_is_min apply to rollout_logprobs only.
             Either adds the statistics rollout_is_mean / _max / _min (of the weights applied,
             over tokens or, for the sequence modes, non-empty sequences),
             rollout_masked_fraction (weights 0), rollout_ess ((sum w)^2 / (n sum w^2)) and,
             from rollout_logprobs, rollout_kl (the mean k3 estimate of KL(old || sampler) over
-            the tokens the sampler scored). The KL to ref_logprobs is not weighted.
+            the tokens the sampler scored, its log-ratio capped at max_log_ratio like every
+            other). The KL to ref_logprobs is not weighted.
 
     Returns:
         LossOutput(loss, stats): ``loss`` a float32 scalar, differentiable w.r.t. logprobs;

@@ -511,7 +511,6 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
     or masked outside [rollout_is_min, rollout_is_max]; or ``rollout_weights`` as given.
     The statistics are over the weighted units (tokens, or non-empty sequences) and of the
     weights applied."""
-    seg = segment_ids(lengths)
     stats = {}
     if rollout_weights is not None:
         w = rollout_weights.detach().to(dt)
@@ -536,14 +535,15 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
         kl = _k3((-u).clamp(-cap, cap))
         stats["rollout_kl"] = _mean(torch.where(valid, kl, 0.0), valid.sum())
     n = units.new_tensor(float(units.numel()))
-    square = (units * units).sum()
+    top = units.max() if units.numel() else n * 0
+    scaled = units / torch.where(top > 0, top, 1.0)  # squares of 1e20 or 1e-25 stay finite
+    square = (scaled * scaled).sum()
     stats.update(
         rollout_is_mean=_mean(units, n),
-        rollout_is_max=units.max() if units.numel() else n * 0,
+        rollout_is_max=top,
         rollout_is_min=units.min() if units.numel() else n * 0,
         rollout_masked_fraction=_mean((units == 0).to(dt), n),
-        rollout_ess=torch.where(square > 0, units.sum() ** 2 / (n * square), 0.0))
-    assert w.shape == seg.shape
+        rollout_ess=torch.where(square > 0, scaled.sum() ** 2 / (n * square), 0.0))
     return w, stats
 
 

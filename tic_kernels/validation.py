@@ -273,9 +273,11 @@ def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min
         if rollout_logprobs is not None:
             raise ValueError("pass rollout_logprobs (with rollout_is) or rollout_weights "
                              "(precomputed weights), not both")
-        if rollout_is is not None:
-            raise ValueError(f"rollout_is={rollout_is!r} applies to rollout_logprobs; "
-                             "rollout_weights are used as given")
+        if rollout_is is not None or rollout_is_min is not None:
+            what = (f"rollout_is={rollout_is!r}" if rollout_is is not None
+                    else f"rollout_is_min={rollout_is_min!r}")
+            raise ValueError(f"{what} applies to rollout_logprobs; rollout_weights are used as "
+                             "given")
         return dict(rollout_weights=rollout_weights)
     if rollout_is is not None:
         choice("rollout_is", rollout_is, ROLLOUT_IS)
@@ -318,6 +320,17 @@ def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, 
     for name in ("rollout_logprobs", "rollout_weights"):
         if (rollout or {}).get(name) is not None:
             per_token(name, rollout[name], tokens.shape, device_of)
+    if (rollout or {}).get("rollout_logprobs") is not None:
+        # NaN marks a token the sampler did not score; +inf is no log-probability (and with a
+        # -inf elsewhere in the sequence its weight would be NaN)
+        sampler = rollout["rollout_logprobs"]
+        if checking_values(sampler, mask) and sampler.numel():
+            bad = sampler == math.inf
+            if mask is not None:
+                bad &= mask.bool()
+            if bool(bad.any()):
+                raise ValueError("rollout_logprobs must be log-probabilities (or NaN where the "
+                                 "sampler gave none), found +inf")
     if (rollout or {}).get("rollout_weights") is not None:
         finite_nonnegative("rollout_weights", rollout["rollout_weights"], mask)
     advantages_ok(advantages, num_seqs, device_of)
