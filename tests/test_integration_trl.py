@@ -5,7 +5,6 @@ gradients equal TRL's own GRPOTrainer loss for the loss types both implement (to
 level, KL, entropy bonus, on-policy, gradient accumulation, vLLM's sampler correction); the
 options the adapter does not implement are refused."""
 import copy
-import inspect
 import math
 import os
 import subprocess
@@ -226,11 +225,6 @@ def test_trajectory_loss_is_tic_loss_on_trl_logprobs(tmp_path, tokenizer, datase
         want.stats["ratio_max"].item(), rel=1e-4)
 
 
-def _has_rollout_keywords():
-    return all("rollout_logprobs" in inspect.signature(f).parameters
-               for f in (tk.tic_loss, tk.linear_tic_loss, tk.tic_loss_from_logprobs))
-
-
 def _trl_importance_sampling_ratio(old, sampler, mask, mode, lo, hi):
     """TRL 1.16's vLLM importance-sampling weight (_generate_and_score_completions)."""
     diff = torch.nan_to_num((old - sampler) * mask, nan=0.0)
@@ -249,8 +243,6 @@ def _trl_importance_sampling_ratio(old, sampler, mask, mode, lo, hi):
                                         ("sequence_truncate", 0.9, 1.1),
                                         ("sequence_mask", None, 1.5)])
 def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, mode, lo, hi):
-    if not _has_rollout_keywords():
-        pytest.skip("tic_kernels' losses do not take rollout_logprobs yet (op 4b)")
     theirs, ours = _pair(tmp_path, tokenizer, dataset, loss_type="dapo",
                          importance_sampling_level="token")
     inputs = _inputs(theirs)
