@@ -1,4 +1,7 @@
 """Every bad input of the public API raises a Python error that names the argument."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -59,6 +62,25 @@ def _loss(kw=None, **over):
 def test_tic_loss_errors(over, kw, exc, msg):
     with pytest.raises(exc, match=msg):
         _loss(kw, **over)
+
+
+@pytest.mark.parametrize("over", [dict(targets=torch.full((N,), V)),
+                                  dict(old_logprobs=torch.randn(N - 1))])
+def test_rejected_call_keeps_nothing_alive(over):
+    """An error leaves no reference cycle behind: once it is handled, the caller's tensors are
+    freed by reference counting, not at the next cyclic GC (for GPU logits, gigabytes)."""
+    a = _args(**over)
+    alive = weakref.ref(a["logits"])
+    gc.disable()
+    try:
+        try:
+            tk.tic_loss(a.pop("logits"), a["targets"], a["old_logprobs"], a["advantages"],
+                        cu_seqlens=CU)
+        except (TypeError, ValueError):
+            pass
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 ROLLOUT_ERRORS = [

@@ -90,8 +90,9 @@ def test_sharded_equals_unsharded(world, path, tmp_path, device, monkeypatch):
 
 
 _ERRORS = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
+    import gc, sys, weakref, torch, torch.distributed as dist
     import tic_kernels as tk
+    gc.disable()  # what a rejected call leaves behind must be freed by reference counting
     rank, world, port, case = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -109,6 +110,9 @@ _ERRORS = textwrap.dedent("""
         print("NO ERROR")
     except (TypeError, ValueError) as e:
         print(type(e).__name__, e)
+    alive = weakref.ref(logits)
+    del logits
+    print("freed", alive() is None)
     # the group still works: nobody is left inside a collective
     x = torch.ones(1)
     dist.all_reduce(x)
@@ -132,6 +136,8 @@ def test_bad_inputs_raise_on_every_rank(case, every_rank, failing_rank, tmp_path
         want = failing_rank if failing_rank and r == 1 else every_rank
         assert want in out, f"rank {r}:\n{out}"
         assert "NO ERROR" not in out and "after 2" in out, f"rank {r}:\n{out}"
+        # no reference cycle holds the caller's tensors (or the group) after the error
+        assert "freed True" in out, f"rank {r}:\n{out}"
 
 
 def test_process_group_must_be_a_group():

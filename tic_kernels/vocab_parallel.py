@@ -76,7 +76,13 @@ def checked(process_group, checks, V_local, rows, name):
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
     failed, v_hi, v_lo, r_hi, r_lo = agreed.tolist()
     if error is not None:
-        raise error
+        # dropped as it leaves: this frame holding the error that holds this frame would be a
+        # cycle keeping the caller's tensors and process group alive until the cyclic GC (at
+        # exit, gloo's group then aborts the process while it is torn down)
+        try:
+            raise error
+        finally:
+            error = None
     if failed:
         raise ValueError("process_group: another rank's inputs were rejected (its error says "
                          "why); this rank's passed the checks")
