@@ -48,6 +48,21 @@ def requires_triton():
                     "a GPU): a fused-vs-reference test would compare the reference with itself")
 
 
+@pytest.fixture(params=["kernels", "reference"])
+def path(request, monkeypatch):
+    """Runs a test on both implementations a CPU user meets: the Triton kernels (under the
+    interpreter) and the plain PyTorch reference (TRITON_INTERPRET unset). On a GPU the
+    kernels always run, so the reference case skips there."""
+    from tic_kernels.backend import interpreting
+    if request.param == "reference":
+        if DEVICE == "cuda":
+            pytest.skip("CUDA tensors always take the kernels")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif DEVICE == "cpu" and not interpreting():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -1,10 +1,16 @@
 """Which implementation the public functions use: on the CPU without TRITON_INTERPRET the
 reference (exactly), with it the Triton kernels; float64 always the reference."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 import tic_kernels as tk
 from tic_kernels import reference as ref
+from tic_kernels import backend
 from tic_kernels.backend import use_triton
 from tic_kernels.testing import loss_batch
 
@@ -36,6 +42,9 @@ def test_cpu_without_interpreter_is_the_reference(name, monkeypatch):
 
 def test_interpreter_and_float64_routing(monkeypatch):
     x = torch.randn(2, 3)
+    if not backend._INTERPRETED_AT_IMPORT:
+        pytest.skip("TRITON_INTERPRET was not set at import (TIC_TEST_NO_INTERPRET=1): the "
+                    "kernels are not built for the interpreter; see the subprocess test below")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use_triton(x) and not use_triton(x.double())
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -47,3 +56,33 @@ def test_interpreter_and_float64_routing(monkeypatch):
     lp = tk.token_logprobs(logits, t)
     assert lp.dtype == torch.float64
     assert torch.equal(lp, ref.token_logprobs(logits, t))
+
+
+_LATE = textwrap.dedent("""
+    import os, warnings, torch
+    import tic_kernels as tk
+    from tic_kernels import reference as ref
+    os.environ["TRITON_INTERPRET"] = "1"  # after the import, as a notebook cell does
+    x, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lp = tk.token_logprobs(x, t)
+        loss = tk.tic_loss(x, t, torch.randn(3), torch.randn(1),
+                           cu_seqlens=torch.tensor([0, 3])).loss
+    assert torch.equal(lp, ref.token_logprobs(x, t)), "not the reference path"
+    assert torch.isfinite(loss)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "TRITON_INTERPRET=1 was set after tic_kernels was imported" \\
+        in said[0], said
+    print("OK")
+""")
+
+
+def test_interpreter_switched_on_after_import_takes_the_reference():
+    """TRITON_INTERPRET=1 set after ``import tic_kernels`` is ignored with one warning that
+    names it (the kernels were built for a GPU at import), and CPU tensors take the
+    reference, instead of crashing inside Triton ("0 active drivers")."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LATE], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr

@@ -253,3 +253,50 @@ def test_unsupported_aggregation_and_missing_normalisers():
         call(fn, inputs, "token-mean", None)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         call(fn, inputs, "token-mean", make_config(clip_c=1.0))
+
+
+def test_loss_scale_factor_below_the_longest_response():
+    """verl accepts any loss_scale_factor > 0 for seq-mean-token-sum-norm, one shorter than
+    a response included: so does the adapter, with verl's value and gradient."""
+    inputs, _ = make_batch(torch.float32, weights=True)
+    config = make_config(loss_scale_factor=4)  # responses run to T = 9 tokens
+    for ours, theirs in [("tic_token", "vanilla"), ("tic_gspo", "gspo")]:
+        mine = call(core_algos.get_policy_loss_fn(ours), inputs, "seq-mean-token-sum-norm",
+                    config)
+        ref = call(core_algos.get_policy_loss_fn(theirs), inputs, "seq-mean-token-sum-norm",
+                   config)
+        assert_same(mine, ref, torch.float32)
+    with pytest.raises(ValueError, match=r"config.global_batch_info\['loss_scale_factor'\] "
+                                         "must be a finite number > 0"):
+        call(core_algos.get_policy_loss_fn("tic"), inputs, "seq-mean-token-sum-norm",
+             make_config(loss_scale_factor=0))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(response_mask=2), r"^response_mask must hold only 0 and 1"),
+    (dict(rollout_is_weights=-1.0), r"^rollout_is_weights must be finite and >= 0"),
+    (dict(rollout_is_weights="shape"), r"^rollout_is_weights has shape \(6, 8\)"),
+    (dict(old_log_prob="shape"), r"^old_log_prob has shape \(6, 8\)"),
+    (dict(old_log_prob="int"), r"^old_log_prob must be a floating"),
+    (dict(config="eps_low"), r"^config.clip_ratio_low must lie in \[0, 1\)"),
+])
+def test_errors_name_verl_arguments(bad, message):
+    """An error raised through the adapter names verl's argument (response_mask,
+    rollout_is_weights, old_log_prob, config.clip_ratio_low), not tic_kernels' (mask,
+    rollout_weights, old_logprobs, eps_low)."""
+    inputs, _ = make_batch(torch.float32, weights=True)
+    config = make_config()
+    (key, how), = bad.items()
+    if key == "config":
+        config = make_config(eps_low=1.5)
+    elif how == "shape":
+        inputs[key] = inputs[key][:, :-1]
+    elif how == "int":
+        inputs[key] = inputs[key].long()
+    elif key == "response_mask":
+        inputs[key] = inputs[key].long() * 2
+    else:
+        inputs[key] = inputs[key].clone()
+        inputs[key][0, 0] = how
+    with pytest.raises((TypeError, ValueError), match=message):
+        call(core_algos.get_policy_loss_fn("tic_token"), inputs, "token-mean", config)

@@ -271,7 +271,7 @@ def test_logits_never_materialised(path, fn, device, monkeypatch):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_compile_fullgraph(padded, device):
+def test_compile_fullgraph(padded, device, path):
     batch = head_batch(LENGTHS, 40, device=device, seed=11, padded=padded)
     mask = batch.layout_kw.get("mask")
     targets = batch.targets if mask is None else batch.targets.masked_fill(~mask, -100)

@@ -207,7 +207,7 @@ def test_rollout_ess_is_scale_free(path, mode, device):
             kw = dict(rollout_weights=w * c)
         else:  # weights exp(u) of log-ratio u = log(c w), no bounds
             kw = dict(rollout_logprobs=old - torch.log(w * c), rollout_is=mode,
-                      rollout_is_max=None, max_log_ratio=60.0)
+                      rollout_is_max=float("inf"), max_log_ratio=60.0)
         out = fn(logp, old, adv, cu_seqlens=cu, **kw)
         assert all(not v.requires_grad for v in out.stats.values())
         torch.testing.assert_close(out.stats["rollout_ess"], want, rtol=1e-5, atol=0)
@@ -227,9 +227,10 @@ def test_ticloss_module(device):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_compile_fullgraph(backend, inplace, device):
+def test_compile_fullgraph(backend, inplace, device, path):
     """torch.compile(fullgraph=True) traces the loss with no graph break and computes the
-    same loss and gradients as eager, in-place backward included."""
+    same loss and gradients as eager, in-place backward included, on both paths (code
+    developed on a laptop's reference path is compiled unchanged on a GPU)."""
     batch = loss_batch(LENGTHS, 29, device=device, padded=True)
     B, T, V = batch.logits.shape
     w = torch.randn(8, V, device=device, requires_grad=True)
@@ -250,7 +251,7 @@ def test_compile_fullgraph(backend, inplace, device):
         torch.testing.assert_close(a, b, **tolerance(COMPILE_TOL))
 
 
-def test_rollout_compile_fullgraph(device):
+def test_rollout_compile_fullgraph(device, path):
     """The sampler correction's tensors and statistics trace with no graph break."""
     batch = loss_batch(LENGTHS, 29, device=device, padded=True, drift=0.3)
     kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, "sequence_mask", seed=17)
@@ -373,3 +374,32 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
     assert "tic_kernels.ratio_loss.default" in outside.names
     for names in (outside.names, inside.names):
         assert not [n for n in names if any(s in n for s in SYNCING_OPS)], names
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compile_fullgraph_logprob_entry_points(padded, device, path):
+    """token_logprobs (entropy, ignored rows) and tic_loss_from_logprobs (every sampler
+    correction level) trace with fullgraph=True on both paths and equal eager."""
+    batch = loss_batch(LENGTHS, 29, device=device, padded=padded, drift=0.3)
+    lay = batch.layout_kw
+    targets = batch.targets.masked_fill(~lay["mask"], -100) if padded else batch.targets
+    logp0 = torch.randn(batch.targets.shape, device=device) - 2.0
+    corrections = [rollout_keywords(batch.old_logprobs, lay, mode, seed=5)
+                   for mode in ("sequence_mask", "token_truncate", "weights")]
+
+    def step(logits):
+        logp, entropy = tk.token_logprobs(logits, targets, temperature=0.9, return_entropy=True)
+        x = logp0 + logits.nan_to_num().mean()
+        losses = [tk.tic_loss_from_logprobs(x, batch.old_logprobs, batch.advantages, **lay,
+                                            **kw) for kw in corrections]
+        return (logp.sum() + entropy.sum() + sum(o.loss for o in losses),
+                torch.stack([o.stats["rollout_is_min"] for o in losses]))
+    torch._dynamo.reset()
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        logits = batch.logits.clone().requires_grad_(True)
+        out, stats = fn(logits)
+        out.backward()
+        results.append((out.detach(), stats, logits.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tolerance(COMPILE_TOL), equal_nan=True)

@@ -138,6 +138,27 @@ def test_resume_continues_identically(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_after_a_crash_mid_checkpoint(tmp_path, monkeypatch):
+    """A run killed while its checkpoint's weights were half written resumes from the previous
+    checkpoint, and continues as a run that never crashed (tic_kernels.train.checkpoint)."""
+    from tic_kernels.train import checkpoint
+    straight, _ = train.run(_args(tmp_path / "a", "--steps", "4"))
+    train.run(_args(tmp_path / "b", "--steps", "2"))
+
+    def killed(what):
+        if what == "model":
+            for f in (tmp_path / "b" / "checkpoint.new").glob("*.safetensors"):
+                f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+    monkeypatch.setattr(checkpoint, "_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_args(tmp_path / "b", "--steps", "3", "--resume"))
+    monkeypatch.setattr(checkpoint, "_step", lambda what: None)
+    resumed, _ = train.run(_args(tmp_path / "b", "--steps", "4", "--resume"))
+    keys = ("reward", "loss", "clip_fraction", "ratio_mean")
+    assert [[r[k] for k in keys] for r in straight] == [[r[k] for k in keys] for r in resumed]
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--group", "1"], "--group must be >= 2"),
     (["--lr", "0"], "--lr must be a finite number > 0"),

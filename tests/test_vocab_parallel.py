@@ -145,3 +145,50 @@ def test_process_group_must_be_a_group():
     with pytest.raises((TypeError, RuntimeError), match="process_group"):
         tk.token_logprobs(torch.randn(3, 5), torch.zeros(3, dtype=torch.long),
                           process_group="world")
+
+
+def _agreement_run(which, path, monkeypatch):
+    if path == "reference":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the ranks take the reference
+    elif not interpreting():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    if which == "unowned":
+        monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")  # as under torch.compile
+    port = _free_port()
+    outs = _spawn(2, lambda r: [os.path.join(HERE, "vocab_parallel_agreement.py"), str(r), "2",
+                                str(port), which], timeout=300)
+    return [[line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
+            for out in outs]
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_ranks_that_disagree_raise_on_every_rank(path, monkeypatch):
+    """An option or replicated input that differs between ranks (entropy on one rank only,
+    another chunk plan, mask, dtype, cu_seqlens, targets, ...) is a ValueError naming it on
+    every rank, not an abort inside gloo or a hang; the group stays usable and an agreed call
+    runs after them."""
+    import vocab_parallel_agreement as agreement
+    want = [name for name, _ in agreement._disagreements(0, None)]
+    for r, lines in enumerate(_agreement_run("disagree", path, monkeypatch)):
+        assert [line[0] for line in lines[:len(want)]] == want, lines
+        for name, (case, kind, message) in zip(want, lines):
+            named = name in message if name == "different functions" else \
+                message.startswith(name + ":")
+            assert kind == "ValueError" and named, (r, name, kind, message)
+        assert lines[len(want)][:2] == ["agreed", "OK"], lines
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_target_no_rank_holds_is_nan(path, monkeypatch):
+    """With the value checks off, a target outside the whole vocabulary gives NaN in every op
+    that takes process_group (op 1's rule), never a plausible finite log-prob."""
+    for r, lines in enumerate(_agreement_run("unowned", path, monkeypatch)):
+        got = {case: message.split() for case, kind, message in lines if kind == "OK"}
+        assert set(got) == {"token_logprobs", "linear_token_logprobs", "tic_loss",
+                            "linear_tic_loss", "agreed"}, lines
+        for op in ("token_logprobs", "linear_token_logprobs"):
+            values = [float(v) for v in got[op]]
+            assert [v != v for v in values] == [False, True, False, False, True, False], (r, op)
+            assert all(v < 0 for i, v in enumerate(values) if i not in (1, 4)), (r, op, values)
+        for op in ("tic_loss", "linear_tic_loss"):
+            assert got[op] == ["nan"], (r, op, got[op])

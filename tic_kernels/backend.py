@@ -1,10 +1,17 @@
 """What the kernel modules share: which implementation runs (Triton on CUDA, and on the CPU
 under TRITON_INTERPRET=1, else the reference; float64 always takes the reference, the kernels
 compute in fp32), how kernels launch and register as torch.library ops, the Triton helpers
-several kernels use, and the segment layout of the per-sequence kernels."""
+several kernels use, and the segment layout of the per-sequence kernels.
+
+TRITON_INTERPRET is read when tic_kernels is imported: Triton builds each kernel for the
+interpreter or for a GPU as its module is imported, and cannot change it afterwards. Set
+after the import (a notebook cell), it is ignored with a warning and CPU tensors take the
+reference path; unset after the import, CPU tensors take the reference path too.
+"""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -14,8 +21,22 @@ import triton.language as tl
 BLOCK_TOKENS = 1024
 
 
+_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_WARNED = []
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run under Triton's interpreter: TRITON_INTERPRET=1 now and when
+    tic_kernels was imported (see the module's docstring)."""
+    now = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if now and not _INTERPRETED_AT_IMPORT and not _WARNED:
+        _WARNED.append(True)
+        warnings.warn("TRITON_INTERPRET=1 was set after tic_kernels was imported, when its "
+                      "kernels had already been built for a GPU: it is ignored, and CPU tensors "
+                      "take the plain PyTorch reference path. To run the Triton kernels on the "
+                      "CPU, set TRITON_INTERPRET=1 before importing tic_kernels (or triton).",
+                      stacklevel=3)
+    return now and _INTERPRETED_AT_IMPORT
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -97,7 +97,7 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
              dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
              ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
              num_sequences=None, max_len=None, inplace_backward=False, process_group=None,
-             rollout_logprobs=None, rollout_is=None, rollout_is_max=3.0, rollout_is_min=None,
+             rollout_logprobs=None, rollout_is=None, rollout_is_max=None, rollout_is_min=None,
              rollout_weights=None):
     """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
 
@@ -138,9 +138,11 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         check.boolean("inplace_backward", inplace_backward)
         return options
 
-    options, shard = vocab_parallel.checked(process_group, checks,
-                                            vocab_parallel.columns_of(logits),
-                                            vocab_parallel.rows_of(targets), "logits")
+    options, shard = vocab_parallel.checked(
+        process_group, "tic_loss", checks, vocab_parallel.columns_of(logits), "logits",
+        vocab_parallel.rows_of(targets), lambda options: vocab_parallel.loss_inputs(
+            options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            temperature, entropy_coef, **{"logits' dtype": logits.dtype}))
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
                                   cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,

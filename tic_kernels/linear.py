@@ -442,9 +442,12 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         check.gather_call("hidden", hidden, "H", vocab, targets, temperature, ignore_index,
                           return_entropy)
 
-    _, shard = vocab_parallel.checked(process_group, checks,
-                                      vocab_parallel.columns_of(weight, 0),
-                                      vocab_parallel.rows_of(targets), "weight")
+    _, shard = vocab_parallel.checked(
+        process_group, "linear_token_logprobs", checks, vocab_parallel.columns_of(weight, 0),
+        "weight", vocab_parallel.rows_of(targets), lambda _: {
+            "targets": targets, "temperature": temperature, "ignore_index": ignore_index,
+            "return_entropy": return_entropy, "chunk_size": chunk_size,
+            "fp32_accumulation": fp32_accumulation, "hidden's dtype": hidden.dtype})
     if not use_triton(hidden):
         return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature,
                                                ignore_index, return_entropy, chunk_size,
@@ -464,7 +467,7 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
                     num_sequences=None, max_len=None, process_group=None,
-                    rollout_logprobs=None, rollout_is=None, rollout_is_max=3.0,
+                    rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
                     rollout_is_min=None, rollout_weights=None):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
@@ -494,9 +497,12 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
              ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef),
             (rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights))
 
-    options, shard = vocab_parallel.checked(process_group, checks,
-                                            vocab_parallel.columns_of(weight, 0),
-                                            vocab_parallel.rows_of(targets), "weight")
+    options, shard = vocab_parallel.checked(
+        process_group, "linear_tic_loss", checks, vocab_parallel.columns_of(weight, 0),
+        "weight", vocab_parallel.rows_of(targets), lambda options: vocab_parallel.loss_inputs(
+            options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            temperature, entropy_coef, chunk_size=chunk_size,
+            fp32_accumulation=fp32_accumulation, **{"hidden's dtype": hidden.dtype}))
     if not use_triton(hidden):
         return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
                                          bias, cu_seqlens=cu_seqlens, mask=mask,

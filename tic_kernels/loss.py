@@ -598,7 +598,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
                            max_len=None, rollout_logprobs=None, rollout_is=None,
-                           rollout_is_max=3.0, rollout_is_min=None, rollout_weights=None):
+                           rollout_is_max=None, rollout_is_min=None, rollout_weights=None):
     """The TIC-GRPO / GSPO / GRPO loss from log-probabilities the caller already has.
 
     Args:
@@ -625,10 +625,12 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             every token of sequence i (the trajectory ratio, as TRL's sequence modes);
             the log is capped at max_log_ratio, then "*_truncate" clamps w to
             [rollout_is_min, rollout_is_max] and "*_mask" sets it to 0 outside them
-            (defaults 3.0 and None, no lower bound).
+            (rollout_is_min None: no lower bound; rollout_is_max None: 3.0, TRL's default,
+            float("inf"): no upper bound).
         rollout_weights: instead of rollout_logprobs, the per-token weights precomputed (as
-            verl's rollout_is_weights; finite, >= 0), used as given.
-            rollout_is_max / rollout_is_min apply to rollout_logprobs only.
+            verl's rollout_is_weights; finite, >= 0), used as given: rollout_is,
+            rollout_is_max and rollout_is_min apply to rollout_logprobs only, and given with
+            rollout_weights they raise a ValueError (never ignored).
             Either adds the statistics rollout_is_mean / _max / _min (of the weights applied,
             over tokens or, for the sequence modes, non-empty sequences),
             rollout_masked_fraction (weights 0), rollout_ess ((sum w)^2 / (n sum w^2)) and,

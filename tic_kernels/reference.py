@@ -140,9 +140,27 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=IGNORE_INDEX, 
     logits (..., V) float; targets (...) int. Returns logp (...) (and entropy (...)); rows whose
     target equals ignore_index get 0 for both and a zero gradient.
     """
-    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index),
-                                         bool(return_entropy))
+    if torch.compiler.is_compiling():
+        logp, entropy = _traced_logprobs(logits, targets, temperature, ignore_index,
+                                         return_entropy)
+    else:
+        logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature),
+                                             int(ignore_index), bool(return_entropy))
     return (logp, entropy) if return_entropy else logp
+
+
+def _traced_logprobs(logits, targets, temperature, ignore_index, with_entropy):
+    """What _TokenLogprobs computes, for torch.compile: every row at once (a compiled graph
+    fuses the pass; chunks would not bound its memory) and ignored rows masked rather than
+    skipped, so that no size depends on the data. Their logits never reach a result or a
+    gradient."""
+    keep = targets != ignore_index
+    z = torch.where(keep.unsqueeze(-1), logits, 0).to(compute_dtype(logits))
+    logp, entropy = _rows_logprobs(z.reshape(-1, z.shape[-1]),
+                                   torch.where(keep, targets, 0).reshape(-1), temperature,
+                                   with_entropy)
+    return (torch.where(keep, logp.view(targets.shape), 0.0),
+            torch.where(keep, entropy.view(targets.shape), 0.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +210,11 @@ def vocab_combine(logp, lse, entropy, targets, ignore_index, start, V_local, gro
     dist.all_reduce(sums, group=group)
     log_S = sums[0].log()
     active = targets != ignore_index
-    logp = torch.where(active, sums[1] - log_S, 0.0)
+    # a target that no rank holds (outside the whole vocabulary, reachable only with the value
+    # checks off) has no owner term: NaN, as op 1 gives it, never the plausible -log S
+    whole = V_local * dist.get_world_size(group)
+    held = (targets >= 0) & (targets < whole)
+    logp = torch.where(active, torch.where(held, sums[1] - log_S, torch.nan), 0.0)
     H = None if entropy is None else torch.where(active, sums[2] / sums[0] + log_S, 0.0)
     return logp, torch.stack([torch.where(active, shift, 0.0),
                               torch.where(active, log_S, 0.0)], -1), H
@@ -368,6 +390,12 @@ def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
     ``chunk_size`` rows of them at a time (default: CHUNK_ELEMENTS elements, as the other
     chunked ops here); see docs/spec.md, op 6. ``shard`` = (group, start): the weight holds
     vocabulary rows [start, start + V_local) (op 7); d hidden is this rank's partial."""
+    if torch.compiler.is_compiling() and shard is None:  # as token_logprobs traces
+        # ignored rows are zeros before the GEMM: whatever they hold reaches no gradient
+        x = torch.where((targets != ignore_index).unsqueeze(-1), hidden, 0)
+        logp, entropy = _traced_logprobs(torch.nn.functional.linear(x, weight, bias), targets,
+                                         temperature, ignore_index, return_entropy)
+        return (logp, entropy) if return_entropy else logp
     rows = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])  # as token_logprobs chunks
     logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, targets, float(temperature),
                                           int(ignore_index), bool(return_entropy), rows,
@@ -503,6 +531,18 @@ def _k3(u):
     return u.exp() - u - 1.0
 
 
+def _largest(x, unit):
+    """The largest of the finite x >= 0 where ``unit``; 0 when there are none (no branch on a
+    size, which may depend on the data)."""
+    return torch.cat([torch.where(unit, x, 0.0).reshape(-1), x.new_zeros(1)]).max()
+
+
+def _smallest(x, unit):
+    """The smallest of the finite x >= 0 where ``unit``; 0 when there are none."""
+    m = torch.cat([torch.where(unit, x, torch.inf).reshape(-1), x.new_full((1,), torch.inf)]).min()
+    return torch.where(m == torch.inf, 0.0, m)
+
+
 def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_weights=None,
                        rollout_is=None, rollout_is_max=3.0, rollout_is_min=None):
     """Op 4b on flat per-token tensors of the sequences of ``lengths``: (w per token, its
@@ -512,14 +552,13 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
     The statistics are over the weighted units (tokens, or non-empty sequences) and of the
     weights applied."""
     stats = {}
+    per_seq = rollout_weights is None and rollout_is.startswith("sequence")
     if rollout_weights is not None:
-        w = rollout_weights.detach().to(dt)
-        units = w
+        units = rollout_weights.detach().to(dt)
     else:
         u = old.to(dt) - rollout_logprobs.detach().to(dt)
         valid = ~torch.isnan(u)
         u = torch.where(valid, u, 0.0)
-        per_seq = rollout_is.startswith("sequence")
         log_w = segment_sum(u, lengths) if per_seq else u
         units = log_w.clamp(-cap, cap).exp()
         lo = 0.0 if rollout_is_min is None else float(rollout_is_min)
@@ -528,21 +567,23 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
             units = torch.where((units > hi) | (units < lo), 0.0, units)
         else:
             units = units.clamp(lo, hi)
-        if per_seq:
-            units = units[lengths > 0]  # an empty sequence is no unit
-        w = units[segment_ids(lengths[lengths > 0])] if per_seq else units
         # k3 of the sampler against the old policy, over the tokens the sampler scored
         kl = _k3((-u).clamp(-cap, cap))
         stats["rollout_kl"] = _mean(torch.where(valid, kl, 0.0), valid.sum())
-    n = units.new_tensor(float(units.numel()))
-    top = units.max() if units.numel() else n * 0
+    w = units[segment_ids(lengths)] if per_seq else units
+    # the units: tokens, or the non-empty sequences; masked rather than selected, so that no
+    # size depends on the data (torch.compile traces it without a graph break)
+    unit = lengths > 0 if per_seq else torch.ones_like(units, dtype=torch.bool)
+    n = unit.sum().to(dt)
+    units = torch.where(unit, units, 0.0)
+    top = _largest(units, unit)  # weights are >= 0
     scaled = units / torch.where(top > 0, top, 1.0)  # squares of 1e20 or 1e-25 stay finite
     square = (scaled * scaled).sum()
     stats.update(
         rollout_is_mean=_mean(units, n),
         rollout_is_max=top,
-        rollout_is_min=units.min() if units.numel() else n * 0,
-        rollout_masked_fraction=_mean((units == 0).to(dt), n),
+        rollout_is_min=_smallest(units, unit),
+        rollout_masked_fraction=_mean(((units == 0) & unit).to(dt), n),
         rollout_ess=torch.where(square > 0, scaled.sum() ** 2 / (n * square), 0.0))
     return w, stats
 
@@ -605,7 +646,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         seq_capped = capped if ratio != "token" else segment_sum(capped.to(dt), lengths) > 0
         stats.update(clip_fraction=_mean(clipped.to(dt), n_units),
                      ratio_mean=_mean(xd, n_units),
-                     ratio_max=xd.max() if xd.numel() else xd.new_zeros(()),
+                     ratio_max=_largest(xd, torch.ones_like(xd, dtype=torch.bool)),
                      cap_fraction=_mean(seq_capped.to(dt), n_seq))
 
     stats_of = {}
@@ -634,7 +675,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     stats["delta_abs_mean"] = _mean(delta.detach().abs(), n_seq)
     stats["logp_mean"] = _mean(logp.detach(), n_tok)
     out_dt = torch.float64 if dt == torch.float64 else torch.float32
-    return LossOutput(loss.to(out_dt), {k: v.to(out_dt) for k, v in sorted(stats.items())})
+    return LossOutput(loss.to(out_dt), {k: stats[k].to(out_dt) for k in sorted(stats)})
 
 
 def aggregation_norm(aggregation, n_seq, n_tok, num_sequences=None, num_tokens=None,

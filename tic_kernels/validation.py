@@ -15,7 +15,7 @@ import os
 import torch
 
 from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, ROLLOUT_IS,
-                      default_aggregation)
+                      ROLLOUT_IS_MAX, default_aggregation)
 from .reference import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -261,23 +261,29 @@ def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return
 def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
                     rollout_weights):
     """Checks the keywords of the sampler correction (op 4b); returns those in use as a dict
-    (empty without a correction). The tensors' shapes are loss_inputs' to check."""
-    if rollout_is_max is not None:
-        positive("rollout_is_max", rollout_is_max)
+    (empty without a correction), rollout_is_max resolved (None: ROLLOUT_IS_MAX). The tensors'
+    shapes are loss_inputs' to check."""
+    if rollout_is_max is not None and not (
+            isinstance(rollout_is_max, (int, float)) and not isinstance(rollout_is_max, bool)
+            and rollout_is_max > 0):  # NaN fails the comparison
+        raise ValueError(f"rollout_is_max must be a number > 0 (float('inf'): no upper bound; "
+                         f"None: {ROLLOUT_IS_MAX:g}), got {rollout_is_max!r}")
     if rollout_is_min is not None:
         positive("rollout_is_min", rollout_is_min, allow_zero=True)
-        if rollout_is_max is not None and rollout_is_min > rollout_is_max:
+        top = ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max
+        if rollout_is_min > top:
             raise ValueError(f"rollout_is_min={rollout_is_min!r} exceeds "
-                             f"rollout_is_max={rollout_is_max!r}")
+                             f"rollout_is_max={top!r}")
     if rollout_weights is not None:
         if rollout_logprobs is not None:
             raise ValueError("pass rollout_logprobs (with rollout_is) or rollout_weights "
                              "(precomputed weights), not both")
-        if rollout_is is not None or rollout_is_min is not None:
-            what = (f"rollout_is={rollout_is!r}" if rollout_is is not None
-                    else f"rollout_is_min={rollout_is_min!r}")
-            raise ValueError(f"{what} applies to rollout_logprobs; rollout_weights are used as "
-                             "given")
+        given = [f"{k}={v!r}" for k, v in (("rollout_is", rollout_is),
+                                           ("rollout_is_max", rollout_is_max),
+                                           ("rollout_is_min", rollout_is_min)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} applies to rollout_logprobs; rollout_weights are used "
+                             "as given (bound or mask them before passing them)")
         return dict(rollout_weights=rollout_weights)
     if rollout_is is not None:
         choice("rollout_is", rollout_is, ROLLOUT_IS)
@@ -290,7 +296,8 @@ def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min
     if rollout_logprobs is None:
         return {}
     return dict(rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
-                rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min)
+                rollout_is_max=ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max,
+                rollout_is_min=rollout_is_min)
 
 
 def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,

@@ -14,12 +14,14 @@ whole-vocabulary logsumexp. The fused LM head combines per chunk of rows (two co
 each) and its d hidden is this rank's partial (see linear_tic_loss).
 
 Before the collectives of a call, the ranks agree on their inputs with one more all-reduce
-of 5 integers (a host sync): a rank whose checks failed, a V_local or a row count that
-differs between ranks makes every rank raise, rather than one raising and the others
-waiting in a collective forever.
+of a fixed number of integers (a host sync; see ``checked``): a rank whose checks failed, or
+ranks that called different functions or differ in V_local, the row count, an option or a
+replicated tensor, make every rank raise, rather than one raising and the others waiting in
+a collective forever, aborting inside the backend, or computing with other inputs.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -52,29 +54,74 @@ def _group_size(process_group):
     return dist.get_rank(process_group), dist.get_world_size(process_group)
 
 
-def checked(process_group, checks, V_local, rows, name):
+# Slots of the agreement vector: every call sends the same number of integers (a call of one
+# op on one rank and of another op on another must still meet in one all-reduce of one size)
+_SLOTS = 40
+_PRIME = 2147483647  # 2^31 - 1: fingerprints are sums of products of two residues below it
+
+
+def _bits(t):
+    """t's values as integers (floats by their bit patterns), flat."""
+    t = t.detach().reshape(-1)
+    if t.is_floating_point():
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def fingerprint(t):
+    """A 0-d int64 on t's device that equal tensors share and different ones (in size or in
+    any value) almost surely do not: sum_i x_i w_i mod 2^31 - 1 with position weights w_i
+    (a swap of two values changes it), plus the size. O(numel) on the device, no host sync."""
+    x = _bits(t).to(torch.int64) % _PRIME
+    w = (torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64) * 2654435761) % _PRIME
+    return ((x * w % _PRIME).sum() + x.numel() * 1000003) % _PRIME
+
+
+def _code(value):
+    """An integer standing for one argument's value on this rank."""
+    if isinstance(value, torch.Tensor):
+        return fingerprint(value)
+    return zlib.crc32(repr(value).encode()) + 1  # None, a number, a string, a dtype
+
+
+def checked(process_group, op, checks, V_local, name, rows, replicated):
     """Runs ``checks(vocab)`` (the call's argument checks, given the whole vocabulary's size)
     and returns (its result, the Shard, or None without a process group).
 
-    With a group, the ranks agree collectively before any other collective: if any rank's
-    checks raised, or V_local (``name``'s last dimension) or the row count differs between
-    ranks, every rank raises (the failing rank its own error)."""
+    With a group, the ranks agree before any other collective, in one all-reduce of a fixed
+    number of integers (then one host read): every rank raises a ValueError, and none enters
+    a collective, if any rank's checks raised (the failing rank raises its own error), or the
+    ranks called different ops (``op``), or hold different V_local (``name``'s vocabulary
+    dimension) or row counts, or if any entry of ``replicated(result)`` differs between ranks:
+    {argument name: value} of every input that must be the same on every rank, scalars
+    compared exactly and tensors by their fingerprint. Each op lists there every option and
+    tensor that shapes its collectives (entropy on or off, dtype, chunk plan, masks, targets)
+    and the rest of its replicated inputs, so a disagreement is an error, never a hang, an
+    abort inside the backend or a silently different result per rank."""
     if process_group is None:
         return checks(V_local), None
     import torch.distributed as dist
     rank, world = _group_size(process_group)
-    result, error = None, None
-    try:
-        result = checks(V_local * world)
-    except (TypeError, ValueError, RuntimeError) as e:
-        error = e
     # gloo reduces CPU tensors; nccl needs them on the rank's device
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
-    mine = [int(error is not None), V_local, -V_local, rows, -rows]
-    agreed = torch.tensor(mine, dtype=torch.int64, device=device)
+    result, error, labels = None, None, []
+    codes = [_code(op), V_local, rows]
+    try:
+        result = checks(V_local * world)
+        entries = replicated(result)
+        assert len(entries) + len(codes) <= _SLOTS, sorted(entries)
+        labels = list(entries)
+        codes += [_code(v) for v in entries.values()]
+    except Exception as e:  # re-raised below, once every rank has heard of it
+        error = e
+        codes = codes[:3]
+    codes += [0] * (_SLOTS - len(codes))
+    mine = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in codes])
+    agreed = torch.cat([torch.tensor([int(error is not None)], device=device), mine, -mine])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
-    failed, v_hi, v_lo, r_hi, r_lo = agreed.tolist()
+    failed, hi, lo = agreed[0].item(), agreed[1:_SLOTS + 1].tolist(), \
+        [-v for v in agreed[_SLOTS + 1:].tolist()]
     if error is not None:
         # dropped as it leaves: this frame holding the error that holds this frame would be a
         # cycle keeping the caller's tensors and process group alive until the cyclic GC (at
@@ -86,14 +133,31 @@ def checked(process_group, checks, V_local, rows, name):
     if failed:
         raise ValueError("process_group: another rank's inputs were rejected (its error says "
                          "why); this rank's passed the checks")
-    if v_hi != -v_lo:
+    if hi[0] != lo[0]:
+        raise ValueError(f"process_group: the ranks called different functions at once (this "
+                         f"rank called {op}); every rank of the group must make the same call")
+    if hi[1] != lo[1]:
         raise ValueError(f"{name}: every rank of process_group must hold the same number of "
-                         f"vocabulary columns (V_local); they range from {-v_lo} to {v_hi}")
-    if r_hi != -r_lo:
+                         f"vocabulary columns (V_local); they range from {lo[1]} to {hi[1]}")
+    if hi[2] != lo[2]:
         raise ValueError(f"targets: every rank of process_group must hold the same rows "
                          f"(the inputs other than the vocabulary are replicated); the row "
-                         f"counts range from {-r_lo} to {r_hi}")
+                         f"counts range from {lo[2]} to {hi[2]}")
+    differ = [label for i, label in enumerate(labels, 3) if hi[i] != lo[i]]
+    if differ:
+        raise ValueError(f"{differ[0]}: differs between the ranks of process_group, where "
+                         f"every input but the vocabulary shard must be the same (replicated)"
+                         + (f"; so do {', '.join(differ[1:])}" if differ[1:] else ""))
     return result, Shard(process_group, rank * V_local, V_local)
+
+
+def loss_inputs(options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+                temperature, entropy_coef, **more):
+    """The replicated inputs of a loss call, as ``checked`` compares them: the tensors, the
+    checked keywords (``options``, the sampler correction's tensors included) and ``more``."""
+    return dict(targets=targets, old_logprobs=old_logprobs, advantages=advantages,
+                cu_seqlens=cu_seqlens, mask=mask, ref_logprobs=ref_logprobs,
+                temperature=temperature, entropy_coef=entropy_coef, **options, **more)
 
 
 def rows_of(t):

@@ -46,10 +46,14 @@ with verl's global normalisers from ``config.global_batch_info`` (set by verl's 
 before each micro-batch): "token-mean" divides by ``batch_num_tokens`` (``num_tokens``), the
 seq-mean modes by ``global_batch_size`` (``num_sequences``), each times ``dp_size``; without
 them (``dp_size`` 1) the micro-batch's own counts (its tokens; its non-empty sequences), as
-verl's ``agg_loss``. "seq-mean-token-sum-norm" divides further by
-``global_batch_info["loss_scale_factor"]`` or, when that is None, by the mask's T (``max_len``);
-tic_kernels requires it to be at least the longest response. "token-sum" is "token-mean" with
-``num_tokens=1`` (times ``dp_size``). Other modes raise a ValueError.
+verl's ``agg_loss``. "seq-mean-token-sum-norm" is "seq-mean-token-sum" divided further by
+``global_batch_info["loss_scale_factor"]`` or, when that is None, by the mask's T: any value
+> 0, as verl accepts it (a factor shorter than the longest response included). "token-sum" is
+"token-mean" with ``num_tokens=1`` (times ``dp_size``). Other modes raise a ValueError.
+
+**Errors** raised through these losses name verl's arguments and config keys (``log_prob``,
+``old_log_prob``, ``response_mask``, ``rollout_is_weights``, ``config.clip_ratio_low``, ...),
+not tic_kernels' own.
 
 **rollout_is_weights** (verl's rollout correction) are passed to tic_kernels as
 ``rollout_weights``: each token's objective is multiplied by its detached weight before the
@@ -80,6 +84,7 @@ tic_kernels.integrations.verl`` in the workers' environment, and select
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any, Optional
 
@@ -107,8 +112,25 @@ _AGGREGATIONS = {
     "token-sum": "token-mean",
     "seq-mean-token-sum": "seq-mean-token-sum",
     "seq-mean-token-mean": "seq-mean-token-mean",
-    "seq-mean-token-sum-norm": "seq-mean-token-sum-norm",
+    "seq-mean-token-sum-norm": "seq-mean-token-sum",  # then divided by loss_scale_factor
 }
+
+# tic_kernels' argument names -> verl's, in the errors raised through this adapter
+_VERL_NAMES = {
+    "logprobs": "log_prob", "old_logprobs": "old_log_prob", "mask": "response_mask",
+    "rollout_weights": "rollout_is_weights", "eps_low": "config.clip_ratio_low",
+    "eps_high": "config.clip_ratio_high", "dual_clip": "config.clip_ratio_c",
+    "num_tokens": "config.global_batch_info['batch_num_tokens']",
+    "num_sequences": "config.global_batch_info['global_batch_size']",
+    "aggregation": "loss_agg_mode",
+}
+_NAME = re.compile(r"(?<![\w.'])(" + "|".join(sorted(_VERL_NAMES, key=len, reverse=True))
+                   + r")(?![\w'])")
+
+
+def _in_verl_terms(error):
+    """The same exception with tic_kernels' argument names replaced by verl's."""
+    return type(error)(_NAME.sub(lambda m: _VERL_NAMES[m.group(1)], str(error)))
 
 # loss_mode -> (tic_kernels ratio, clip_mode, dual clip from clip_ratio_c, |log-ratio| cap)
 _MODES = {
@@ -156,7 +178,9 @@ def _clip_ratios(config, loss_mode):
 
 def _aggregation(loss_agg_mode, config, response_mask):
     """(tic_kernels keywords, factor on the loss) mirroring verl's agg_loss with the config's
-    global_batch_info (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)."""
+    global_batch_info (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor):
+    "seq-mean-token-sum-norm" is "seq-mean-token-sum" divided by loss_scale_factor (by T when
+    it is None), which verl accepts at any value > 0, shorter than a response included."""
     if loss_agg_mode not in _AGGREGATIONS:
         raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not supported by tic_kernels' verl "
                          "losses; accepted values: " + ", ".join(repr(m) for m in _AGGREGATIONS))
@@ -164,6 +188,7 @@ def _aggregation(loss_agg_mode, config, response_mask):
     dp_size = info.get("dp_size", 1)
     dp_size = 1 if dp_size is None else int(_number("dp_size", dp_size))
     keywords = dict(aggregation=_AGGREGATIONS[loss_agg_mode])
+    factor = float(dp_size)
     if loss_agg_mode == "token-sum":
         keywords["num_tokens"] = 1.0
     elif loss_agg_mode == "token-mean":
@@ -181,10 +206,14 @@ def _aggregation(loss_agg_mode, config, response_mask):
             raise ValueError("global_batch_size is required when dp_size > 1 "
                              "(config.global_batch_info, set by verl's ppo_loss)")
         if loss_agg_mode == "seq-mean-token-sum-norm":
-            factor = info.get("loss_scale_factor")
-            keywords["max_len"] = (float(response_mask.shape[-1]) if factor is None
-                                   else _number("loss_scale_factor", factor))
-    return keywords, dp_size
+            scale = info.get("loss_scale_factor")
+            scale = (float(response_mask.shape[-1]) if scale is None
+                     else _number("loss_scale_factor", scale))
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"config.global_batch_info['loss_scale_factor'] must be a "
+                                 f"finite number > 0 (None: the response length), got {scale!r}")
+            factor /= scale
+    return keywords, factor
 
 
 def _sequence_advantages(advantages, response_mask, loss_mode):
@@ -249,9 +278,13 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
                  config, rollout_is_weights):
     ratio, clip_mode, dual, cap = _MODES[loss_mode]
     eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode)
-    keywords, dp_size = _aggregation(loss_agg_mode, config, response_mask)
     _check.float_tensor("log_prob", log_prob)
+    if log_prob.dim() != 2:
+        raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
+    _check.mask_ok(response_mask, log_prob.shape, "response_mask")
     _check.float_tensor("old_log_prob", old_log_prob)
+    _check.shape("old_log_prob", old_log_prob, log_prob.shape, " (log_prob's shape)")
+    keywords, factor = _aggregation(loss_agg_mode, config, response_mask)
     adv = _sequence_advantages(advantages, response_mask, loss_mode)
     if rollout_is_weights is not None:
         keywords["rollout_weights"] = rollout_is_weights.detach()
@@ -271,11 +304,14 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         old = log_prob.detach().to(dtype) - mean.unsqueeze(-1)
         kernel_ratio = "token"
 
-    out = tic_loss_from_logprobs(
-        log_prob, old, adv, mask=response_mask, ratio=kernel_ratio, clip_mode=clip_mode,
-        eps_low=eps_low, eps_high=eps_high, dual_clip=clip_c if dual else None,
-        max_log_ratio=cap, **keywords)
-    loss = out.loss * dp_size if dp_size != 1 else out.loss
+    try:
+        out = tic_loss_from_logprobs(
+            log_prob, old, adv, mask=response_mask, ratio=kernel_ratio, clip_mode=clip_mode,
+            eps_low=eps_low, eps_high=eps_high, dual_clip=clip_c if dual else None,
+            max_log_ratio=cap, **keywords)
+    except (TypeError, ValueError) as e:
+        raise _in_verl_terms(e) from None
+    loss = out.loss * factor if factor != 1 else out.loss
 
     if loss_mode == "tic_gspo":
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), "sequence_mean", eps_low,

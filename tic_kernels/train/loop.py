@@ -18,6 +18,7 @@ import tic_kernels as tk
 from tic_kernels.attention import register_varlen_attention
 from tic_kernels.reference import ignoring_masked
 
+from . import checkpoint
 from .model import LossRowsLM, build_model, shard
 from .plot import reward_plot
 from .rollout import loss_view, sample, view_rows
@@ -152,17 +153,17 @@ def _gathered(obj, world):
 
 
 def _save(out, lm, opt, step, generator, log, rank, world, fsdp):
-    """save_pretrained of the full state dict and the trainer's state, written by rank 0; every
-    rank calls it (the per-rank random states are gathered, FSDP2's shards too)."""
-    ckpt = Path(out) / "checkpoint"
+    """save_pretrained of the full state dict and the trainer's state, written by rank 0 (see
+    checkpoint.write: a crash leaves the previous checkpoint or this one whole); every rank
+    calls it (the per-rank random states are gathered, FSDP2's shards too)."""
     model_state, opt_state = _full_state(lm, opt, fsdp)
     rng = _gathered((generator.get_state(), torch.get_rng_state()), world)
     if rank != 0:
         return
-    lm.save_pretrained(ckpt, state_dict=model_state)
-    torch.save({"step": step, "optimizer": opt_state, "generators": [g for g, _ in rng],
-                "torch_rngs": [t for _, t in rng], "python_rng": random.getstate(), "log": log,
-                "world": world}, ckpt / "trainer_state.pt")
+    checkpoint.write(out, lambda path: lm.save_pretrained(path, state_dict=model_state),
+                     {"step": step, "optimizer": opt_state, "generators": [g for g, _ in rng],
+                      "torch_rngs": [t for _, t in rng], "python_rng": random.getstate(),
+                      "log": log, "world": world})
 
 
 def run(args):
@@ -185,13 +186,14 @@ def run(args):
     task = load_task(args.task, tokenizer)
     random.seed(args.seed)
     lm = build_model(args, task)
-    ckpt = Path(args.out) / "checkpoint"
+    ckpt = Path(args.out) / checkpoint.NAME
     state = None
     if args.resume:
-        if not (ckpt / "trainer_state.pt").exists():
+        found = checkpoint.latest(args.out)
+        if found is None:
             raise SystemExit(f"--resume: no checkpoint under {ckpt}")
-        lm = type(lm).from_pretrained(ckpt, local_files_only=True, attn_implementation="sdpa")
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = checkpoint.load_state(found)
+        lm = type(lm).from_pretrained(found, local_files_only=True, attn_implementation="sdpa")
     lm.to(device)
     register_varlen_attention()
     if args.layout == "auto":

@@ -1,0 +1,110 @@
+"""The script each rank runs for tests/test_vocab_parallel.py's agreement and unowned-target
+tests (2 gloo processes): python tests/vocab_parallel_agreement.py RANK WORLD PORT CASES
+
+CASES "disagree": calls in which the ranks' inputs differ in something that shapes a
+collective (or any other replicated input), one after another in the same group; each must
+raise a ValueError on every rank, and the group must stay usable. CASES "unowned": with the
+value checks off, a target that no rank holds gives NaN in every op that takes a group.
+Prints one tab-separated line per call: case, exception name, message (or case, OK, values).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import tic_kernels as tk
+
+V_LOCAL, H, N = 23, 8, 6
+
+
+def _inputs(rank, seed=0):
+    """Replicated inputs from one seed; the vocabulary shard from the rank's own."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 2 * V_LOCAL, (N,), generator=g)
+    old = torch.randn(N, generator=g) - 3.0
+    adv = torch.randn(2, generator=g)
+    hidden = torch.randn(N, H, generator=g)
+    mask = torch.ones(2, N // 2, dtype=torch.bool)
+    mask[1, -1] = False
+    g_rank = torch.Generator().manual_seed(100 + rank)
+    logits = torch.randn(N, V_LOCAL, generator=g_rank)
+    weight = torch.randn(V_LOCAL, H, generator=g_rank)
+    return t, old, adv, hidden, mask, logits, weight
+
+
+def _disagreements(rank, group):
+    t, old, adv, hidden, mask, logits, weight = _inputs(rank)
+    cu = torch.tensor([0, 2, N])
+    other = rank == 1
+    yield "return_entropy", lambda: tk.token_logprobs(logits, t, return_entropy=(rank == 0),
+                                                      process_group=group)
+    yield "temperature", lambda: tk.token_logprobs(logits, t, temperature=1.0 + 0.5 * other,
+                                                   process_group=group)
+    yield "targets", lambda: tk.token_logprobs(logits, (t + other) % (2 * V_LOCAL),
+                                               process_group=group)
+    yield "logits' dtype", lambda: tk.tic_loss(
+        logits.to(torch.bfloat16 if other else torch.float32), t, old, adv, cu_seqlens=cu,
+        process_group=group)
+    yield "cu_seqlens", lambda: tk.tic_loss(logits, t, old, adv, cu_seqlens=cu + other * (
+        torch.arange(3) == 1), process_group=group)
+    yield "entropy_coef", lambda: tk.tic_loss(logits, t, old, adv, cu_seqlens=cu,
+                                              entropy_coef=0.01 * other, process_group=group)
+    yield "advantages", lambda: tk.tic_loss(logits, t, old, adv + other, cu_seqlens=cu,
+                                            process_group=group)
+    yield "chunk_size", lambda: tk.linear_tic_loss(
+        hidden, weight, t, old, adv, cu_seqlens=cu, chunk_size=2 + other, process_group=group)
+    flipped = mask.clone()
+    flipped[1, -1] = other
+    yield "mask", lambda: tk.linear_tic_loss(
+        hidden.view(2, N // 2, H), weight, t.view(2, -1), old.view(2, -1), adv, mask=flipped,
+        chunk_size=2, process_group=group)
+    yield "entropy_coef", lambda: tk.linear_tic_loss(
+        hidden, weight, t, old, adv, cu_seqlens=cu, entropy_coef=0.01 * other,
+        process_group=group)
+    yield "return_entropy", lambda: tk.linear_token_logprobs(
+        hidden, weight, t, return_entropy=(rank == 0), chunk_size=2, process_group=group)
+    yield "different functions", lambda: (
+        tk.token_logprobs(logits, t, process_group=group) if rank == 0 else
+        tk.tic_loss(logits, t, old, adv, cu_seqlens=cu, process_group=group))
+
+
+def _unowned(rank, group):
+    t, old, adv, hidden, mask, logits, weight = _inputs(rank)
+    t[1], t[4] = 2 * V_LOCAL, 2 * V_LOCAL + 7  # no rank holds these
+    cu = torch.tensor([0, 2, N])
+    yield "token_logprobs", lambda: tk.token_logprobs(logits, t, process_group=group)
+    yield "linear_token_logprobs", lambda: tk.linear_token_logprobs(
+        hidden, weight, t, chunk_size=4, process_group=group)
+    yield "tic_loss", lambda: tk.tic_loss(logits, t, old, adv, cu_seqlens=cu,
+                                          process_group=group).loss
+    yield "linear_tic_loss", lambda: tk.linear_tic_loss(
+        hidden, weight, t, old, adv, cu_seqlens=cu, chunk_size=4, process_group=group).loss
+
+
+def main(rank, world, port, which):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    group = dist.group.WORLD
+    cases = _disagreements if which == "disagree" else _unowned
+    for name, call in cases(rank, group):
+        try:
+            out = call()
+            values = " ".join(f"{v:.4g}" for v in out.detach().reshape(-1).tolist())
+            print(name, "OK", values, sep="\t")
+        except (TypeError, ValueError, RuntimeError) as e:
+            print(name, type(e).__name__, str(e).replace("\n", " "), sep="\t")
+        # the group still works: nobody is left inside a collective
+        x = torch.ones(1)
+        dist.all_reduce(x, group=group)
+        assert x.item() == world, x
+    # and an agreed call still runs after every rejected one
+    t, *_, logits, _ = _inputs(rank)
+    print("agreed", "OK", float(tk.token_logprobs(logits, t, process_group=group).sum()),
+          sep="\t")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
