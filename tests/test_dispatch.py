@@ -59,30 +59,35 @@ def test_interpreter_and_float64_routing(monkeypatch):
 
 
 _LATE = textwrap.dedent("""
-    import os, warnings, torch
-    import tic_kernels as tk
-    from tic_kernels import reference as ref
-    os.environ["TRITON_INTERPRET"] = "1"  # after the import, as a notebook cell does
-    x, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
+    import os, sys, warnings, torch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if sys.argv[1] == "after_triton":  # another library imported triton first
+            import triton
+            os.environ["TRITON_INTERPRET"] = "1"
+        import tic_kernels as tk
+        from tic_kernels import reference as ref
+        os.environ["TRITON_INTERPRET"] = "1"  # after the import, as a notebook cell does
+        x, t = torch.randn(3, 5), torch.tensor([0, 4, 2])
         lp = tk.token_logprobs(x, t)
         loss = tk.tic_loss(x, t, torch.randn(3), torch.randn(1),
                            cu_seqlens=torch.tensor([0, 3])).loss
     assert torch.equal(lp, ref.token_logprobs(x, t)), "not the reference path"
     assert torch.isfinite(loss)
     said = [str(w.message) for w in caught]
-    assert len(said) == 1 and "TRITON_INTERPRET=1 was set after tic_kernels was imported" \\
-        in said[0], said
+    assert len(said) == 1 and "TRITON_INTERPRET=1 is set, but it was not when triton was " \\
+        "imported" in said[0], said
     print("OK")
 """)
 
 
-def test_interpreter_switched_on_after_import_takes_the_reference():
-    """TRITON_INTERPRET=1 set after ``import tic_kernels`` is ignored with one warning that
-    names it (the kernels were built for a GPU at import), and CPU tensors take the
-    reference, instead of crashing inside Triton ("0 active drivers")."""
+@pytest.mark.parametrize("when", ["after_tic_kernels", "after_triton"])
+def test_interpreter_switched_on_after_import_takes_the_reference(when):
+    """TRITON_INTERPRET=1 set after ``import tic_kernels``, or after another library imported
+    triton, is ignored with one warning that names it (Triton built its kernels for a GPU at
+    import), and CPU tensors take the reference, instead of crashing inside Triton ("0 active
+    drivers", "Cannot call @triton.jit'd outside of the scope of a kernel")."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _LATE], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _LATE, when], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr

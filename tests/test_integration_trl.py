@@ -239,6 +239,8 @@ def _trl_importance_sampling_ratio(old, sampler, mask, mode, lo, hi):
 
 
 @pytest.mark.parametrize("mode,lo,hi", [("token_truncate", None, 1.2),
+                                        ("token_truncate", 0.95, None),  # TRL: no upper bound
+                                        ("sequence_mask", 0.9, None),
                                         ("token_mask", 0.8, 1.25),
                                         ("sequence_truncate", 0.9, 1.1),
                                         ("sequence_mask", None, 1.5)])
@@ -249,7 +251,8 @@ def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, mode, lo, h
     g = torch.Generator().manual_seed(1)
     mask = inputs["completion_mask"]
     old = inputs["old_per_token_logps"]
-    sampler = old + 0.15 * torch.randn(B, C, generator=g) * mask
+    # wider without an upper bound: weights above the default bound 3 must stay unbounded
+    sampler = old + (0.15 if hi is not None else 0.8) * torch.randn(B, C, generator=g) * mask
     sampler[0, 1] = float("nan")  # a token vLLM could not score: no correction
     inputs["sampling_per_token_logps"] = sampler
     inputs["importance_sampling_ratio"] = _trl_importance_sampling_ratio(old, sampler, mask,
@@ -260,12 +263,28 @@ def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, mode, lo, h
         t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max = lo, hi
     weights = inputs["importance_sampling_ratio"].expand(B, C)[mask > 0]
     assert (weights != 1).any() and (not mode.endswith("mask") or (weights == 0).any())
+    assert hi is not None or (weights > 3).any()
     want = _assert_same(theirs, ours, inputs)
     assert math.isfinite(ours._metrics["train"]["tic/rollout_ess"][-1])
     # without the sampler's log-probs the adapter applies TRL's precomputed weights
     del inputs["sampling_per_token_logps"]
     got, _ = _loss_and_grads(ours, inputs, 1)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
+    """tic_kernels' errors raised at the loss speak TRL's names (here its sampler clip
+    bounds), not tic_kernels' (rollout_is_min / rollout_is_max)."""
+    _, ours = _pair(tmp_path, tokenizer, dataset, loss_type="dapo",
+                    importance_sampling_level="token")
+    inputs = _inputs(ours)
+    inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] - 0.1
+    ours.use_vllm = ours.vllm_importance_sampling_correction = True
+    ours.vllm_importance_sampling_mode = "token_truncate"
+    ours.vllm_importance_sampling_clip_min, ours.vllm_importance_sampling_clip_max = 2.0, 1.5
+    with pytest.raises(ValueError, match="^vllm_importance_sampling_clip_min=2.0 exceeds "
+                                         "vllm_importance_sampling_clip_max=1.5$"):
+        _loss_and_grads(ours, inputs, 1)
 
 
 # ---------------------------------------------------------------------------------------------

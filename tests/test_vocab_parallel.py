@@ -168,12 +168,12 @@ def test_ranks_that_disagree_raise_on_every_rank(path, monkeypatch):
     every rank, not an abort inside gloo or a hang; the group stays usable and an agreed call
     runs after them."""
     import vocab_parallel_agreement as agreement
-    want = [name for name, _ in agreement._disagreements(0, None)]
+    want = [name for name, _ in agreement._disagreements(0, None, path)]
     for r, lines in enumerate(_agreement_run("disagree", path, monkeypatch)):
         assert [line[0] for line in lines[:len(want)]] == want, lines
         for name, (case, kind, message) in zip(want, lines):
-            named = name in message if name == "different functions" else \
-                message.startswith(name + ":")
+            named = message.startswith("process_group:") and name in message if name.startswith(
+                "different") else message.startswith(name)
             assert kind == "ValueError" and named, (r, name, kind, message)
         assert lines[len(want)][:2] == ["agreed", "OK"], lines
 
@@ -192,3 +192,20 @@ def test_target_no_rank_holds_is_nan(path, monkeypatch):
             assert all(v < 0 for i, v in enumerate(values) if i not in (1, 4)), (r, op, values)
         for op in ("tic_loss", "linear_tic_loss"):
             assert got[op] == ["nan"], (r, op, got[op])
+
+
+def test_fingerprint_tells_apart_what_a_plain_residue_would_not():
+    """The agreement's tensor fingerprint: equal for the same values in another integer dtype
+    (or a bool mask and its 0/1 copy), different for values a sum of bit patterns mod 2^31 - 1
+    would confuse (x and -nextafter(x); ids 2^31 - 1 apart), a swap, or another length."""
+    from tic_kernels.vocab_parallel import fingerprint
+    x = torch.tensor([0.5, 1.0, -2.0])
+    y = x.clone()
+    y[1] = -torch.nextafter(x[1], torch.tensor(float("inf")))
+    ids = torch.tensor([5, 7, 9])
+    mask = torch.tensor([True, False, True])
+    assert fingerprint(ids) == fingerprint(ids.int())
+    assert fingerprint(mask) == fingerprint(mask.to(torch.uint8))
+    for a, b in [(x, y), (ids, ids + torch.tensor([2 ** 31 - 1, 0, 0])), (ids, ids.flip(0)),
+                 (ids, ids[:2]), (x, x.double()), (torch.zeros(0), torch.zeros(1))]:
+        assert fingerprint(a) != fingerprint(b), (a, b)

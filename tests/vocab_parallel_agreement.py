@@ -34,7 +34,7 @@ def _inputs(rank, seed=0):
     return t, old, adv, hidden, mask, logits, weight
 
 
-def _disagreements(rank, group):
+def _disagreements(rank, group, path="kernels"):
     t, old, adv, hidden, mask, logits, weight = _inputs(rank)
     cu = torch.tensor([0, 2, N])
     other = rank == 1
@@ -65,9 +65,34 @@ def _disagreements(rank, group):
         process_group=group)
     yield "return_entropy", lambda: tk.linear_token_logprobs(
         hidden, weight, t, return_entropy=(rank == 0), chunk_size=2, process_group=group)
+    # x and -nextafter(x): the bit patterns of the two differ by 2^31 - 1 (see the fingerprint)
+    near = old.clone()
+    near[1] = -torch.nextafter(old[1].abs(), torch.tensor(float("inf"))) if other else old[1].abs()
+    yield "old_logprobs", lambda: tk.tic_loss(logits, t, near, adv, cu_seqlens=cu,
+                                              process_group=group)
+    if path == "kernels":
+        yield "the implementation", lambda: _on_path("reference" if other else "kernels", lambda: (
+            tk.linear_token_logprobs(hidden, weight, t, chunk_size=2, process_group=group)))
+    yield "different sets of arguments", lambda: tk.tic_loss(
+        logits, t, old, adv, cu_seqlens=cu, process_group=group,
+        **(dict(rollout_weights=torch.ones(N)) if other else {}))
     yield "different functions", lambda: (
         tk.token_logprobs(logits, t, process_group=group) if rank == 0 else
         tk.tic_loss(logits, t, old, adv, cu_seqlens=cu, process_group=group))
+
+
+def _on_path(path, call):
+    """call() with CPU tensors on the reference path (TRITON_INTERPRET unset) or on the
+    kernels (as set when this process imported tic_kernels)."""
+    import os
+    saved = os.environ.get("TRITON_INTERPRET")
+    if path == "reference":
+        os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return call()
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _unowned(rank, group):
@@ -87,8 +112,10 @@ def main(rank, world, port, which):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     group = dist.group.WORLD
-    cases = _disagreements if which == "disagree" else _unowned
-    for name, call in cases(rank, group):
+    import os
+    path = "kernels" if os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    cases = _disagreements(rank, group, path) if which == "disagree" else _unowned(rank, group)
+    for name, call in cases:
         try:
             out = call()
             values = " ".join(f"{v:.4g}" for v in out.detach().reshape(-1).tolist())

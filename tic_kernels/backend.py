@@ -3,9 +3,10 @@ under TRITON_INTERPRET=1, else the reference; float64 always takes the reference
 compute in fp32), how kernels launch and register as torch.library ops, the Triton helpers
 several kernels use, and the segment layout of the per-sequence kernels.
 
-TRITON_INTERPRET is read when tic_kernels is imported: Triton builds each kernel for the
-interpreter or for a GPU as its module is imported, and cannot change it afterwards. Set
-after the import (a notebook cell), it is ignored with a warning and CPU tensors take the
+TRITON_INTERPRET counts as it was when triton and tic_kernels were imported: Triton builds
+each kernel (its own library's included) for the interpreter or for a GPU as the kernel's
+module is imported, and cannot change it afterwards. Set later (a notebook cell, or after
+another library imported triton), it is ignored with a warning and CPU tensors take the
 reference path; unset after the import, CPU tensors take the reference path too.
 """
 from __future__ import annotations
@@ -21,21 +22,30 @@ import triton.language as tl
 BLOCK_TOKENS = 1024
 
 
-_INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _built_for_interpreter() -> bool:
+    """Whether this module's kernels and Triton's own library functions (tl.max, ...) were
+    built for the interpreter: TRITON_INTERPRET=1 when each was imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return (os.environ.get("TRITON_INTERPRET", "0") == "1"
+            and isinstance(tl.max, InterpretedFunction))
+
+
+_INTERPRETED_AT_IMPORT = _built_for_interpreter()
 _WARNED = []
 
 
 def interpreting() -> bool:
     """Whether the kernels run under Triton's interpreter: TRITON_INTERPRET=1 now and when
-    tic_kernels was imported (see the module's docstring)."""
+    triton and tic_kernels were imported (see the module's docstring)."""
     now = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if now and not _INTERPRETED_AT_IMPORT and not _WARNED:
         _WARNED.append(True)
-        warnings.warn("TRITON_INTERPRET=1 was set after tic_kernels was imported, when its "
-                      "kernels had already been built for a GPU: it is ignored, and CPU tensors "
-                      "take the plain PyTorch reference path. To run the Triton kernels on the "
-                      "CPU, set TRITON_INTERPRET=1 before importing tic_kernels (or triton).",
-                      stacklevel=3)
+        warnings.warn("TRITON_INTERPRET=1 is set, but it was not when triton was imported (by "
+                      "tic_kernels, or before it by another library such as transformers), so "
+                      "Triton built its kernels for a GPU: the variable is ignored, and CPU "
+                      "tensors take the plain PyTorch reference path. To run the Triton kernels "
+                      "on the CPU, set TRITON_INTERPRET=1 in the environment before anything "
+                      "imports triton.", stacklevel=3)
     return now and _INTERPRETED_AT_IMPORT
 
 

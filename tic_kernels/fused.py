@@ -142,7 +142,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         process_group, "tic_loss", checks, vocab_parallel.columns_of(logits), "logits",
         vocab_parallel.rows_of(targets), lambda options: vocab_parallel.loss_inputs(
             options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-            temperature, entropy_coef, **{"logits' dtype": logits.dtype}))
+            temperature, entropy_coef, **{"logits' dtype": logits.dtype},
+            **vocab_parallel.path_of(logits)))
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
                                   cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,

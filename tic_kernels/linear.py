@@ -447,7 +447,8 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         "weight", vocab_parallel.rows_of(targets), lambda _: {
             "targets": targets, "temperature": temperature, "ignore_index": ignore_index,
             "return_entropy": return_entropy, "chunk_size": chunk_size,
-            "fp32_accumulation": fp32_accumulation, "hidden's dtype": hidden.dtype})
+            "fp32_accumulation": fp32_accumulation, "hidden's dtype": hidden.dtype,
+            "hidden's width (H)": hidden.shape[-1], **vocab_parallel.path_of(hidden)})
     if not use_triton(hidden):
         return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature,
                                                ignore_index, return_entropy, chunk_size,
@@ -502,7 +503,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         "weight", vocab_parallel.rows_of(targets), lambda options: vocab_parallel.loss_inputs(
             options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
             temperature, entropy_coef, chunk_size=chunk_size,
-            fp32_accumulation=fp32_accumulation, **{"hidden's dtype": hidden.dtype}))
+            fp32_accumulation=fp32_accumulation, **{"hidden's dtype": hidden.dtype,
+                                                    "hidden's width (H)": hidden.shape[-1]},
+            **vocab_parallel.path_of(hidden)))
     if not use_triton(hidden):
         return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
                                          bias, cu_seqlens=cu_seqlens, mask=mask,

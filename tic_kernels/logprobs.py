@@ -325,7 +325,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
         process_group, "token_logprobs", checks, vocab_parallel.columns_of(logits), "logits",
         vocab_parallel.rows_of(targets), lambda _: {
             "targets": targets, "temperature": temperature, "ignore_index": ignore_index,
-            "return_entropy": return_entropy, "logits' dtype": logits.dtype})
+            "return_entropy": return_entropy, "logits' dtype": logits.dtype,
+            **vocab_parallel.path_of(logits)})
     kernels = use_triton(logits)
     if shard is None and not kernels:
         return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)

@@ -625,8 +625,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             every token of sequence i (the trajectory ratio, as TRL's sequence modes);
             the log is capped at max_log_ratio, then "*_truncate" clamps w to
             [rollout_is_min, rollout_is_max] and "*_mask" sets it to 0 outside them
-            (rollout_is_min None: no lower bound; rollout_is_max None: 3.0, TRL's default,
-            float("inf"): no upper bound).
+            (rollout_is_min None: no lower bound; rollout_is_max None: 3.0, the default of
+            TRL's vllm_importance_sampling_clip_max; float("inf"): no upper bound, which TRL
+            spells None).
         rollout_weights: instead of rollout_logprobs, the per-token weights precomputed (as
             verl's rollout_is_weights; finite, >= 0), used as given: rollout_is,
             rollout_is_max and rollout_is_min apply to rollout_logprobs only, and given with

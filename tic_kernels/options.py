@@ -11,7 +11,8 @@ STDS = ("sample", "population")
 # Correction for the sampler's log-probabilities (op 4b): the weight's level and what happens
 # outside [rollout_is_min, rollout_is_max] (TRL's vllm_importance_sampling_mode values)
 ROLLOUT_IS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-# rollout_is_max when it is not given: TRL's vllm_importance_sampling_cap
+# rollout_is_max when it is not given: the default of TRL's vllm_importance_sampling_clip_max
+# (where TRL's None means no bound, as float("inf") does here)
 ROLLOUT_IS_MAX = 3.0
 
 # A target equal to it has logp 0 and no gradient (PyTorch's and TRL's convention); the losses

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import logprobs, reference  # logprobs imports this module: its names are read at call time
+from .backend import use_triton
 
 
 @dataclass(frozen=True)
@@ -57,31 +58,47 @@ def _group_size(process_group):
 # Slots of the agreement vector: every call sends the same number of integers (a call of one
 # op on one rank and of another op on another must still meet in one all-reduce of one size)
 _SLOTS = 40
-_PRIME = 2147483647  # 2^31 - 1: fingerprints are sums of products of two residues below it
+_PRIME = 2147483647  # 2^31 - 1: every product below is of two residues under 2^31
+_LIMB_WEIGHTS = (1103515245, 1664525013, 1812433253)
 
 
 def _bits(t):
-    """t's values as integers (floats by their bit patterns), flat."""
+    """t's values as int64 (floats by their bit patterns, sign-extended), flat."""
     t = t.detach().reshape(-1)
     if t.is_floating_point():
-        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    return t
+        t = t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.to(torch.int64)
 
 
 def fingerprint(t):
-    """A 0-d int64 on t's device that equal tensors share and different ones (in size or in
-    any value) almost surely do not: sum_i x_i w_i mod 2^31 - 1 with position weights w_i
-    (a swap of two values changes it), plus the size. O(numel) on the device, no host sync."""
-    x = _bits(t).to(torch.int64) % _PRIME
-    w = (torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.int64) * 2654435761) % _PRIME
-    return ((x * w % _PRIME).sum() + x.numel() * 1000003) % _PRIME
+    """A 0-d int64 on t's device that equal tensors share (int32 and int64 ids alike, a bool
+    and a 0/1 mask alike) and different ones almost surely do not: each value's 64 bits in
+    three limbs of 22 bits, mixed with three weights into e_i mod p, then sum_i e_i w_i mod p
+    with position weights w_i (a swap of two values changes it), plus the size; p = 2^31 - 1.
+    O(numel) on the device, no host sync."""
+    v = _bits(t)
+    e = torch.zeros_like(v)
+    for k, a in enumerate(_LIMB_WEIGHTS):
+        e += ((v >> (22 * k)) & ((1 << 22) - 1)) * a % _PRIME
+    w = (torch.arange(1, v.numel() + 1, device=v.device, dtype=torch.int64) * 2654435761) % _PRIME
+    return ((e % _PRIME * w % _PRIME).sum() + v.numel() * 1000003) % _PRIME
 
 
 def _code(value):
-    """An integer standing for one argument's value on this rank."""
+    """An integer standing for one argument's value on this rank: tensors by fingerprint,
+    numbers by value (1 and 1.0 alike), None, strings, booleans and dtypes by name."""
     if isinstance(value, torch.Tensor):
         return fingerprint(value)
-    return zlib.crc32(repr(value).encode()) + 1  # None, a number, a string, a dtype
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return zlib.crc32(repr(value).encode()) + 1
+
+
+def path_of(x):
+    """The agreement entry saying which implementation this rank runs (the kernels and the
+    reference chunk their collectives differently)."""
+    return {"the implementation (the Triton kernels or the reference, as the device and "
+            "TRITON_INTERPRET choose)": "kernels" if use_triton(x) else "reference"}
 
 
 def checked(process_group, op, checks, V_local, name, rows, replicated):
@@ -110,9 +127,9 @@ def checked(process_group, op, checks, V_local, name, rows, replicated):
     try:
         result = checks(V_local * world)
         entries = replicated(result)
-        assert len(entries) + len(codes) <= _SLOTS, sorted(entries)
+        assert len(entries) + len(codes) < _SLOTS, sorted(entries)
         labels = list(entries)
-        codes += [_code(v) for v in entries.values()]
+        codes += [_code(tuple(labels))] + [_code(v) for v in entries.values()]
     except Exception as e:  # re-raised below, once every rank has heard of it
         error = e
         codes = codes[:3]
@@ -120,8 +137,8 @@ def checked(process_group, op, checks, V_local, name, rows, replicated):
     mine = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in codes])
     agreed = torch.cat([torch.tensor([int(error is not None)], device=device), mine, -mine])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
-    failed, hi, lo = agreed[0].item(), agreed[1:_SLOTS + 1].tolist(), \
-        [-v for v in agreed[_SLOTS + 1:].tolist()]
+    agreed = agreed.tolist()  # the one host read
+    failed, hi, lo = agreed[0], agreed[1:_SLOTS + 1], [-v for v in agreed[_SLOTS + 1:]]
     if error is not None:
         # dropped as it leaves: this frame holding the error that holds this frame would be a
         # cycle keeping the caller's tensors and process group alive until the cyclic GC (at
@@ -143,7 +160,11 @@ def checked(process_group, op, checks, V_local, name, rows, replicated):
         raise ValueError(f"targets: every rank of process_group must hold the same rows "
                          f"(the inputs other than the vocabulary are replicated); the row "
                          f"counts range from {lo[2]} to {hi[2]}")
-    differ = [label for i, label in enumerate(labels, 3) if hi[i] != lo[i]]
+    if hi[3] != lo[3]:
+        raise ValueError(f"process_group: the ranks passed different sets of arguments to "
+                         f"{op} (this rank: {', '.join(labels)}); every rank of the group must "
+                         f"make the same call")
+    differ = [label for i, label in enumerate(labels, 4) if hi[i] != lo[i]]
     if differ:
         raise ValueError(f"{differ[0]}: differs between the ranks of process_group, where "
                          f"every input but the vocabulary shard must be the same (replicated)"

@@ -27,7 +27,8 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
 * vLLM's sampler correction (``use_vllm`` with ``vllm_importance_sampling_correction``): the
   sampler's per-token log-probs (``inputs["sampling_per_token_logps"]``) go to the loss as
   ``rollout_logprobs`` with ``rollout_is = vllm_importance_sampling_mode`` and the clip bounds
-  ``vllm_importance_sampling_clip_min/max``. The kernel then forms the same weight as TRL's
+  ``vllm_importance_sampling_clip_min/max`` (a clip bound of None is no bound, as in TRL). The
+  kernel then forms the same weight as TRL's
   ``importance_sampling_ratio`` from the same old and sampler log-probs (NaN -> no correction),
   and also reports its effective sample size and the sampler-vs-old KL; the precomputed ratio
   is used (as ``rollout_weights``) only where the sampler's log-probs are absent.
@@ -53,6 +54,8 @@ Refused at construction with a ValueError (rather than silently ignored): ``top_
 < 1``, ``off_policy_mask_threshold``, ``delta``, ``use_adaptive_entropy``, ``beta != 0`` with
 ``use_bias_correction_kl=True`` (TRL's default: set it False for the plain k3 KL), and a MoE
 router auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
+Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
+``old_per_token_logps``, ``vllm_importance_sampling_clip_max``, ``epsilon``, ...).
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ from packaging.version import Version
 from trl import GRPOTrainer
 
 import tic_kernels as tk
+
+from ._names import renamer
 
 MIN_TRL_VERSION = "1.16.0"
 if Version(trl.__version__) < Version(MIN_TRL_VERSION):
@@ -152,6 +157,18 @@ class _HeadOutput(NamedTuple):
     entropy: Optional[torch.Tensor]  # (B, T) per-token entropy, when computed
 
 
+# tic_kernels' argument names -> TRL's, in the errors raised through the adapter
+_in_trl_terms = renamer({
+    "targets": "completion_ids", "mask": "completion_mask",
+    "old_logprobs": "old_per_token_logps", "ref_logprobs": "ref_per_token_logps",
+    "rollout_logprobs": "sampling_per_token_logps",
+    "rollout_weights": "importance_sampling_ratio", "rollout_is": "vllm_importance_sampling_mode",
+    "rollout_is_max": "vllm_importance_sampling_clip_max",
+    "rollout_is_min": "vllm_importance_sampling_clip_min", "eps_low": "epsilon",
+    "eps_high": "epsilon_high",
+})
+
+
 class _TICHead:
     """The loss of one micro-batch, computed inside the policy's forward (see _install_forward)
     from the backbone's last hidden states (fused head) or from the model's logits."""
@@ -186,7 +203,14 @@ class _TICHead:
             return self.loss(hidden, weight, bias)
 
     def loss(self, x, weight=None, bias=None) -> _HeadOutput:
-        """x: the hidden states (B, T, H) with the head's weight / bias, or the logits (B, T, V)."""
+        """x: the hidden states (B, T, H) with the head's weight / bias, or the logits (B, T, V).
+        tic_kernels' errors come out in TRL's names."""
+        try:
+            return self._loss(x, weight, bias)
+        except (TypeError, ValueError) as e:
+            raise _in_trl_terms(e) from None
+
+    def _loss(self, x, weight, bias):
         kw = dict(self.keywords)
         temperature = kw.pop("temperature")
         if self.old is not None and not self.with_entropy:
@@ -326,8 +350,9 @@ class TICGRPOTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             sampler = inputs.get("sampling_per_token_logps")
             if sampler is not None:
+                hi = self.vllm_importance_sampling_clip_max  # None: TRL sets no upper bound
                 kw.update(rollout_logprobs=sampler, rollout_is=self.vllm_importance_sampling_mode,
-                          rollout_is_max=self.vllm_importance_sampling_clip_max,
+                          rollout_is_max=math.inf if hi is None else hi,
                           rollout_is_min=self.vllm_importance_sampling_clip_min)
             else:  # (B, T), or (B, 1) in the sequence modes
                 kw["rollout_weights"] = inputs["importance_sampling_ratio"].expand(B, C)

@@ -84,7 +84,6 @@ tic_kernels.integrations.verl`` in the workers' environment, and select
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import Any, Optional
 
@@ -93,6 +92,7 @@ import torch
 from verl.trainer.ppo import core_algos as _core_algos
 
 from .. import validation as _check
+from ._names import renamer
 from ..loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
@@ -124,13 +124,7 @@ _VERL_NAMES = {
     "num_sequences": "config.global_batch_info['global_batch_size']",
     "aggregation": "loss_agg_mode",
 }
-_NAME = re.compile(r"(?<![\w.'])(" + "|".join(sorted(_VERL_NAMES, key=len, reverse=True))
-                   + r")(?![\w'])")
-
-
-def _in_verl_terms(error):
-    """The same exception with tic_kernels' argument names replaced by verl's."""
-    return type(error)(_NAME.sub(lambda m: _VERL_NAMES[m.group(1)], str(error)))
+_in_verl_terms = renamer(_VERL_NAMES)
 
 # loss_mode -> (tic_kernels ratio, clip_mode, dual clip from clip_ratio_c, |log-ratio| cap)
 _MODES = {
