@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from tic_kernels import packing, reference as ref  # noqa: E402
+from tic_kernels import reference as ref  # noqa: E402
+from tic_kernels.ops import packing  # noqa: E402
 
 OP = "packing"
 HIDDEN = 1024

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from tic_kernels import logprobs  # noqa: E402
+from tic_kernels.ops import token_logprobs as logprobs  # noqa: E402
 from tic_kernels.testing import GRAD_TOL, VALUE_TOL, tolerance  # noqa: E402
 
 BLOCKS = (1024, 2048, 4096, 8192)
@@ -45,8 +45,8 @@ def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_
     grad = torch.empty_like(logits)
     empty = g_logp.new_empty(0)
     logprobs.LAUNCH_CONFIG.update(fwd=None, bwd=None)
-    want_logp, lse, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
-    logprobs.token_logprobs_bwd(logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100, 0)
+    want_logp, max_logsum, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
+    logprobs.token_logprobs_bwd(logits, grad, targets, max_logsum, empty, g_logp, empty, 1.0, -100, 0)
     want_grad = grad.clone()
     nbytes = N * V * logits.element_size()
     records = [harness.record("copy", "torch.copy_", pass_="copy", shape={}, dtype="float32",
@@ -59,14 +59,14 @@ def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_
                 break
             logprobs.LAUNCH_CONFIG.update(fwd=(block, w), bwd=(block, w))
             shape = {"N": N, "V": V, "BLOCK_V": block, "num_warps": w}
-            logp, lse, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
-            logprobs.token_logprobs_bwd(logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100, 0)
+            logp, max_logsum, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
+            logprobs.token_logprobs_bwd(logits, grad, targets, max_logsum, empty, g_logp, empty, 1.0, -100, 0)
             ok = (torch.allclose(logp, want_logp, **tolerance(VALUE_TOL, dtype))
                   and torch.allclose(grad.float(), want_grad.float(), **tolerance(GRAD_TOL, dtype)))
             for name, fn, passes in (
                     ("fwd", lambda _: logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False), 1),
                     ("bwd", lambda _: logprobs.token_logprobs_bwd(
-                        logits, grad, targets, lse, empty, g_logp, empty, 1.0, -100, 0), 2)):
+                        logits, grad, targets, max_logsum, empty, g_logp, empty, 1.0, -100, 0), 2)):
                 if not ok:
                     records.append(harness.record("token_logprobs_kernel", name, pass_=name,
                                                   shape=shape, dtype=dtype, status="wrong",

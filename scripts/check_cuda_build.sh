@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compiles the CUDA sources of the packing extension against the CUDA build of torch 2.14.1
-# (in .venv-cuda) on a machine without a GPU, so a CUDA compile error cannot land unseen, then
+# (in .venv-cuda; README.md, "Versions": the CUDA build the package index offers) on a
+# machine without a GPU, so a CUDA compile error cannot land unseen, then
 # checks that the result imports with CPU and CUDA kernels and packs like the reference.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +25,8 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
     "$venv/bin/python" setup.py -q build_ext --inplace
 "$venv/bin/python" - <<'PY'
 import torch
-from tic_kernels import packing, reference
+from tic_kernels import reference
+from tic_kernels.ops import packing
 assert packing.HAS_EXT, "the extension did not import"
 for key in ("CPU", "CUDA"):
     for op in ("pack", "unpack"):

@@ -23,7 +23,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tic_kernels import advantages, backend, logprobs, loss, segments  # noqa: E402
+from tic_kernels import backend  # noqa: E402
+from tic_kernels.ops import group_advantages, sequence_logprobs, token_logprobs  # noqa: E402
+from tic_kernels.ops import ratio_loss_kernels as ratio_loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = ("fp32", "bf16", "fp16")  # Triton's names of the logits' element types
@@ -34,33 +36,39 @@ def variants():
     for dt, ent, unit in itertools.product(FLOATS, (False, True), (True, False)):
         # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets
         yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit}]",
-               logprobs._token_logprobs_fwd_kernel,
-               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
+               token_logprobs._token_logprobs_fwd_kernel,
+               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32",
+                    max_logsum_ptr="*fp32",
                     entropy_ptr="*fp32", stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
                     V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
                dict(WITH_ENTROPY=ent, UNIT_STRIDE_V=unit, BLOCK_V=4096), 8)
         yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
-               logprobs._token_logprobs_bwd_kernel,
-               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", lse_ptr="*fp32",
+               token_logprobs._token_logprobs_bwd_kernel,
+               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32",
+                    max_logsum_ptr="*fp32",
                     entropy_ptr="*fp32", g_ptr="*fp32", g_entropy_ptr="*fp32", stride_b="i64",
                     stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
-                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
+                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32",
+                    vocab_start="i32"),
                dict(WITH_ENTROPY=ent, EMULATE_RNE=False, UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit,
                     BLOCK_V=4096), 8)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
-        yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_fwd_kernel,
-               dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32", count_ptr="*i32",
-                    N="i32"),
+        yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]",
+               sequence_logprobs._segment_sum_fwd_kernel,
+               dict(values_ptr=f"*{dt}", cu_ptr="*i64", mask_ptr="*i1", out_ptr="*fp32",
+                    count_ptr="*i32", N="i32"),
                dict(HAS_MASK=has_mask, MEAN=mean, BLOCK=backend.BLOCK_TOKENS), 4)
-        yield (f"segment_sum_bwd[{dt},mask={has_mask},mean={mean}]", segments._segment_sum_bwd_kernel,
+        yield (f"segment_sum_bwd[{dt},mask={has_mask},mean={mean}]",
+               sequence_logprobs._segment_sum_bwd_kernel,
                dict(grad_out_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", count_ptr="*i32",
                     grad_ptr=f"*{dt}", N="i32"),
                dict(HAS_MASK=has_mask, MEAN=mean, EMULATE_RNE=False, BLOCK=backend.BLOCK_TOKENS), 4)
     for scale, sample in itertools.product(range(3), (False, True)):
-        yield (f"group_advantages[scale={scale},sample={sample}]", advantages._group_advantages_kernel,
+        yield (f"group_advantages[scale={scale},sample={sample}]",
+               group_advantages._group_advantages_kernel,
                dict(rewards_ptr="*fp32", group_ptr="*i64", batch_std_ptr="*fp32", out_ptr="*fp32",
                     B="i32", eps="fp32"),
-               dict(SCALE=scale, SAMPLE_STD=sample, BLOCK=advantages.BLOCK_B), 4)
+               dict(SCALE=scale, SAMPLE_STD=sample, BLOCK=group_advantages.BLOCK_B), 4)
     options = [(True, False, True, False, False, False, 0, False),
                (False, True, False, True, True, True, 0, False),
                (True, True, True, True, True, False, 0, False),
@@ -72,7 +80,7 @@ def variants():
             range(4), options):
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
                f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask}]",
-               loss._ratio_loss_fwd_kernel,
+               ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", roll_ptr="*fp32",
                     coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32",
@@ -83,12 +91,12 @@ def variants():
                     RW_MASK=rw_mask, BLOCK=backend.BLOCK_TOKENS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
-               loss._ratio_loss_finalize_kernel,
+               ratio_loss._ratio_loss_finalize_kernel,
                dict(part_ptr="*fp32", loss_ptr="*fp32", stats_ptr="*fp32", norm_ptr="*fp32",
                     B="i32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
                     entropy_coef="fp32"),
                dict(RATIO=ratio, AGG=agg, GIVEN_TOKENS=given, GIVEN_SEQUENCES=given,
-                    RW_PER_SEQ=given, BLOCK=loss.BLOCK_SEQS), 4)
+                    RW_PER_SEQ=given, BLOCK=ratio_loss.BLOCK_SEQS), 4)
 
 
 def with_fp64_scalars(all_variants):

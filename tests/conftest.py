@@ -21,6 +21,11 @@ import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist runs one process per core (make test: -n auto): each computes on one thread
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     # tl.minimum / tl.maximum without propagate_nan compile to PTX min/max, which return the
     # operand that is not NaN; Triton 3.6's interpreter propagates NaN instead. Give the

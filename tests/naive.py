@@ -1,6 +1,6 @@
 """Naive per-element oracles of ops 1-4 of docs/spec.md: Python floats and loops, no tensors.
 
-They exist only to check the reference (tic_kernels/reference.py) element by element, including
+They exist only to check the reference (tic_kernels/reference/) element by element, including
 the closed-form gradients, so they are written from docs/spec.md, not from the reference.
 """
 import math

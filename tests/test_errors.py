@@ -305,7 +305,7 @@ def test_option_types_and_value_bounds():
                             length_normalize=True)
     with pytest.raises(TypeError, match="lengths must be an integer or floating tensor"):
         tk.group_advantages(torch.randn(4), 2, lengths=torch.ones(4, dtype=torch.bool))
-    from tic_kernels.packing import unpack
+    from tic_kernels.ops.packing import unpack
     with pytest.raises(ValueError, match="indices must not repeat"):
         unpack(torch.randn(3, 2), torch.tensor([0, 4, 0]), 2, 3)
 

@@ -4,7 +4,7 @@ import torch
 
 import tic_kernels as tk
 from tic_kernels import reference as ref
-from tic_kernels.advantages import group_advantages_op
+from tic_kernels.ops.group_advantages import group_advantages_op
 from tic_kernels.testing import ADVANTAGE_TOL, tolerance
 
 pytestmark = pytest.mark.usefixtures("requires_triton")

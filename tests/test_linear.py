@@ -8,8 +8,10 @@ from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mut
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tic_kernels as tk
-from tic_kernels import linear
+from tic_kernels.ops import lm_head as linear
+from tic_kernels.ops import lm_head_loss
 from tic_kernels import reference as ref
+from tic_kernels.config import LossConfig
 from tic_kernels.testing import (HEAD_GRAD_TOL, LOSS_TOL, VALUE_TOL, assert_close_to_scale,
                                  head_batch, rollout_keywords, tolerance)
 
@@ -218,16 +220,18 @@ def test_token_logprobs(dtype, entropy, chunk_size, device):
 
 class _LargestTensor(TorchDispatchMode):
     """The most bytes of any tensor an op returned while active (bytes: the Triton interpreter
-    copies kernel arguments as raw uint8 storage). A custom op of
-    tic_kernels.linear reaches a dispatch mode as one call: its Python body is run under the
-    mode instead, so that every tensor it allocates is seen."""
+    copies kernel arguments as raw uint8 storage). A custom op of the fused LM head
+    (tic_kernels.ops.lm_head, .lm_head_loss) reaches a dispatch mode as one call: its Python
+    body is run under the mode instead, so that every tensor it allocates is seen."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = getattr(linear, func._opname, None) if func.namespace == "tic_kernels" else None
+        body = None
+        if func.namespace == "tic_kernels":
+            body = getattr(linear, func._opname, getattr(lm_head_loss, func._opname, None))
         if body is not None and hasattr(body, "_init_fn"):
             with self:
                 out = body._init_fn(*args, **(kwargs or {}))
@@ -254,6 +258,7 @@ def test_logits_never_materialised(path, fn, device, monkeypatch):
     of logits (8 rows) is (hidden (N, H) and the head (V, H) are smaller: H < 8 < N / 4)."""
     if path == "reference":
         monkeypatch.setattr(linear, "use_triton", lambda t: False)
+        monkeypatch.setattr(lm_head_loss, "use_triton", lambda t: False)
     N, V, H = 64, 101, 6
     batch = head_batch([20, 0, 30, 14], V, H, device=device, seed=10)
     leaves = _leaves(batch)
@@ -272,6 +277,10 @@ def test_logits_never_materialised(path, fn, device, monkeypatch):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_compile_fullgraph(padded, device, path):
+    """torch.compile(fullgraph=True) of both losses of the fused head equals eager: Inductor on
+    the kernels' path; on the reference path Inductor for the packed batch, aot_eager (the
+    same graph, not compiled further: much cheaper on a CPU) for the padded one."""
+    backend = "aot_eager" if path == "reference" and padded else "inductor"
     batch = head_batch(LENGTHS, 40, device=device, seed=11, padded=padded)
     mask = batch.layout_kw.get("mask")
     targets = batch.targets if mask is None else batch.targets.masked_fill(~mask, -100)
@@ -287,7 +296,8 @@ def test_compile_fullgraph(padded, device, path):
     eager, compiled = _leaves(batch), _leaves(batch)
     loss, logp = step(*eager)
     loss.backward()
-    closs, clogp = torch.compile(step, fullgraph=True)(*compiled)
+    torch._dynamo.reset()
+    closs, clogp = torch.compile(step, fullgraph=True, backend=backend)(*compiled)
     closs.backward()
     torch.testing.assert_close(closs, loss)
     torch.testing.assert_close(clogp, logp)
@@ -302,17 +312,18 @@ def test_opcheck(device):
     t[1] = -100
     torch.library.opcheck(linear.linear_logprobs, (h, w, b, t, 0.9, -100, True, 3, True, ""))
     N = t.numel()
-    lse = torch.randn(2 * N, device=device)
+    max_logsum = torch.randn(2 * N, device=device)
     torch.library.opcheck(linear.linear_logprobs_bwd,
-                          (h.detach(), w.detach(), b.detach(), t, lse, torch.rand(N, device=device),
+                          (h.detach(), w.detach(), b.detach(), t, max_logsum,
+                           torch.rand(N, device=device),
                            torch.randn(N, device=device), torch.randn(N, device=device), 1.0,
                            -100, 3, True, True, True, True, ""))
     cu = batch.layout_kw["cu_seqlens"]
-    torch.library.opcheck(linear.linear_loss,
+    config = LossConfig(ratio="trajectory", entropy_coef=0.01, rollout="token_truncate",
+                        rollout_is_max=2.0)
+    torch.library.opcheck(lm_head_loss.linear_loss,
                           (h, w, b, batch.targets, batch.old_logprobs, None, batch.advantages,
-                           cu, None, 1.0, 0.01, "trajectory", "two_sided", 0.2, 0.28, None,
-                           20.0, "seq-mean-token-mean", 0.0, None, None, None,
-                           batch.old_logprobs + 0.2, "token_truncate", 0.0, 2.0, 3, True, True,
+                           cu, None, batch.old_logprobs + 0.2, config.encode(), 3, True, True,
                            True, True, ""))
 
 

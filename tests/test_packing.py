@@ -3,7 +3,8 @@ flash-attn's documented unpad/pad semantics."""
 import pytest
 import torch
 
-from tic_kernels import packing, reference as ref
+from tic_kernels import reference as ref
+from tic_kernels.ops import packing
 from tic_kernels.testing import mask_from
 
 KINDS = ["right", "left", "holes"]

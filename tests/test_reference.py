@@ -1,4 +1,4 @@
-"""The reference (tic_kernels/reference.py) against naive per-element loops and float64
+"""The reference (tic_kernels/reference/) against naive per-element loops and float64
 gradcheck, for every option of docs/spec.md. The fused kernels are then tested against this reference."""
 import math
 
@@ -15,7 +15,7 @@ from tic_kernels.testing import cu_seqlens_from, mask_from
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_token_logprobs_matches_naive(dtype, temperature, monkeypatch):
-    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 40)  # several chunks of a few rows
+    monkeypatch.setattr(ref.logprobs, "CHUNK_ELEMENTS", 40)  # several chunks of a few rows
     N, V = 9, 13
     logits = (torch.randn(N, V) * 3).to(dtype)
     targets = torch.randint(0, V, (N,))
@@ -41,7 +41,7 @@ def test_token_logprobs_matches_naive(dtype, temperature, monkeypatch):
 
 
 def test_token_logprobs_strided_3d_not_copied(monkeypatch):
-    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 30)
+    monkeypatch.setattr(ref.logprobs, "CHUNK_ELEMENTS", 30)
     full = torch.randn(3, 6, 11, dtype=torch.float64)
     logits = full[:, :-1]  # (3, 5, 11), not viewable as (15, 11)
     targets = torch.randint(0, 11, (3, 5))

@@ -7,7 +7,7 @@ import textwrap
 SCRIPT = textwrap.dedent("""
     import torch
     from tic_kernels import reference as ref
-    ref.CHUNK_ELEMENTS = 1 << 22                      # 16 MiB of fp32 per temporary
+    ref.logprobs.CHUNK_ELEMENTS = 1 << 22             # 16 MiB of fp32 per temporary
     N, V = 4096, 32768                                # bf16 logits: 256 MiB; fp32 copy: 512 MiB
     logits = torch.randn(N, V, dtype=torch.bfloat16).requires_grad_(True)
     targets = torch.randint(0, V, (N,))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tic_kernels as tk
-from tic_kernels import logprobs as logprobs_mod
+from tic_kernels.ops import token_logprobs as logprobs_mod
 from tic_kernels import reference as ref
 from tic_kernels.backend import use_triton
 from tic_kernels.testing import (ADVANTAGE_TOL, GRAD_TOL, LOSS_TOL, VALUE_TOL, as_view,

@@ -5,7 +5,7 @@ import torch
 import tic_kernels as tk
 from tic_kernels import reference as ref
 from tic_kernels.backend import segments
-from tic_kernels.segments import segment_sum_bwd, segment_sum_fwd
+from tic_kernels.ops.sequence_logprobs import segment_sum_bwd, segment_sum_fwd
 from tic_kernels.testing import LONG_SUM_TOL, cu_seqlens_from, mask_from, tolerance
 
 pytestmark = pytest.mark.usefixtures("requires_triton")

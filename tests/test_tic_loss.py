@@ -5,7 +5,8 @@ import torch
 import tic_kernels as tk
 from tic_kernels import reference as ref
 from tic_kernels.backend import segments
-from tic_kernels.loss import ratio_loss
+from tic_kernels.config import LossConfig
+from tic_kernels.ops.ratio_loss import ratio_loss
 from tic_kernels.options import ROLLOUT_IS
 from tic_kernels.testing import (COMPILE_TOL, GRAD_TOL, LONG_SUM_TOL, LOSS_TOL, loss_batch,
                                  rollout_keywords, tolerance)
@@ -78,10 +79,20 @@ def test_edge_shapes(device):
     _compare(loss_batch([1], 17, device=device))                  # one token
     _compare(loss_batch([0, 0, 4, 0], 17, device=device))         # empty sequences
     # long: Delta sums 2300 differences of log-probs that differ from the reference's by an
-    # fp32 rounding or two (more on a GPU, whose exp and log round differently)
+    # fp32 rounding or two (more on a GPU, whose exp and log round differently). From the
+    # logits once; the token ratio's sums over the same sequence from its log-probs (op 1's
+    # 2302 rows again would add nothing but 30 s of the interpreter)
     long = loss_batch([2300, 2], 9, device=device, drift=0.002)
     _compare(long, sum_tol=LONG_SUM_TOL, ratio="trajectory")
-    _compare(long, sum_tol=LONG_SUM_TOL, ratio="token")
+    logp = ref.token_logprobs(long.logits, long.targets).requires_grad_(True)
+    got, want = (f(logp, long.old_logprobs, long.advantages, ratio="token", **long.layout_kw)
+                 for f in (tk.tic_loss_from_logprobs, ref.tic_loss_from_logprobs))
+    for k in want.stats:
+        torch.testing.assert_close(got.stats[k], want.stats[k], atol=LONG_SUM_TOL[0],
+                                   rtol=LONG_SUM_TOL[1], msg=k)
+    grads = [torch.autograd.grad(o.loss, logp)[0] for o in (got, want)]
+    torch.testing.assert_close(got.loss, want.loss, atol=LONG_SUM_TOL[0], rtol=LONG_SUM_TOL[1])
+    torch.testing.assert_close(*grads, **tolerance(GRAD_TOL, torch.float32))
     out = _compare(loss_batch([0, 0], 17, device=device))         # no tokens at all
     assert out.loss == 0
 
@@ -279,12 +290,13 @@ def test_ratio_loss_opcheck(device):
     cu, _ = segments(batch.layout_kw["cu_seqlens"], None, device)
     logp = torch.randn(sum(LENGTHS), device=device, requires_grad=True)
     ent = torch.rand(sum(LENGTHS), device=device, requires_grad=True)
-    args = (logp, batch.old_logprobs, batch.advantages, cu, None, batch.ref_logprobs, ent,
-            "trajectory", "two_sided", 0.2, 0.28, 2.0, 20.0, "seq-mean-token-mean", 0.1, 0.01,
-            None, None, None)
-    torch.library.opcheck(ratio_loss, args + (None, "", 0.0, float("inf")))
+    args = (logp, batch.old_logprobs, batch.advantages, cu, None, batch.ref_logprobs, ent)
+    config = LossConfig(ratio="trajectory", dual_clip=2.0, beta=0.1, entropy_coef=0.01,
+                        ref=True)
+    torch.library.opcheck(ratio_loss, args + (None, config.encode()))
     sampler = batch.old_logprobs + 0.1 * torch.randn_like(batch.old_logprobs)
-    torch.library.opcheck(ratio_loss, args + (sampler, "sequence_mask", 0.5, 2.0))
+    config = config.replace(rollout="sequence_mask", rollout_is_min=0.5, rollout_is_max=2.0)
+    torch.library.opcheck(ratio_loss, args + (sampler, config.encode()))
 
 
 class _AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
@@ -353,7 +365,7 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
     """With TIC_KERNELS_CHECK_VALUES=0 the loss, forward and backward, reads nothing back to
     the host and copies nothing to the device: outside the ops and inside their bodies (the
     GPU check captures it in a CUDA graph)."""
-    from tic_kernels.logprobs import token_logprobs_fwd
+    from tic_kernels.ops.token_logprobs import token_logprobs_fwd
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
     b = loss_batch([3, 0, 5, 2], 23, padded=padded, device=device)
     src = b.logits.clone().requires_grad_(True)
@@ -367,10 +379,12 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
     cu, flat_mask = segments(b.layout_kw.get("cu_seqlens"), b.layout_kw.get("mask"), device)
     with _OpRecorder() as inside:  # the ops' own bodies (the dispatcher hides them above)
         lp, _, H = token_logprobs_fwd._init_fn(b.logits, targets, 1.0, -100, True)
+        config = LossConfig(ratio="token", aggregation="token-mean", beta=0.1,
+                            entropy_coef=0.1, num_tokens=50.0, ref=True,
+                            rollout="sequence_mask", rollout_is_min=0.8, rollout_is_max=1.25)
         ratio_loss._init_fn(lp, b.old_logprobs.reshape(-1), b.advantages, cu, flat_mask,
-                            b.ref_logprobs.reshape(-1), H, "token", "two_sided", 0.2, 0.28,
-                            None, 20.0, "token-mean", 0.1, 0.1, 50.0, None, None,
-                            sampler["rollout_logprobs"].reshape(-1), "sequence_mask", 0.8, 1.25)
+                            b.ref_logprobs.reshape(-1), H,
+                            sampler["rollout_logprobs"].reshape(-1), config.encode())
     assert "tic_kernels.ratio_loss.default" in outside.names
     for names in (outside.names, inside.names):
         assert not [n for n in names if any(s in n for s in SYNCING_OPS)], names

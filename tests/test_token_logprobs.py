@@ -5,7 +5,7 @@ import torch
 import tic_kernels as tk
 from tic_kernels import reference as ref
 from tic_kernels.backend import use_triton
-from tic_kernels.logprobs import token_logprobs_bwd, token_logprobs_fwd
+from tic_kernels.ops.token_logprobs import token_logprobs_bwd, token_logprobs_fwd
 from tic_kernels.testing import GRAD_TOL, VALUE_TOL, entropy_tolerance, tolerance
 
 pytestmark = pytest.mark.usefixtures("requires_triton")
@@ -108,7 +108,7 @@ def test_opcheck(device):
     t = torch.randint(0, 33, (5,), device=device)
     t[0] = -100
     torch.library.opcheck(token_logprobs_fwd, (x, t, 0.9, -100, True))
-    _, lse, H = token_logprobs_fwd(x.detach(), t, 0.9, -100, True)
-    torch.library.opcheck(token_logprobs_bwd, (x.detach(), torch.empty_like(x), t, lse, H,
+    _, max_logsum, H = token_logprobs_fwd(x.detach(), t, 0.9, -100, True)
+    torch.library.opcheck(token_logprobs_bwd, (x.detach(), torch.empty_like(x), t, max_logsum, H,
                                                torch.randn(5, device=device),
                                                torch.randn(5, device=device), 0.9, -100, 0))

@@ -12,8 +12,10 @@ import torch
 pytest.importorskip("transformers", reason="the trainer is the [train] extra")
 
 import tic_kernels as tk  # noqa: E402
-from tic_kernels import linear, train  # noqa: E402
-from tic_kernels.attention import attention, register_varlen_attention  # noqa: E402
+from tic_kernels import train  # noqa: E402
+from tic_kernels.ops import lm_head as linear  # noqa: E402
+from tic_kernels.ops import lm_head_loss  # noqa: E402
+from tic_kernels.train.attention import attention, register_varlen_attention  # noqa: E402
 
 FAST = ["--prompts", "8", "--group", "4", "--quiet", "--save-every", "0"]
 
@@ -102,13 +104,14 @@ def test_varlen_attention_matches_packed_sdpa():
 def test_amp_bf16_steps(layout, tmp_path, monkeypatch):
     """--amp bf16: the forward and the fused LM head run in bf16 (on CUDA the packed layout
     then uses the varlen flash kernels); two steps train with finite losses."""
-    dtypes, autocast = [], linear._autocast
+    dtypes, autocast = [], linear.autocast_inputs
 
     def recording(*args):
         out = autocast(*args)
         dtypes.append(tuple(t.dtype for t in out[:2]))
         return out
-    monkeypatch.setattr(linear, "_autocast", recording)
+    monkeypatch.setattr(linear, "autocast_inputs", recording)  # linear_token_logprobs
+    monkeypatch.setattr(lm_head_loss, "autocast_inputs", recording)  # linear_tic_loss
     log, lm = train.run(_args(tmp_path, "--amp", "bf16", "--steps", "2", "--layout", layout))
     assert set(dtypes) == {(torch.bfloat16, torch.bfloat16)} and len(dtypes) == 6  # 2 steps x (old + mu = 2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -119,7 +122,7 @@ def test_varlen_kernels_only_for_half_precision():
     """flash-attn's and torch's varlen kernels take fp16/bf16 only: the trainer's default fp32
     model on CUDA takes the per-sequence sdpa path (tested above on the CPU) instead of
     failing at step 1."""
-    from tic_kernels.attention import varlen_kernel_applies
+    from tic_kernels.train.attention import varlen_kernel_applies
     assert varlen_kernel_applies("cuda", torch.bfloat16)
     assert varlen_kernel_applies("cuda", torch.float16)
     assert not varlen_kernel_applies("cuda", torch.float32)
@@ -338,7 +341,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     import tic_kernels as tk
     from tic_kernels import train
-    from tic_kernels.reference import ignoring_masked
+    from tic_kernels.layout import ignoring_masked
     from tic_kernels.train.loop import _full_state
     mode, out = sys.argv[1], sys.argv[2]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))

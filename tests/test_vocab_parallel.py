@@ -198,7 +198,7 @@ def test_fingerprint_tells_apart_what_a_plain_residue_would_not():
     """The agreement's tensor fingerprint: equal for the same values in another integer dtype
     (or a bool mask and its 0/1 copy), different for values a sum of bit patterns mod 2^31 - 1
     would confuse (x and -nextafter(x); ids 2^31 - 1 apart), a swap, or another length."""
-    from tic_kernels.vocab_parallel import fingerprint
+    from tic_kernels.ranks import fingerprint
     x = torch.tensor([0.5, 1.0, -2.0])
     y = x.clone()
     y[1] = -torch.nextafter(x[1], torch.tensor(float("inf")))

@@ -11,6 +11,7 @@ reference path; unset after the import, CPU tensors take the reference path too.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -96,6 +97,19 @@ def triton_op(name, *, mutates_args):
         op.register_fake(fn)
         return op
     return register
+
+
+def first_order_only(backward):
+    """Wraps a backward of the reference or of the kernels: under create_graph=True (grad mode
+    on inside backward) it raises instead of returning a gradient with no graph, which would be
+    silently wrong."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("tic_kernels ops are differentiable once: double backward "
+                               "(create_graph=True) is not supported")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def inputs_by_name(op, inputs):

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import cu_seqlens_from  # one definition, for the generators and the tests
+from .layout import cu_seqlens_from  # one definition, for the generators and the tests
 
 # (atol, rtol) of a fused result against the reference computed from the same rounded inputs.
 # Both compute in fp32 from the same low-precision logits, so values agree to fp32 rounding of a

@@ -16,7 +16,7 @@ import torch
 
 from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, ROLLOUT_IS,
                       ROLLOUT_IS_MAX, default_aggregation)
-from .reference import lengths_of
+from .layout import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -343,27 +343,3 @@ def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, 
     advantages_ok(advantages, num_seqs, device_of)
     max_len_ok(max_len, cu_seqlens, mask)
     return num_seqs
-
-
-def loss_call(name, x, last, vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
-              ref_logprobs, temperature, options, rollout):
-    """The checks of a loss over rows of ``x``: the logits (last dimension "V") or the hidden
-    states of the fused LM head ("H"), packed (N, last) with cu_seqlens or padded (B, T, last)
-    with mask; ``options`` the loss keywords as loss_options takes them (ratio ... max_len,
-    entropy_coef), ``rollout`` rollout_options' keywords. Returns loss_options' dict and
-    rollout_options' in one."""
-    int_tensor("targets", targets)
-    positive("temperature", temperature)
-    *head, entropy_coef = options
-    checked = loss_options(*head, mask is not None, entropy_coef)
-    correction = rollout_options(*rollout)
-    layout(cu_seqlens, mask)
-    if x.dim() != (2 if mask is None else 3):
-        want = f"(B, T, {last}) with mask" if mask is not None else f"(N, {last}) with cu_seqlens"
-        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
-    shape("targets", targets, x.shape[:-1], f" ({name}'s shape without {last})")
-    same_device(name, x, targets=targets)
-    loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,
-                (name, x), checked["max_len"], correction)
-    targets_in_range(targets, vocab, mask=mask)
-    return {**checked, **correction}

@@ -169,7 +169,7 @@ _in_trl_terms = renamer({
 })
 
 
-class _TICHead:
+class _MicroBatchLoss:
     """The loss of one micro-batch, computed inside the policy's forward (see _install_forward)
     from the backbone's last hidden states (fused head) or from the model's logits."""
 
@@ -376,17 +376,18 @@ class TICGRPOTrainer(GRPOTrainer):
                              f"{tuple(advantages.shape)}")
         keywords, factor = self._tic_keywords(inputs, mask, train)
         entropy_bonus = self._entropy_bonus_enabled
-        head = _TICHead(self._tic_fused, completion_ids.size(1), completion_ids, mask,
-                        inputs.get("old_per_token_logps"), advantages, keywords,
-                        with_entropy=entropy_bonus or self._tic_log_entropy,
-                        head_in_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+        loss_fn = _MicroBatchLoss(
+            self._tic_fused, completion_ids.size(1), completion_ids, mask,
+            inputs.get("old_per_token_logps"), advantages, keywords,
+            with_entropy=entropy_bonus or self._tic_log_entropy,
+            head_in_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
         model_inputs = dict(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                             attention_mask=torch.cat([prompt_mask, completion_mask], dim=1))
         for key in ("token_type_ids", "mm_token_type_ids"):
             if inputs.get(key) is not None:
                 model_inputs[key] = inputs[key]
         with self.accelerator.autocast():
-            out = model(**model_inputs, tic_head=head)
+            out = model(**model_inputs, tic_head=loss_fn)
 
         accumulation = self.current_gradient_accumulation_steps if train else 1.0
         policy_loss = out.loss * factor if factor != 1.0 else out.loss

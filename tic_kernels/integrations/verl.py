@@ -93,7 +93,7 @@ from verl.trainer.ppo import core_algos as _core_algos
 
 from .. import validation as _check
 from ._names import renamer
-from ..loss import tic_loss_from_logprobs
+from ..ops.ratio_loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
            "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_token",

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import __doc__ as USAGE
 from .compare import compare
 from .loop import ALGOS, run
 from .tasks import TASKS
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m tic_kernels.train", description=USAGE,
+    usage = importlib.import_module(__package__).__doc__  # the package's docstring
+    p = argparse.ArgumentParser(prog="python -m tic_kernels.train", description=usage,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", choices=["train", "compare"], default="train")
     g = p.add_argument_group("algorithm")

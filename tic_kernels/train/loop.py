@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 import tic_kernels as tk
-from tic_kernels.attention import register_varlen_attention
-from tic_kernels.reference import ignoring_masked
+from tic_kernels.train.attention import register_varlen_attention
+from tic_kernels.layout import ignoring_masked
 
 from . import checkpoint
 from .model import LossRowsLM, build_model, shard

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tic_kernels.attention import attention
+from tic_kernels.train.attention import attention
 
 
 def build_model(args, task):
@@ -53,7 +53,7 @@ class LossRowsLM(torch.nn.Module):
 
 
 def shard(policy, mode):
-    """The policy for ``world`` ranks: "ddp" (replicas, gradients all-reduced) or "fsdp"
+    """The policy for the ranks of the default process group: "ddp" (replicas, gradients all-reduced) or "fsdp"
     (FSDP2's fully_shard on each decoder layer and on the whole: parameters, gradients and
     optimizer state sharded, each layer gathered for its forward and backward)."""
     if mode == "ddp":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tic_kernels.packing import pack
+from tic_kernels.ops.packing import pack
 
 
 def _positions(attn):
@@ -14,8 +14,8 @@ def _positions(attn):
 
 @torch.no_grad()
 def sample(policy, task, prompts, group, temperature, generator):
-    """G completions per prompt: (input_ids, attention_mask, completion_mask) (B, T) and the
-    completions as lists, from ``policy`` (a LossRowsLM, or it wrapped: called without loss
+    """G completions per prompt: (input_ids, attention_mask, completion_mask) (B, T), and the
+    prompts and the completions as lists (one per row), from ``policy`` (a LossRowsLM, or it wrapped: called without loss
     rows it returns the next-token logits). Prompts are left-padded; a completion ends at
     EOS."""
     device = next(policy.parameters()).device

@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from . import validation as check
-from .backend import as_f32, launch, triton_op, use_triton
-from .options import SCALES, STDS
+from .. import reference
+from .. import validation as check
+from ..backend import as_f32, launch, triton_op, use_triton
+from ..options import SCALES, STDS
 
 BLOCK_B = 1024
 # the kernel's scale switch by name (options.SCALES holds the strings users pass)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from . import validation as check
-from .reference import PackedBatch
+from .. import reference
+from .. import validation as check
+from ..layout import PackedBatch
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.tic_kernels.pack / unpack)
+    from .. import _C  # noqa: F401  (registers torch.ops.tic_kernels.pack / unpack)
 
     HAS_EXT = True
 except ImportError:

@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
-from . import validation as check
-from .backend import (BLOCK_TOKENS, cast_for_store, emulate_rne, grads_by_name, inputs_by_name,
-                      launch, segment_bounds, segments, triton_op, use_triton)
-from .options import REDUCES
+from .. import reference
+from .. import validation as check
+from ..backend import (BLOCK_TOKENS, cast_for_store, emulate_rne, grads_by_name,
+                       inputs_by_name, launch, segment_bounds, segments, triton_op, use_triton)
+from ..options import REDUCES
 
 
 @triton.jit

@@ -7,9 +7,9 @@
 
 Shapes: logits (R, V) or (B, T, V) with any strides, fp16/bf16/fp32; targets (R,) / (B, T).
 Bytes moved: forward reads the logits once (R V s bytes, s the element size) and writes 3 fp32
-per row; backward reads the logits once and writes the gradient once (2 R V s), from the lse
-saved by the forward. Rows whose target is ``ignore_index`` are not read; their gradient row is
-written with zeros.
+per row; backward reads the logits once and writes the gradient once (2 R V s), from each
+row's (max, log-sum) pair saved by the forward (``max_logsum``). Rows whose target is
+``ignore_index`` are not read; their gradient row is written with zeros.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference, vocab_parallel
-from . import validation as check
-from .backend import (as_f32, cast_for_store, emulate_rne, grads_by_name, inputs_by_name, interpreting,
-                      launch, triton_op, use_triton)
-from .options import IGNORE_INDEX
+from .. import ranks, reference
+from .. import validation as check
+from ..backend import (as_f32, cast_for_store, emulate_rne, first_order_only, grads_by_name,
+                       inputs_by_name, interpreting, launch, triton_op, use_triton)
+from ..options import IGNORE_INDEX
+from . import vocab_parallel
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
+    logits_ptr, targets_ptr, logp_ptr, max_logsum_ptr, entropy_ptr,
     stride_b, stride_t, stride_v,
     T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -95,16 +96,16 @@ def _token_logprobs_fwd_kernel(
     log_s = tl.log(s)
     in_vocab = (target >= 0) & (target < V)
     z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
-    # logp = (z_t - m) - log s: forming lse = m + log s first would round log s away when |m|
+    # logp = (z_t - m) - log s: forming max_logsum = m + log s first would round log s away when |m|
     # is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
     # An out-of-range target (another shard's under op 7; else only reachable when validation
     # is skipped) gives NaN, never a plausible number.
     logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
     tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
-    tl.store(lse_ptr + 2 * row, tl.where(active, m, 0.0))
-    tl.store(lse_ptr + 2 * row + 1, tl.where(active, log_s, 0.0))
+    tl.store(max_logsum_ptr + 2 * row, tl.where(active, m, 0.0))
+    tl.store(max_logsum_ptr + 2 * row + 1, tl.where(active, log_s, 0.0))
     if WITH_ENTROPY:
-        # H = lse - sum p z = log s - sz / s: no cancellation of two numbers near the max
+        # H = max_logsum - sum p z = log s - sz / s: no cancellation of two numbers near the max
         tl.store(entropy_ptr + row, tl.where(active, log_s - sz / s, 0.0))
 
 
@@ -123,7 +124,7 @@ def _grad_block(z, idx, target, g, gH, H, m, log_s, WITH_ENTROPY: tl.constexpr):
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
+    logits_ptr, grad_ptr, targets_ptr, max_logsum_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
     stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
     T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
@@ -136,8 +137,8 @@ def _token_logprobs_bwd_kernel(
     target -= vocab_start  # outside [0, V) under op 7 when another shard holds it: no 1[v = y]
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
-    m = tl.load(lse_ptr + 2 * row)
-    log_s = tl.load(lse_ptr + 2 * row + 1)
+    m = tl.load(max_logsum_ptr + 2 * row)
+    log_s = tl.load(max_logsum_ptr + 2 * row + 1)
     g = tl.where(active, tl.load(g_ptr + row), 0.0) * inv_temperature
     gH = 0.0
     H = 0.0
@@ -189,20 +190,21 @@ def _rows_layout(logits):
     return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.stride(2)
 
 
-def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, with_entropy,
+def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
                vocab_start=0):
     """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
-    (R,), lse (2R,), entropy (R,) or empty); targets (R,) contiguous. With ``vocab_start``
+    (R,), max_logsum (2R,), entropy (R,) or empty); targets (R,) contiguous. With ``vocab_start``
     (op 7) the logits are columns [vocab_start, vocab_start + V) of the vocabulary: the
     buffers get this shard's partial values (logp NaN where another shard holds the target),
-    which tic_kernels.reference.vocab_combine turns into the whole vocabulary's."""
+    which vocab_parallel.combine_partials turns into the whole vocabulary's."""
     R = targets.numel()
     if not R:
         return
     T, sb, st, sv = _rows_layout(logits)
     block, warps = _launch_config("fwd", logits.shape[-1])
     launch(_token_logprobs_fwd_kernel, (R,),
-        logits, targets, logp, lse, entropy, sb, st, sv, T, logits.shape[-1], 1.0 / temperature,
+        logits, targets, logp, max_logsum, entropy, sb, st, sv, T, logits.shape[-1],
+        1.0 / temperature,
         ignore_index, vocab_start, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
         num_warps=warps)
 
@@ -211,24 +213,25 @@ def launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, w
 def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp (R,), lse (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
-    unless with_entropy. lse holds each row's logsumexp for the backward in two parts: with
-    z = logits / temperature, lse[2r] = max z and lse[2r + 1] = log sum exp(z - max z)."""
+    """(logp (R,), max_logsum (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
+    unless with_entropy. max_logsum holds each row's logsumexp for the backward in two parts:
+    with z = logits / temperature, max_logsum[2r] = max z and max_logsum[2r + 1] =
+    log sum exp(z - max z)."""
     R = targets.numel()
     logp = torch.empty(R, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
+    max_logsum = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
     # the kernel reads targets[row]
-    launch_fwd(logits, targets.reshape(-1).contiguous(), logp, lse, entropy, temperature,
+    launch_fwd(logits, targets.reshape(-1).contiguous(), logp, max_logsum, entropy, temperature,
                ignore_index, with_entropy)
-    return logp, lse, entropy
+    return logp, max_logsum, entropy
 
 
-def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperature,
+def launch_bwd(logits, grad, targets, max_logsum, entropy, g_logp, g_entropy, temperature,
                ignore_index, vocab_start=0):
     """Runs the backward kernel: dL/dlogits into ``grad`` (which may be ``logits`` itself:
     each block is read before the same program overwrites it). Per-row inputs contiguous;
-    g_entropy empty: no entropy term. Under op 7, lse and entropy are the whole vocabulary's
+    g_entropy empty: no entropy term. Under op 7, max_logsum and entropy are the whole vocabulary's
     and the logits columns [vocab_start, vocab_start + V) of it."""
     R = targets.numel()
     if not R:
@@ -237,7 +240,7 @@ def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperatu
     _, gb, gt, gv = _rows_layout(grad)
     block, warps = _launch_config("bwd", logits.shape[-1])
     launch(_token_logprobs_bwd_kernel, (R,),
-        logits, grad, targets, lse, entropy, g_logp, g_entropy,
+        logits, grad, targets, max_logsum, entropy, g_logp, g_entropy,
         sb, st, sv, gb, gt, gv, T, logits.shape[-1], 1.0 / temperature, ignore_index,
         vocab_start, WITH_ENTROPY=g_entropy.numel() > 0, EMULATE_RNE=emulate_rne(grad.dtype),
         UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
@@ -245,23 +248,23 @@ def launch_bwd(logits, grad, targets, lse, entropy, g_logp, g_entropy, temperatu
 
 @triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
 def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.Tensor,
-                       lse: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
+                       max_logsum: torch.Tensor, entropy: torch.Tensor, g_logp: torch.Tensor,
                        g_entropy: torch.Tensor, temperature: float, ignore_index: int,
                        vocab_start: int) -> None:
     """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself). g_entropy empty: no
     entropy term."""
-    launch_bwd(logits, grad, targets.reshape(-1).contiguous(), lse.contiguous(),
+    launch_bwd(logits, grad, targets.reshape(-1).contiguous(), max_logsum.contiguous(),
                entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(), temperature,
                ignore_index, vocab_start)
 
 
-def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, ignore_index,
+def logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, temperature, ignore_index,
                 inplace=False, vocab_start=0):
-    """dL/dlogits (in the logits' dtype) from the forward's lse; shared with the fused loss
+    """dL/dlogits (in the logits' dtype) from the forward's max_logsum; shared with the fused loss
     and op 7 (``vocab_start``: the logits are that shard of the vocabulary)."""
     grad = logits if inplace else torch.empty_like(logits)
-    empty = lse.new_empty(0)
-    token_logprobs_bwd(logits, grad, targets, lse,
+    empty = max_logsum.new_empty(0)
+    token_logprobs_bwd(logits, grad, targets, max_logsum,
                        entropy if g_entropy is not None else empty,
                        g_logp.reshape(-1).float().contiguous(),
                        empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
@@ -271,24 +274,79 @@ def logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, temperature, i
 
 def _setup_context(ctx, inputs, output):
     args = inputs_by_name(token_logprobs_fwd, inputs)
-    _, lse, entropy = output
-    ctx.save_for_backward(args["logits"], args["targets"], lse, entropy)
+    _, max_logsum, entropy = output
+    ctx.save_for_backward(args["logits"], args["targets"], max_logsum, entropy)
     ctx.temperature, ctx.ignore_index = args["temperature"], args["ignore_index"]
     ctx.with_entropy = args["with_entropy"]
 
 
-@reference.first_order_only
+@first_order_only
 def _backward(ctx, g_logp, g_lse, g_entropy):
-    logits, targets, lse, entropy = ctx.saved_tensors
+    logits, targets, max_logsum, entropy = ctx.saved_tensors
     g_entropy = g_entropy if ctx.with_entropy else None
     if g_logp is None:  # only the entropy was used
-        g_logp = lse.new_zeros(lse.shape[0] // 2)
-    grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
+        g_logp = max_logsum.new_zeros(max_logsum.shape[0] // 2)
+    grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, ctx.temperature,
                        ctx.ignore_index)
     return grads_by_name(token_logprobs_fwd, logits=grad)
 
 
 token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Op 1 over a shard of the vocabulary (op 7): this rank's columns, combined across the group
+# ---------------------------------------------------------------------------------------------
+def kernel_logprobs(logits, targets, temperature, ignore_index, with_entropy, shard):
+    """Op 1's forward kernel over this rank's slice, combined across the group: (logp (R,),
+    max_logsum (2R,), entropy (R,) or (0,)) of the whole vocabulary, fp32, as token_logprobs_fwd
+    returns them. targets (R,) contiguous, global ids."""
+    R = targets.numel()
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp, max_logsum = torch.empty(R, **f32), torch.empty(2 * R, **f32)
+    entropy = torch.empty(R if with_entropy else 0, **f32)
+    launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
+               shard.start)
+    return vocab_parallel.combine(logp, max_logsum, entropy, targets, ignore_index, shard)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """The kernels' path of op 1 over a vocabulary shard; the backward is op 1's kernel with
+    the whole vocabulary's max_logsum and this shard's column offset."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, shard):
+        flat_t = targets.reshape(-1).contiguous()
+        logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
+                                             with_entropy, shard)
+        ctx.save_for_backward(logits, flat_t, max_logsum, entropy)
+        ctx.options = temperature, ignore_index, with_entropy, shard.start
+        return logp, entropy
+
+    @staticmethod
+    @first_order_only
+    def backward(ctx, g_logp, g_entropy):
+        logits, targets, max_logsum, entropy = ctx.saved_tensors
+        temperature, ignore_index, with_entropy, start = ctx.options
+        if g_logp is None:  # only the entropy was used
+            g_logp = torch.zeros_like(targets, dtype=torch.float32)
+        grad = logits_grad(logits, targets, max_logsum, entropy, g_logp,
+                           g_entropy if with_entropy else None, temperature, ignore_index,
+                           vocab_start=start)
+        return grad, None, None, None, None, None
+
+
+def sharded_token_logprobs(logits, targets, temperature, ignore_index, return_entropy, shard,
+                   kernels):
+    """tic_kernels.token_logprobs over a vocabulary shard (inputs checked): the kernels
+    (logits 2-D or 3-D) or the reference."""
+    if not kernels:
+        return reference.vocab_token_logprobs(logits, targets, temperature, ignore_index,
+                                              return_entropy, *shard.pair)
+    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index),
+                                         bool(return_entropy), shard)
+    logp = logp.view(targets.shape)
+    return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDEX,
@@ -307,7 +365,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
             vocabulary, targets are global ids in [0, world V_local), replicated. The values
             are the whole vocabulary's; the gradient is this rank's slice of it. Two
             all-reduces per call (12 bytes a row, 16 with the entropy) and one to agree on
-            the inputs; the backward communicates nothing (see tic_kernels.vocab_parallel).
+            the inputs; the backward communicates nothing (see tic_kernels.ops.vocab_parallel).
 
     Returns:
         logp (...) float32 (float64 for float64 logits), and entropy of the same shape and dtype
@@ -321,12 +379,12 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
         check.gather_call("logits", logits, "V", vocab, targets, temperature, ignore_index,
                           return_entropy)
 
-    _, shard = vocab_parallel.checked(
-        process_group, "token_logprobs", checks, vocab_parallel.columns_of(logits), "logits",
-        vocab_parallel.rows_of(targets), lambda _: {
+    _, shard = ranks.agree(
+        process_group, "token_logprobs", checks, ranks.columns_of(logits), "logits",
+        ranks.rows_of(targets), lambda _: {
             "targets": targets, "temperature": temperature, "ignore_index": ignore_index,
             "return_entropy": return_entropy, "logits' dtype": logits.dtype,
-            **vocab_parallel.path_of(logits)})
+            **ranks.path_of(logits)})
     kernels = use_triton(logits)
     if shard is None and not kernels:
         return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
@@ -338,7 +396,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
     elif logits.dim() > 3:
         logits, targets = logits.flatten(0, -3), targets.flatten(0, -2)
     if shard is not None:
-        out = vocab_parallel.token_logprobs(logits, targets, temperature, ignore_index,
+        out = sharded_token_logprobs(logits, targets, temperature, ignore_index,
                                             return_entropy, shard, kernels)
         return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
     logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index),

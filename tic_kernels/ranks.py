@@ -1,23 +1,12 @@
-"""Op 7: vocabulary-parallel (tensor-parallel) log-probs and loss.
+"""The ranks of a process group agreeing on a call before its collectives (op 7).
 
-With ``process_group`` given, the logits (or the LM head's weight) hold this rank's contiguous
-slice of the vocabulary: rank r holds ids [r V_local, (r + 1) V_local), the same V_local on
-every rank (Megatron's layout). Targets are global ids; every other input is replicated.
-
-Each rank runs op 1's kernels over its slice (a target held by another rank is simply not in
-it), then the partials combine into the whole vocabulary's values with two all-reduces per
-call (tic_kernels.reference.vocab_combine): the row max (4 bytes a row), then the rescaled
-sums of exp, the target's term and the entropy term (8 bytes a row, 12 with the entropy).
-So 12 bytes a row (16 with the entropy) leave each rank per forward, in two collectives.
-The backward communicates nothing: each rank writes its slice's gradient from the saved
-whole-vocabulary logsumexp. The fused LM head combines per chunk of rows (two collectives
-each) and its d hidden is this rank's partial (see linear_tic_loss).
-
-Before the collectives of a call, the ranks agree on their inputs with one more all-reduce
-of a fixed number of integers (a host sync; see ``checked``): a rank whose checks failed, or
-ranks that called different functions or differ in V_local, the row count, an option or a
-replicated tensor, make every rank raise, rather than one raising and the others waiting in
-a collective forever, aborting inside the backend, or computing with other inputs.
+Every public op that takes ``process_group`` runs ``agree`` first: the ranks all-reduce a
+fixed number of integers that stand for the call (the function, V_local, the row count, every
+option and a fingerprint of every replicated tensor, which implementation runs) and raise on
+every rank, before any other collective, when they differ or when a rank's own argument checks
+failed. So an inconsistent or bad input is a ValueError on every rank, never a hang, an abort
+inside the backend, or a result computed from inputs the other ranks do not share. The op
+modules sit above this one; it imports none of them.
 """
 from __future__ import annotations
 
@@ -26,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import logprobs, reference  # logprobs imports this module: its names are read at call time
 from .backend import use_triton
 
 
@@ -101,7 +89,7 @@ def path_of(x):
             "TRITON_INTERPRET choose)": "kernels" if use_triton(x) else "reference"}
 
 
-def checked(process_group, op, checks, V_local, name, rows, replicated):
+def agree(process_group, op, checks, V_local, name, rows, replicated):
     """Runs ``checks(vocab)`` (the call's argument checks, given the whole vocabulary's size)
     and returns (its result, the Shard, or None without a process group).
 
@@ -172,13 +160,13 @@ def checked(process_group, op, checks, V_local, name, rows, replicated):
     return result, Shard(process_group, rank * V_local, V_local)
 
 
-def loss_inputs(options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-                temperature, entropy_coef, **more):
-    """The replicated inputs of a loss call, as ``checked`` compares them: the tensors, the
-    checked keywords (``options``, the sampler correction's tensors included) and ``more``."""
+def loss_inputs(config, rollout, targets, old_logprobs, advantages, cu_seqlens, mask,
+                ref_logprobs, **more):
+    """The replicated inputs of a loss call, as ``agree`` compares them: the tensors, the
+    LossConfig's every field, the sampler correction's tensor and ``more``."""
     return dict(targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                 cu_seqlens=cu_seqlens, mask=mask, ref_logprobs=ref_logprobs,
-                temperature=temperature, entropy_coef=entropy_coef, **options, **more)
+                **config.agreement(), **config.rollout_inputs(rollout), **more)
 
 
 def rows_of(t):
@@ -189,79 +177,3 @@ def rows_of(t):
 def columns_of(t, dim=-1):
     """t.shape[dim], or 0 when t is not a tensor with that dimension."""
     return t.shape[dim] if isinstance(t, torch.Tensor) and t.dim() else 0
-
-
-def kernel_logprobs(logits, targets, temperature, ignore_index, with_entropy, shard):
-    """Op 1's forward kernel over this rank's slice, combined across the group: (logp (R,),
-    lse (2R,), entropy (R,) or (0,)) of the whole vocabulary, fp32, as token_logprobs_fwd
-    returns them. targets (R,) contiguous, global ids."""
-    R = targets.numel()
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, lse = torch.empty(R, **f32), torch.empty(2 * R, **f32)
-    entropy = torch.empty(R if with_entropy else 0, **f32)
-    logprobs.launch_fwd(logits, targets, logp, lse, entropy, temperature, ignore_index, with_entropy,
-               shard.start)
-    return combine(logp, lse, entropy, targets, ignore_index, shard)
-
-
-def combine(logp, lse, entropy, targets, ignore_index, shard):
-    """reference.vocab_combine on the kernels' flat buffers (lse (2R,), entropy (R,) or (0,))."""
-    logp, lse, H = reference.vocab_combine(logp, lse.view(-1, 2),
-                                           entropy if entropy.numel() else None, targets,
-                                           ignore_index, shard.start, shard.size, shard.group)
-    return logp, lse.reshape(-1), entropy if H is None else H
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """The kernels' path of op 1 over a vocabulary shard; the backward is op 1's kernel with
-    the whole vocabulary's lse and this shard's column offset."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, shard):
-        flat_t = targets.reshape(-1).contiguous()
-        logp, lse, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
-                                             with_entropy, shard)
-        ctx.save_for_backward(logits, flat_t, lse, entropy)
-        ctx.options = temperature, ignore_index, with_entropy, shard.start
-        return logp, entropy
-
-    @staticmethod
-    @reference.first_order_only
-    def backward(ctx, g_logp, g_entropy):
-        logits, targets, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, with_entropy, start = ctx.options
-        if g_logp is None:  # only the entropy was used
-            g_logp = torch.zeros_like(targets, dtype=torch.float32)
-        grad = logprobs.logits_grad(logits, targets, lse, entropy, g_logp,
-                           g_entropy if with_entropy else None, temperature, ignore_index,
-                           vocab_start=start)
-        return grad, None, None, None, None, None
-
-
-def token_logprobs(logits, targets, temperature, ignore_index, return_entropy, shard,
-                   kernels):
-    """tic_kernels.token_logprobs over a vocabulary shard (inputs checked): the kernels
-    (logits 2-D or 3-D) or the reference."""
-    if not kernels:
-        return reference.vocab_token_logprobs(logits, targets, temperature, ignore_index,
-                                              return_entropy, *shard.pair)
-    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index),
-                                         bool(return_entropy), shard)
-    logp = logp.view(targets.shape)
-    return (logp, entropy.view(targets.shape)) if return_entropy else logp
-
-
-def name_of(shard):
-    """The group's name, as the custom ops (whose schema cannot hold a ProcessGroup) take it:
-    "" without a shard."""
-    return "" if shard is None else shard.group.group_name
-
-
-def from_name(group_name, V_local):
-    """The Shard of this rank for the group named ``group_name`` ("": None)."""
-    if not group_name:
-        return None
-    import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
-    group = _resolve_process_group(group_name)
-    return Shard(group, dist.get_rank(group) * V_local, V_local)

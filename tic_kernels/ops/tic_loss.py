@@ -1,7 +1,7 @@
 """Op 4 from logits: log-softmax gather and the clipped ratio loss in one autograd node.
 
-Traffic over the (N, V) logits, the only large tensor: one read in forward (logp, lse and
-entropy in one pass), one read and one write in backward (the gradient from the saved lse and
+Traffic over the (N, V) logits, the only large tensor: one read in forward (logp, max_logsum and
+entropy in one pass), one read and one write in backward (the gradient from the saved max_logsum and
 the per-token coefficient the loss kernel wrote), so 3 N V s bytes for s-byte logits. With
 ``inplace_backward`` the gradient overwrites the logits buffer and the loss allocates O(N).
 Padded rows under a zero mask are never read; their gradient rows are written with zeros.
@@ -12,50 +12,53 @@ import warnings
 
 import torch
 
-from . import reference, vocab_parallel
-from . import validation as check
-from .backend import use_triton
-from .logprobs import logits_grad, token_logprobs_fwd
-from .loss import Rollout, loss_on_segments, scaled_coefficients, stats_dict
-from .options import IGNORE_INDEX
-from .output import LossOutput
+from .. import ranks, reference
+from .. import validation as check
+from ..backend import first_order_only, use_triton
+from ..config import loss_call
+from ..layout import ignoring_masked
+from ..options import IGNORE_INDEX
+from ..output import LossOutput
+from .ratio_loss import loss_on_segments, scaled_coefficients, stats_dict
+from .token_logprobs import kernel_logprobs, logits_grad, token_logprobs_fwd
 
 
 class _TICLoss(torch.autograd.Function):
-    """Logits to (loss, stats (8,)) in one node; the gradient reaches the logits only."""
+    """Logits to (loss, stats (len(STAT_KEYS),)) in one node; the gradient reaches the
+    logits only."""
 
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-                temperature, entropy_coef, inplace_backward, options, shard):
-        targets = reference.ignoring_masked(targets, mask)  # the kernel never reads those rows
-        with_entropy = entropy_coef != 0.0
+                rollout, inplace_backward, config, shard):
+        targets = ignoring_masked(targets, mask)  # the kernel never reads those rows
         if shard is None:
-            logp, lse, entropy = token_logprobs_fwd(logits, targets, temperature, IGNORE_INDEX,
-                                                    with_entropy)
+            logp, max_logsum, entropy = token_logprobs_fwd(logits, targets, config.temperature,
+                                                    IGNORE_INDEX, config.with_entropy)
         else:  # op 7: this rank's vocabulary columns, combined across the group
-            logp, lse, entropy = vocab_parallel.kernel_logprobs(
-                logits, targets.reshape(-1).contiguous(), temperature, IGNORE_INDEX,
-                with_entropy, shard)
+            logp, max_logsum, entropy = kernel_logprobs(
+                logits, targets.reshape(-1).contiguous(), config.temperature, IGNORE_INDEX,
+                config.with_entropy, shard)
         loss, stats, coef, coef_ent, norm = loss_on_segments(
             logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-            entropy if with_entropy else None, entropy_coef=entropy_coef, **options)
-        ctx.save_for_backward(logits, targets, lse, entropy, coef, coef_ent, norm)
-        ctx.temperature, ctx.entropy_coef = temperature, entropy_coef
-        ctx.inplace_backward, ctx.with_entropy = inplace_backward, with_entropy
+            entropy if config.with_entropy else None, rollout, config)
+        ctx.save_for_backward(logits, targets, max_logsum, entropy, coef, coef_ent, norm)
+        ctx.config, ctx.inplace_backward = config, inplace_backward
         ctx.vocab_start = 0 if shard is None else shard.start
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
-    @reference.first_order_only
+    @first_order_only
     def backward(ctx, g_loss, _g_stats):
-        logits, targets, lse, entropy, coef, coef_ent, norm = ctx.saved_tensors
-        g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent, ctx.entropy_coef,
-                                                ctx.with_entropy)
-        grad = logits_grad(logits, targets, lse, entropy, g_logp, g_entropy, ctx.temperature,
+        logits, targets, max_logsum, entropy, coef, coef_ent, norm = ctx.saved_tensors
+        config = ctx.config
+        g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
+                                                config.entropy_coef, config.with_entropy)
+        grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy,
+                           config.temperature,
                            IGNORE_INDEX, inplace=ctx.inplace_backward,
                            vocab_start=ctx.vocab_start)
-        return (grad,) + (None,) * 11  # forward's other inputs: data and options
+        return (grad,) + (None,) * 10  # forward's other inputs: data and options
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -127,37 +130,39 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         LossOutput(loss, stats): float32 scalar loss with autograd to logits, and a dict of
         float32 statistics (see LossOutput), computed without a host sync.
     """
+    keywords = dict(
+        ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+        max_log_ratio=max_log_ratio, aggregation=aggregation, beta=beta,
+        entropy_coef=entropy_coef, temperature=temperature, num_tokens=num_tokens,
+        num_sequences=num_sequences, max_len=max_len, ref_logprobs=ref_logprobs, mask=mask,
+        rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_max=rollout_is_max,
+        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights)
+
     def checks(vocab):
         check.float_tensor("logits", logits)
-        options = check.loss_call(
-            "logits", logits, "V", vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
-            ref_logprobs, temperature,
-            (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
-             ref_logprobs, beta, num_tokens, num_sequences, max_len, entropy_coef),
-            (rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights))
+        checked = loss_call("logits", logits, "V", vocab, targets, old_logprobs, advantages,
+                            cu_seqlens, mask, ref_logprobs, keywords)
         check.boolean("inplace_backward", inplace_backward)
-        return options
+        return checked
 
-    options, shard = vocab_parallel.checked(
-        process_group, "tic_loss", checks, vocab_parallel.columns_of(logits), "logits",
-        vocab_parallel.rows_of(targets), lambda options: vocab_parallel.loss_inputs(
-            options, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-            temperature, entropy_coef, **{"logits' dtype": logits.dtype},
-            **vocab_parallel.path_of(logits)))
+    (config, rollout), shard = ranks.agree(
+        process_group, "tic_loss", checks, ranks.columns_of(logits), "logits",
+        ranks.rows_of(targets), lambda checked: ranks.loss_inputs(
+            *checked, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            **{"logits' dtype": logits.dtype}, **ranks.path_of(logits)))
     if not use_triton(logits):
         return reference.tic_loss(logits, targets, old_logprobs, advantages,
-                                  cu_seqlens=cu_seqlens, mask=mask, temperature=temperature,
-                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs,
-                                  shard=None if shard is None else shard.pair, **options)
+                                  cu_seqlens=cu_seqlens, mask=mask,
+                                  temperature=config.temperature, ref_logprobs=ref_logprobs,
+                                  shard=None if shard is None else shard.pair,
+                                  **config.reference_keywords(rollout))
     if inplace_backward and (why := inplace_refusal(logits)) is not None:
         warnings.warn(f"tic_loss: inplace_backward=True ignored, the gradient is allocated: the "
                       f"logits cannot be overwritten because {why}", stacklevel=2)
         inplace_backward = False
     loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
-                                 ref_logprobs, float(temperature), float(entropy_coef),
-                                 inplace_backward, options, shard)
-    return LossOutput(loss, stats_dict(stats, entropy_coef != 0.0, ref_logprobs is not None,
-                                       Rollout.from_options(options).mode))
+                                 ref_logprobs, rollout, inplace_backward, config, shard)
+    return LossOutput(loss, stats_dict(stats, config))
 
 
 class TICLoss(torch.nn.Module):

@@ -1,0 +1,171 @@
+"""The losses' configuration: every keyword of tic_loss, tic_loss_from_logprobs and
+linear_tic_loss, checked once and frozen into one ``LossConfig``.
+
+The public functions spell their keywords out (that is the API a user reads); each builds its
+LossConfig with ``LossConfig.of`` (which checks every value and resolves the defaults) and
+from then on only the config travels: ``encode()`` is the one string argument of the loss's
+torch.library ops, the kernels' launchers read their scalars and switches from it, and
+``reference_keywords()`` hands the same values to the reference.
+
+Adding a loss option therefore touches: a field here (with its check in ``of``), the kernel
+that uses it, the reference function that defines it, and the public signatures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+from . import validation as check
+from .options import ROLLOUT_IS, ROLLOUT_IS_MAX, default_aggregation
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The resolved keywords of a loss (see tic_kernels.tic_loss_from_logprobs for each).
+
+    ``aggregation`` and ``max_len`` hold the values in force (the ratio's default
+    aggregation; T of a padded batch); ``rollout`` is "" (no sampler correction), "weights"
+    (given weights) or one of options.ROLLOUT_IS, with its bounds resolved
+    (``rollout_is_min`` 0, ``rollout_is_max`` inf: no bound); ``ref`` says that
+    ref_logprobs are given (the KL statistic, and the KL term when beta > 0)."""
+    ratio: str = "trajectory"
+    clip_mode: str = "two_sided"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: Optional[float] = None
+    max_log_ratio: float = 20.0
+    aggregation: str = "seq-mean-token-mean"
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    num_tokens: Optional[float] = None
+    num_sequences: Optional[float] = None
+    max_len: Optional[float] = None
+    ref: bool = False
+    rollout: str = ""
+    rollout_is_min: float = 0.0
+    rollout_is_max: float = math.inf
+
+    @staticmethod
+    def of(*, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+           dual_clip=None, max_log_ratio=20.0, aggregation=None, beta=0.0, entropy_coef=0.0,
+           temperature=1.0, num_tokens=None, num_sequences=None, max_len=None,
+           ref_logprobs=None, rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
+           rollout_is_min=None, rollout_weights=None, mask=None):
+        """(LossConfig, the sampler correction's tensor or None) from a loss's public
+        keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
+        padded batch (None: packed), whose T is max_len's default."""
+        check.positive("temperature", temperature)
+        check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
+                           aggregation, ref_logprobs, beta, num_tokens, num_sequences, max_len,
+                           mask is not None, entropy_coef)
+        correction = check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max,
+                                           rollout_is_min, rollout_weights)
+        if max_len is None and getattr(mask, "ndim", 0) == 2:
+            max_len = mask.shape[1]
+
+        def number(x):
+            return None if x is None else float(x)
+        rollout, lo, hi, tensor = "", 0.0, math.inf, None
+        if rollout_weights is not None:
+            rollout, tensor = "weights", rollout_weights
+        elif correction:
+            rollout, tensor = rollout_is, rollout_logprobs
+            lo = 0.0 if rollout_is_min is None else float(rollout_is_min)
+            hi = float(ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max)
+        config = LossConfig(
+            ratio=ratio, clip_mode=clip_mode, eps_low=float(eps_low), eps_high=float(eps_high),
+            dual_clip=number(dual_clip), max_log_ratio=float(max_log_ratio),
+            aggregation=aggregation or default_aggregation(ratio), beta=float(beta),
+            entropy_coef=float(entropy_coef), temperature=float(temperature),
+            num_tokens=number(num_tokens), num_sequences=number(num_sequences),
+            max_len=number(max_len), ref=ref_logprobs is not None, rollout=rollout,
+            rollout_is_min=lo, rollout_is_max=hi)
+        return config, tensor
+
+    # -- what the kernels read ------------------------------------------------------------
+    @property
+    def with_entropy(self) -> bool:
+        """The entropy is computed (for the bonus and its statistic)."""
+        return self.entropy_coef != 0.0
+
+    @property
+    def rollout_per_sequence(self) -> bool:
+        return self.rollout.startswith("sequence")
+
+    @property
+    def rollout_masks(self) -> bool:
+        """Weights outside the bounds are set to 0 (the *_mask modes), not clamped."""
+        return self.rollout.endswith("_mask")
+
+    # -- how it travels -------------------------------------------------------------------
+    def encode(self) -> str:
+        """The config as one string: the argument of the loss's torch.library ops (a schema
+        holds no dataclass); ``decode`` reverses it. Plain string operations, which
+        torch.compile traces (it cannot trace json)."""
+        return "|".join(repr(getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def decode(text: str) -> "LossConfig":
+        def value(kind, s):
+            if s == "None":
+                return None
+            if kind == "str":
+                return s[1:-1]
+            return s == "True" if kind == "bool" else float(s)
+        return LossConfig(*(value(f.type, s) for f, s in
+                            zip(dataclasses.fields(LossConfig), text.split("|"))))
+
+    def replace(self, **changes) -> "LossConfig":
+        return dataclasses.replace(self, **changes)
+
+    def rollout_inputs(self, rollout_tensor) -> dict:
+        """{public name: tensor} of the sampler correction's input (empty without one)."""
+        if not self.rollout:
+            return {}
+        return {"rollout_weights" if self.rollout == "weights" else "rollout_logprobs":
+                rollout_tensor}
+
+    def reference_keywords(self, rollout_tensor=None) -> dict:
+        """The keywords of tic_kernels.reference's losses for this config (the sampler
+        correction's tensor given apart), temperature excluded (the logits' and the LM head's
+        references take it; the log-prob one does not)."""
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ("temperature", "ref", "rollout", "rollout_is_min",
+                                "rollout_is_max")}
+        kw.update(self.rollout_inputs(rollout_tensor))
+        if self.rollout and self.rollout != "weights":
+            kw.update(rollout_is=self.rollout, rollout_is_min=self.rollout_is_min,
+                      rollout_is_max=self.rollout_is_max)
+        return kw
+
+    def agreement(self) -> dict:
+        """{name: value} of every field, as the ranks of a process group compare them."""
+        return dataclasses.asdict(self)
+
+
+assert set(ROLLOUT_IS).isdisjoint({"", "weights"})
+
+
+def loss_call(name, x, last, vocab, targets, old_logprobs, advantages, cu_seqlens, mask,
+              ref_logprobs, keywords):
+    """The checks of a loss over rows of ``x``: the logits (last dimension "V") or the hidden
+    states of the fused LM head ("H"), packed (N, last) with cu_seqlens or padded (B, T, last)
+    with mask; ``keywords`` LossConfig.of's, as the public function received them. Returns
+    (LossConfig, the sampler correction's tensor or None)."""
+    check.int_tensor("targets", targets)
+    config, rollout = LossConfig.of(**keywords)
+    check.layout(cu_seqlens, mask)
+    if x.dim() != (2 if mask is None else 3):
+        want = f"(B, T, {last}) with mask" if mask is not None else f"(N, {last}) with cu_seqlens"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    check.shape("targets", targets, x.shape[:-1], f" ({name}'s shape without {last})")
+    check.same_device(name, x, targets=targets)
+    check.loss_inputs(targets, "targets", cu_seqlens, mask, old_logprobs, advantages,
+                      ref_logprobs, (name, x), keywords.get("max_len"),
+                      config.rollout_inputs(rollout))
+    check.targets_in_range(targets, vocab, mask=mask)
+    return config, rollout

@@ -1,0 +1,17 @@
+"""The ops, one module each, named for the public function it defines (each holds its Triton
+kernels, their launchers and torch.library registration, and the public function that checks
+its arguments and dispatches to the kernels or to tic_kernels.reference):
+
+    token_logprobs.py     op 1   token_logprobs            (and op 1 over a vocabulary shard)
+    sequence_logprobs.py  op 2   sequence_logprobs
+    group_advantages.py   op 3   group_advantages
+    ratio_loss.py         op 4   tic_loss_from_logprobs    (its kernels: ratio_loss_kernels.py)
+    tic_loss.py           op 4   tic_loss                  (logits -> loss in one node)
+    packing.py            op 5   pack / unpack             (the C++/CUDA extension)
+    lm_head.py            op 6   linear_token_logprobs     (the fused LM head's chunks)
+    lm_head_loss.py       op 6   linear_tic_loss
+    vocab_parallel.py     op 7   combining the vocabulary shards' partial values
+
+This package re-exports nothing: ``tic_kernels`` does (``tic_kernels.tic_loss`` is the
+function, ``tic_kernels.ops.tic_loss`` its module).
+"""

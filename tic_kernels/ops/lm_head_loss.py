@@ -1,0 +1,222 @@
+"""Op 6's loss: ``linear_tic_loss``, tic_loss over the LM head's logits without holding them
+(the chunked head of ops/lm_head.py, op 1's row kernels and op 4's ratio kernels).
+
+In bf16 and fp32 the gradient is formed in the forward: when a chunk holds whole sequences,
+their ratios are known as soon as the chunk's log-probs are, so the chunk's logits gradient,
+d hidden and d weight follow at once (three GEMMs per chunk, like the unfused path) and the
+backward only scales them by the incoming gradient. A sequence longer than a chunk takes two
+passes (one more GEMM). In fp16 the incoming gradient carries a GradScaler's loss scale,
+which must reach the gradient before it is rounded: there the log-probs' two passes run,
+then op 4's kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ranks, reference
+from .. import validation as check
+from ..backend import first_order_only, grads_by_name, use_triton
+from ..config import LossConfig, loss_call
+from ..layout import aggregation_norm, ignoring_masked, row_chunks
+from ..options import IGNORE_INDEX
+from ..output import LossOutput
+from . import vocab_parallel
+from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_shapes,
+                      grads_needed, linear_logprobs, rows_per_chunk)
+from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
+                         stats_dict)
+from .ratio_loss_kernels import STAT_KEYS
+
+
+def _sequence_groups(cu, rows):
+    """[s0, s1) runs of consecutive sequences whose tokens fit ``rows`` together; a sequence
+    longer than that is a run of its own (done in two passes)."""
+    groups, s0, B = [], 0, len(cu) - 1
+    while s0 < B:
+        s1 = s0 + 1
+        while s1 < B and cu[s1 + 1] - cu[s0] <= rows:
+            s1 += 1
+        groups.append((s0, s1))
+        s0 = s1
+    return groups
+
+
+@torch.library.custom_op("tic_kernels::linear_loss", mutates_args=())
+def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                targets: torch.Tensor, old: torch.Tensor, ref: Optional[torch.Tensor],
+                advantages: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], rollout: Optional[torch.Tensor], config: str,
+                chunk_rows: int, fp32_accumulation: bool, need_dh: bool, need_dw: bool,
+                need_db: bool, group_name: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats (len(STAT_KEYS),), d hidden, d weight, d bias) for hidden (R, H) and
+    per-token (R,) tensors, packed (cu_seqlens) or padded (mask (B, T), R = B T); the
+    gradients are those of the loss itself (each empty when not needed), the backward scales
+    them. ``config`` an encoded LossConfig, ``rollout`` its sampler correction's tensor.
+    ``group_name`` (op 7; "" none): the head is that group's vocabulary shard, d hidden this
+    shard's partial."""
+    cfg = LossConfig.decode(config)
+    dev = hidden.device
+    if mask is not None:  # the loss rows, packed
+        rows = active_rows(mask.reshape(-1).bool())
+        cu = torch.nn.functional.pad(mask.sum(1, dtype=torch.int64).cumsum(0), (1, 0))
+    else:
+        rows, cu = None, cu_seqlens.to(torch.int64)
+    t, old = compact(targets, rows).contiguous(), compact(old, rows).float().contiguous()
+    ref = None if ref is None else compact(ref, rows).float().contiguous()
+    rollout = None if rollout is None else compact(rollout, rows).contiguous()
+    cu = cu.contiguous()
+    cu_host = cu.tolist()
+    n, B = t.numel(), len(cu_host) - 1
+    lengths = torch.tensor(cu_host, dtype=torch.float64).diff()
+    norm = float(aggregation_norm(cfg.aggregation, (lengths > 0).sum().double(),
+                                            lengths.sum(), cfg.num_sequences, cfg.num_tokens,
+                                            cfg.max_len))
+    f32 = dict(dtype=torch.float32, device=dev)
+    with_entropy = cfg.with_entropy
+    logp, max_logsum = torch.empty(n, **f32), torch.empty(2 * n, **f32)
+    entropy = torch.empty(n if with_entropy else 0, **f32)
+    coef, coef_ent = torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
+    part, loss, stats, norm_out = new_partials(B, dev)
+    advantages = advantages.float().contiguous()
+    grad = need_dh or need_dw or need_db
+    head = ChunkedHead(hidden, weight, bias, rows, chunk_rows, cfg.temperature, IGNORE_INDEX,
+                 fp32_accumulation, need_dh, need_dw, need_db,
+                 vocab_parallel.from_name(group_name, weight.shape[0]))
+    for s0, s1 in _sequence_groups(cu_host, chunk_rows):
+        chunks = row_chunks(cu_host[s0], cu_host[s1], chunk_rows)
+        for a, b in chunks:
+            z, x = head.forward(a, b, t, logp, max_logsum, entropy)
+        head.combine(cu_host[s0], cu_host[s1], t, logp, max_logsum, entropy)
+        launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None, advantages[s0:s1],
+                         cu[s0:s1 + 1], None, rollout, coef, coef_ent, part[s0:s1], cfg)
+        if not grad:
+            continue
+        for a, b in chunks:
+            if len(chunks) > 1:  # a sequence longer than a chunk: recompute (one more GEMM)
+                z, x = head.logits(a, b)
+            head.backward(z, x, a, b, t, max_logsum, entropy, coef[a:b] * norm,
+                          coef_ent[a:b] * (cfg.entropy_coef * norm) if with_entropy
+                          else coef_ent)
+    launch_finalize(part, loss, stats, norm_out, cfg)
+    return (loss, stats) + head.grads()
+
+
+@linear_loss.register_fake
+def _(hidden, weight, bias, targets, old, ref, advantages, cu_seqlens, mask, rollout, config,
+      chunk_rows, fp32_accumulation, need_dh, need_dw, need_db, group_name):
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (torch.empty((), **f32), torch.empty(len(STAT_KEYS), **f32)) + grad_shapes(
+        hidden, weight, bias, need_dh, need_dw, need_db)
+
+
+def _loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[2:])
+    ctx.needs = inputs[-4:-1]  # need_dh, need_dw, need_db
+    # the statistics and the gradients are results, not functions of the inputs to
+    # differentiate (as tic_loss's statistics)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+@first_order_only
+def _loss_backward(ctx, g_loss, *_unused):
+    # The forward's gradients are the loss's own: in eager mode they are scaled in place (they
+    # are nobody else's), so d weight is never held twice, and a second backward through the
+    # same graph is refused by autograd (a saved tensor was modified). A graph being traced
+    # (plain tensors are not what it sees) scales them out of place.
+    eager = type(g_loss) is torch.Tensor
+    if eager and getattr(ctx, "scaled", False):
+        raise RuntimeError("linear_tic_loss: backward ran twice through one forward; its "
+                           "gradient is formed in the forward and scaled once, so run the "
+                           "forward again for each backward")
+    ctx.scaled = True
+
+    def scaled(t, need):
+        return None if not need else t.mul_(g_loss) if eager else t * g_loss
+    dh, dw, db = (scaled(t, need) for t, need in zip(ctx.saved_tensors, ctx.needs))
+    return grads_by_name(linear_loss, hidden=dh, weight=dw, bias=db)
+
+
+linear_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=None,
+                    cu_seqlens=None, mask=None, chunk_size=None, fp32_accumulation=True,
+                    ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+                    dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
+                    ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
+                    num_sequences=None, max_len=None, process_group=None,
+                    rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
+                    rollout_is_min=None, rollout_weights=None):
+    """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
+
+    Args:
+        hidden: packed (N, H) with ``cu_seqlens``, or padded (B, T, H) with ``mask``; rows
+            outside the mask are never multiplied and get zero gradient.
+        weight, bias, chunk_size, fp32_accumulation, process_group: as in
+            :func:`linear_token_logprobs` (under a process group, d hidden is this rank's
+            partial, to be summed over the group by the caller).
+        Every other argument: as in :func:`tic_kernels.tic_loss`.
+
+    Returns:
+        LossOutput(loss, stats) as tic_loss, differentiable w.r.t. hidden, weight and bias.
+        When a gradient is required, the forward forms it (the backward only scales it by
+        the incoming gradient), so call backward once per forward; in float16 the gradient is
+        formed in the backward instead (a loss scale must reach it before it is rounded).
+        Under torch.autocast the head runs in the autocast dtype, as F.linear would.
+    """
+    keywords = dict(
+        ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+        max_log_ratio=max_log_ratio, aggregation=aggregation, beta=beta,
+        entropy_coef=entropy_coef, temperature=temperature, num_tokens=num_tokens,
+        num_sequences=num_sequences, max_len=max_len, ref_logprobs=ref_logprobs, mask=mask,
+        rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_max=rollout_is_max,
+        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights)
+
+    def checks(vocab):
+        nonlocal hidden, weight, bias
+        hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+        check.lm_head("hidden", hidden, weight, bias, chunk_size, fp32_accumulation)
+        return loss_call("hidden", hidden, "H", vocab, targets, old_logprobs, advantages,
+                         cu_seqlens, mask, ref_logprobs, keywords)
+
+    (config, rollout), shard = ranks.agree(
+        process_group, "linear_tic_loss", checks, ranks.columns_of(weight, 0),
+        "weight", ranks.rows_of(targets), lambda checked: ranks.loss_inputs(
+            *checked, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            chunk_size=chunk_size, fp32_accumulation=fp32_accumulation,
+            **{"hidden's dtype": hidden.dtype, "hidden's width (H)": hidden.shape[-1]},
+            **ranks.path_of(hidden)))
+    if not use_triton(hidden):
+        return reference.linear_tic_loss(hidden, weight, targets, old_logprobs, advantages,
+                                         bias, cu_seqlens=cu_seqlens, mask=mask,
+                                         temperature=config.temperature,
+                                         ref_logprobs=ref_logprobs, chunk_size=chunk_size,
+                                         fp32_accumulation=fp32_accumulation,
+                                         shard=None if shard is None else shard.pair,
+                                         **config.reference_keywords(rollout))
+    group_name = vocab_parallel.name_of(shard)
+    chunk_rows = rows_per_chunk(chunk_size, weight)
+    if hidden.dtype == torch.float16:
+        # fp16 training scales the loss (GradScaler) so that small gradients survive fp16:
+        # the scale arrives with the incoming gradient, so the logits gradient is formed in
+        # the backward, after it (the log-probs' two passes, then op 4's kernels)
+        t = ignoring_masked(targets, mask)
+        logp, _, entropy = linear_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, t.reshape(-1).contiguous(),
+            config.temperature, IGNORE_INDEX, config.with_entropy, chunk_rows, fp32_accumulation,
+            group_name)
+        loss, stats, *_ = loss_on_segments(
+            logp.view(t.shape), old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+            entropy.view(t.shape) if config.with_entropy else None, rollout, config)
+        return LossOutput(loss, stats_dict(stats, config))
+    loss, stats, *_ = linear_loss(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+        old_logprobs.detach().reshape(-1),
+        None if ref_logprobs is None else ref_logprobs.detach().reshape(-1),
+        advantages.detach(), cu_seqlens, mask,
+        None if rollout is None else rollout.detach().reshape(-1), config.encode(), chunk_rows,
+        fp32_accumulation, *grads_needed(hidden, weight, bias), group_name)
+    return LossOutput(loss, stats_dict(stats, config))

@@ -1,0 +1,219 @@
+"""Op 4 on per-token log-probabilities: the clipped ratio loss and its statistics.
+
+Per token d_t = logp_t - logp_old_t (fp32), per sequence Delta_i = sum_t d_t. The ratio is
+exp(Delta_i) ("trajectory", TIC-GRPO), exp(Delta_i / L_i) ("sequence_mean", GSPO), exp(d_t)
+("token", GRPO/DAPO) or absent ("none": J = A_i logp_t). The log-ratio is capped to
+[-max_log_ratio, max_log_ratio] before exp (gradient 0 beyond), then clipped:
+J = min(x A, clip(x) A) [max(J, c A) for A < 0 with dual_clip=c], minus beta * k3-KL, and the
+loss is -aggregate(J). See docs/spec.md, op 4, for the gradient of every mode.
+
+The kernels (ops/ratio_loss_kernels.py) run one program per sequence, two passes over its
+tokens, then one program that reduces the per-sequence sums in a fixed order: the loss, its
+statistics, and each token's gradient coefficient, so that the backward is one multiply.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .. import validation as check
+from ..backend import (BLOCK_TOKENS, first_order_only, grads_by_name, inputs_by_name, launch,
+                       segments, triton_op, use_triton)
+from ..config import LossConfig
+from ..output import LossOutput
+from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, RATIO_CODE, STAT_KEYS,
+                                 _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
+                                 rollout_code)
+
+
+def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coef, coef_ent,
+                     part, config):
+    """The per-sequence pass over the B = cu.numel() - 1 sequences of ``cu`` (row offsets into
+    the flat per-token tensors, which are indexed globally): writes their tokens' coef and
+    coef_ent and their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of
+    the sequences at a time. Optional inputs may be None; ``rollout`` the sampler
+    correction's tensor (config.rollout says which) over the same flat positions."""
+    B = cu.numel() - 1
+    if B:
+        c = config
+        launch(_ratio_loss_fwd_kernel, (B,),
+            logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
+            advantages, cu, logp if mask is None else mask, logp if rollout is None else rollout,
+            coef, coef_ent, part, logp.numel(), c.eps_low, c.eps_high,
+            0.0 if c.dual_clip is None else c.dual_clip, c.max_log_ratio, c.beta,
+            c.rollout_is_min, c.rollout_is_max,
+            RATIO=RATIO_CODE[c.ratio], TWO_SIDED=c.clip_mode == "two_sided",
+            DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
+            HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=c.beta > 0,
+            HAS_ENT=entropy is not None, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
+            BLOCK=BLOCK_TOKENS)
+
+
+def launch_finalize(part, loss, stats, norm, config):
+    """Reduces ``part`` (B, NPART) into loss (), stats (len(STAT_KEYS),) and norm ()."""
+    c = config
+    launch(_ratio_loss_finalize_kernel, (1,),
+        part, loss, stats, norm, part.shape[0], 0.0 if c.num_tokens is None else c.num_tokens,
+        0.0 if c.num_sequences is None else c.num_sequences,
+        1.0 if c.max_len is None else c.max_len, c.entropy_coef, RATIO=RATIO_CODE[c.ratio],
+        AGG=AGG_CODE[c.aggregation], GIVEN_TOKENS=c.num_tokens is not None,
+        GIVEN_SEQUENCES=c.num_sequences is not None, RW_PER_SEQ=c.rollout_per_sequence,
+        BLOCK=BLOCK_SEQS)
+
+
+def new_partials(B, device):
+    """Buffers of the loss's reduction: part (B, NPART), loss (), stats (len(STAT_KEYS),),
+    norm ()."""
+    def f32(*shape):
+        return torch.empty(*shape, dtype=torch.float32, device=device)
+    return f32(B, NPART.value), f32(()), f32(len(STAT_KEYS)), f32(())
+
+
+@triton_op("tic_kernels::ratio_loss", mutates_args=())
+def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, cu: torch.Tensor,
+               mask: Optional[torch.Tensor], ref: Optional[torch.Tensor],
+               entropy: Optional[torch.Tensor], rollout: Optional[torch.Tensor], config: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or (0,), norm) over flat
+    per-token tensors of R positions split by the segments (cu, mask); ``config`` an encoded
+    LossConfig, ``rollout`` its sampler correction's tensor; see the module docstring."""
+    cfg = LossConfig.decode(config)
+    R, B = logp.numel(), cu.numel() - 1
+    dev = logp.device
+    coef = torch.empty(R, dtype=torch.float32, device=dev)
+    coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
+    part, loss, stats, norm = new_partials(B, dev)
+
+    def flat(t):  # the kernel reads flat positions and per-sequence entries by index
+        return None if t is None else t.reshape(-1).contiguous()
+    launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
+                     cu.contiguous(), flat(mask), flat(rollout), coef, coef_ent, part, cfg)
+    launch_finalize(part, loss, stats, norm, cfg)
+    return loss, stats, coef, coef_ent, norm
+
+
+def scaled_coefficients(g_loss, norm, coef, coef_ent, entropy_coef, with_entropy):
+    """(dL/dlogp, dL/dentropy or None) from the loss kernel's per-token coefficients: the
+    backward of the loss, shared by ratio_loss and the fused logits-to-loss node."""
+    scale = g_loss * norm
+    return coef * scale, (coef_ent * (entropy_coef * scale) if with_entropy else None)
+
+
+def _setup_context(ctx, inputs, output):
+    args = inputs_by_name(ratio_loss, inputs)
+    _, _, coef, coef_ent, norm = output
+    ctx.save_for_backward(coef, coef_ent, norm)
+    ctx.entropy_coef = LossConfig.decode(args["config"]).entropy_coef
+    ctx.with_entropy = args["entropy"] is not None
+
+
+@first_order_only
+def _backward(ctx, g_loss, *_unused):
+    coef, coef_ent, norm = ctx.saved_tensors
+    g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent, ctx.entropy_coef,
+                                            ctx.with_entropy)
+    return grads_by_name(ratio_loss, logp=g_logp, entropy=g_entropy)
+
+
+ratio_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def stats_dict(stats, config):
+    """The statistics reported, by name, in sorted order, detached (the loss op's stats output
+    is a function of logp to autograd, though never differentiated): the entropy's, the KL's
+    and the sampler correction's only when computed, its k3 only from the sampler's
+    log-probs."""
+    def reported(k):
+        if k.startswith("rollout_"):
+            return config.rollout != "" and (k != "rollout_kl" or config.rollout != "weights")
+        return (k != "entropy_mean" or config.with_entropy) and (k != "kl_mean" or config.ref)
+    stats = stats.detach()
+    return {k: stats[STAT_KEYS.index(k)] for k in sorted(filter(reported, STAT_KEYS))}
+
+
+def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, rollout,
+                     config):
+    """Runs the ratio_loss op on either layout (``rollout``: the sampler correction's tensor
+    of ``config``); returns (loss, stats (len(STAT_KEYS),), coef, coef_ent, norm)
+    (stats_dict names the statistics)."""
+    cu, flat_mask = segments(cu_seqlens, mask, logp.device)
+
+    def flat(t):
+        return None if t is None else t.reshape(-1)
+    return ratio_loss(flat(logp), flat(old), advantages.detach().float(), cu, flat_mask,
+                      flat(ref_logprobs), flat(entropy),
+                      None if rollout is None else flat(rollout.detach()), config.encode())
+
+
+def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=None, mask=None,
+                           ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
+                           dual_clip=None, max_log_ratio=20.0, aggregation=None,
+                           ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
+                           max_len=None, rollout_logprobs=None, rollout_is=None,
+                           rollout_is_max=None, rollout_is_min=None, rollout_weights=None):
+    """The TIC-GRPO / GSPO / GRPO loss from log-probabilities the caller already has.
+
+    Args:
+        logprobs: per-token log-probabilities under the current policy, packed (N,) with
+            ``cu_seqlens`` (B+1,) int32 or int64, or padded (B, T) with ``mask`` (B, T). Any float
+            dtype.
+        old_logprobs, ref_logprobs: the same shape, from the sampling and reference policies.
+        advantages: (B,) per sequence.
+        ratio: "trajectory" (default), "sequence_mean", "token" or "none".
+        clip_mode: "two_sided" or "upper"; eps_low in [0, 1), eps_high >= 0; dual_clip > 1.
+        max_log_ratio: cap on |log-ratio| (and on the KL's log-ratio) before exp.
+        aggregation: None (the mode's default: "token-mean" for token, else
+            "seq-mean-token-mean"), "token-mean", "seq-mean-token-sum" or
+            "seq-mean-token-sum-norm" (normaliser B * max_len; max_len defaults to T when padded).
+        beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation.
+        num_tokens, num_sequences: global normalisers for gradient accumulation (token-mean and
+            the seq-mean aggregations respectively); default: this batch's counts.
+        rollout_logprobs: the log-probabilities of the engine that sampled the rollouts
+            (vLLM, SGLang), laid out like old_logprobs, when they differ from old_logprobs
+            (the trainer's recomputation): each token's policy objective is weighted by a
+            detached correction (op 4b). NaN marks a token the sampler did not score (no
+            correction for it). Needs ``rollout_is``:
+            "token_truncate" / "token_mask": w_t = exp(old_t - rollout_t) per token,
+            "sequence_truncate" / "sequence_mask": w_i = exp(sum_t (old_t - rollout_t)) for
+            every token of sequence i (the trajectory ratio, as TRL's sequence modes);
+            the log is capped at max_log_ratio, then "*_truncate" clamps w to
+            [rollout_is_min, rollout_is_max] and "*_mask" sets it to 0 outside them
+            (rollout_is_min None: no lower bound; rollout_is_max None: 3.0, the default of
+            TRL's vllm_importance_sampling_clip_max; float("inf"): no upper bound, which TRL
+            spells None).
+        rollout_weights: instead of rollout_logprobs, the per-token weights precomputed (as
+            verl's rollout_is_weights; finite, >= 0), used as given: rollout_is,
+            rollout_is_max and rollout_is_min apply to rollout_logprobs only, and given with
+            rollout_weights they raise a ValueError (never ignored).
+            Either adds the statistics rollout_is_mean / _max / _min (of the weights applied,
+            over tokens or, for the sequence modes, non-empty sequences),
+            rollout_masked_fraction (weights 0), rollout_ess ((sum w)^2 / (n sum w^2)) and,
+            from rollout_logprobs, rollout_kl (the mean k3 estimate of KL(old || sampler) over
+            the tokens the sampler scored, its log-ratio capped at max_log_ratio like every
+            other). The KL to ref_logprobs is not weighted.
+
+    Returns:
+        LossOutput(loss, stats): ``loss`` a float32 scalar, differentiable w.r.t. logprobs;
+        ``stats`` a dict of float32 scalars (see LossOutput), computed without a host sync.
+    """
+    check.float_tensor("logprobs", logprobs)
+    config, rollout = LossConfig.of(
+        ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
+        dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation, beta=beta,
+        num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len,
+        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
+        rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min,
+        rollout_weights=rollout_weights, mask=mask)
+    check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
+                      ref_logprobs, ("logprobs", logprobs), max_len,
+                      config.rollout_inputs(rollout))
+    if not use_triton(logprobs):
+        return reference.tic_loss_from_logprobs(logprobs, old_logprobs, advantages,
+                                                cu_seqlens=cu_seqlens, mask=mask,
+                                                ref_logprobs=ref_logprobs,
+                                                **config.reference_keywords(rollout))
+    loss, stats, *_ = loss_on_segments(logprobs, old_logprobs, advantages, cu_seqlens, mask,
+                                       ref_logprobs, None, rollout, config)
+    return LossOutput(loss, stats_dict(stats, config))
