@@ -49,20 +49,20 @@ class LossConfig:
     rollout_is_max: float = math.inf
 
     @staticmethod
-    def of(*, ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
-           dual_clip=None, max_log_ratio=20.0, aggregation=None, beta=0.0, entropy_coef=0.0,
-           temperature=1.0, num_tokens=None, num_sequences=None, max_len=None,
-           ref_logprobs=None, rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
-           rollout_is_min=None, rollout_weights=None, mask=None):
+    def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
+           entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
+           rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
-        padded batch (None: packed), whose T is max_len's default."""
+        padded batch (None: packed), whose T is max_len's default. Every keyword is required,
+        so that a public function that does not forward one fails at once rather than run
+        with its default."""
         check.positive("temperature", temperature)
         check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
                            aggregation, ref_logprobs, beta, num_tokens, num_sequences, max_len,
                            mask is not None, entropy_coef)
-        correction = check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max,
-                                           rollout_is_min, rollout_weights)
+        check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
+                              rollout_weights)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
 
@@ -71,14 +71,15 @@ class LossConfig:
         rollout, lo, hi, tensor = "", 0.0, math.inf, None
         if rollout_weights is not None:
             rollout, tensor = "weights", rollout_weights
-        elif correction:
-            rollout, tensor = rollout_is, rollout_logprobs
+        elif rollout_logprobs is not None:
+            rollout, tensor = _text(rollout_is), rollout_logprobs
             lo = 0.0 if rollout_is_min is None else float(rollout_is_min)
             hi = float(ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max)
         config = LossConfig(
-            ratio=ratio, clip_mode=clip_mode, eps_low=float(eps_low), eps_high=float(eps_high),
-            dual_clip=number(dual_clip), max_log_ratio=float(max_log_ratio),
-            aggregation=aggregation or default_aggregation(ratio), beta=float(beta),
+            ratio=_text(ratio), clip_mode=_text(clip_mode), eps_low=float(eps_low),
+            eps_high=float(eps_high), dual_clip=number(dual_clip),
+            max_log_ratio=float(max_log_ratio),
+            aggregation=_text(aggregation or default_aggregation(ratio)), beta=float(beta),
             entropy_coef=float(entropy_coef), temperature=float(temperature),
             num_tokens=number(num_tokens), num_sequences=number(num_sequences),
             max_len=number(max_len), ref=ref_logprobs is not None, rollout=rollout,
@@ -110,13 +111,7 @@ class LossConfig:
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def decode(text: str) -> "LossConfig":
-        def value(kind, s):
-            if s == "None":
-                return None
-            if kind == "str":
-                return s[1:-1]
-            return s == "True" if kind == "bool" else float(s)
-        return LossConfig(*(value(f.type, s) for f, s in
+        return LossConfig(*(_DECODE[f.type](s) for f, s in
                             zip(dataclasses.fields(LossConfig), text.split("|"))))
 
     def replace(self, **changes) -> "LossConfig":
@@ -143,11 +138,25 @@ class LossConfig:
         return kw
 
     def agreement(self) -> dict:
-        """{name: value} of every field, as the ranks of a process group compare them."""
-        return dataclasses.asdict(self)
+        """{argument name: value} of every field, as the ranks of a process group compare them
+        (``ref`` left out: the ranks compare ref_logprobs itself)."""
+        named = {"rollout": "rollout_is (or rollout_weights)"}
+        return {named.get(f.name, f.name): getattr(self, f.name)
+                for f in dataclasses.fields(self) if f.name != "ref"}
 
 
 assert set(ROLLOUT_IS).isdisjoint({"", "weights"})
+
+
+def _text(option: str) -> str:
+    """A checked string option as a plain str: an enum member or numpy string that equals an
+    accepted value is accepted, and must encode as that value."""
+    return str.__str__(option)
+# decode's reading of each field type's repr (a field of another type fails here, at import)
+_DECODE = {"str": lambda s: s[1:-1], "bool": lambda s: s == "True", "float": float,
+           "Optional[float]": lambda s: None if s == "None" else float(s)}
+assert all(f.type in _DECODE for f in dataclasses.fields(LossConfig)), \
+    [f.type for f in dataclasses.fields(LossConfig)]
 
 
 def loss_call(name, x, last, vocab, targets, old_logprobs, advantages, cu_seqlens, mask,

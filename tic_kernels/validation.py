@@ -206,8 +206,7 @@ def advantages_ok(advantages, num_seqs, device_of):
 def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
                  ref_logprobs, beta, num_tokens, num_sequences, max_len, padded,
                  entropy_coef=0.0):
-    """Checks the loss keywords; returns those both paths take, as a dict (entropy_coef and
-    ref_logprobs travel apart: the logits path owns the entropy, ref_logprobs is a tensor)."""
+    """Checks the loss keywords (tic_kernels.config.LossConfig.of runs it)."""
     choice("ratio", ratio, RATIOS)
     choice("clip_mode", clip_mode, CLIP_MODES)
     if aggregation is not None:
@@ -241,9 +240,6 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
     if agg == "seq-mean-token-sum-norm" and max_len is None and not padded:
         raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len with the packed "
                          "layout (with a mask it defaults to T)")
-    return dict(ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
-                dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation,
-                beta=beta, num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len)
 
 
 def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return_entropy):
@@ -260,9 +256,8 @@ def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return
 
 def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
                     rollout_weights):
-    """Checks the keywords of the sampler correction (op 4b); returns those in use as a dict
-    (empty without a correction), rollout_is_max resolved (None: ROLLOUT_IS_MAX). The tensors'
-    shapes are loss_inputs' to check."""
+    """Checks the keywords of the sampler correction (op 4b); the tensors' shapes are
+    loss_inputs' to check."""
     if rollout_is_max is not None and not (
             isinstance(rollout_is_max, (int, float)) and not isinstance(rollout_is_max, bool)
             and rollout_is_max > 0):  # NaN fails the comparison
@@ -284,7 +279,7 @@ def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min
         if given:
             raise ValueError(f"{given[0]} applies to rollout_logprobs; rollout_weights are used "
                              "as given (bound or mask them before passing them)")
-        return dict(rollout_weights=rollout_weights)
+        return
     if rollout_is is not None:
         choice("rollout_is", rollout_is, ROLLOUT_IS)
         if rollout_logprobs is None:
@@ -293,11 +288,6 @@ def rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min
     elif rollout_logprobs is not None:
         raise ValueError("rollout_logprobs needs rollout_is, the correction to apply: "
                          + ", ".join(repr(m) for m in ROLLOUT_IS))
-    if rollout_logprobs is None:
-        return {}
-    return dict(rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
-                rollout_is_max=ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max,
-                rollout_is_min=rollout_is_min)
 
 
 def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, ref_logprobs,

@@ -246,17 +246,17 @@ def _is_dtensor(t) -> bool:
 
 
 def _install_forward(model) -> None:
-    """Wraps ``model.forward`` (TRL's already patched one) so that a call with ``tic_head=``
+    """Wraps ``model.forward`` (TRL's already patched one) so that a call with ``tic_loss_fn=``
     computes the tic_kernels loss inside the forward; any other call is unchanged."""
     if getattr(model, "_tic_kernels_forward", False):
         return
     inner = model.forward
 
     @functools.wraps(type(model).forward)  # keep the signature: generate() validates kwargs on it
-    def forward(self, *args, tic_head=None, **kwargs):
-        if tic_head is None:
+    def forward(self, *args, tic_loss_fn=None, **kwargs):
+        if tic_loss_fn is None:
             return inner(*args, **kwargs)
-        return tic_head(self, inner, *args, **kwargs)
+        return tic_loss_fn(self, inner, *args, **kwargs)
 
     model.forward = types.MethodType(forward, model)
     model._tic_kernels_forward = True
@@ -387,7 +387,7 @@ class TICGRPOTrainer(GRPOTrainer):
             if inputs.get(key) is not None:
                 model_inputs[key] = inputs[key]
         with self.accelerator.autocast():
-            out = model(**model_inputs, tic_head=loss_fn)
+            out = model(**model_inputs, tic_loss_fn=loss_fn)
 
         accumulation = self.current_gradient_accumulation_steps if train else 1.0
         policy_loss = out.loss * factor if factor != 1.0 else out.loss

@@ -1,6 +1,8 @@
-"""The ops, one module each, named for the public function it defines (each holds its Triton
-kernels, their launchers and torch.library registration, and the public function that checks
-its arguments and dispatches to the kernels or to tic_kernels.reference):
+"""The ops, one module each, named for the public function it defines: the function that checks
+its arguments and dispatches to the kernels or to tic_kernels.reference, its torch.library
+op, and the Triton kernels it owns with their launchers (tic_loss.py chains op 1's kernels,
+token_logprobs.py, and op 4's, ratio_loss_kernels.py; the LM head's modules chain the same
+around their GEMMs; packing.py's kernels are the C++/CUDA extension's):
 
     token_logprobs.py     op 1   token_logprobs            (and op 1 over a vocabulary shard)
     sequence_logprobs.py  op 2   sequence_logprobs

@@ -202,7 +202,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
     config, rollout = LossConfig.of(
         ratio=ratio, clip_mode=clip_mode, eps_low=eps_low, eps_high=eps_high,
         dual_clip=dual_clip, max_log_ratio=max_log_ratio, aggregation=aggregation, beta=beta,
-        num_tokens=num_tokens, num_sequences=num_sequences, max_len=max_len,
+        entropy_coef=0.0, temperature=1.0, num_tokens=num_tokens,
+        num_sequences=num_sequences, max_len=max_len,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
         rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min,
         rollout_weights=rollout_weights, mask=mask)
