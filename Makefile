@@ -19,7 +19,7 @@ run: $(VENV)/.ready
 
 # the adapters' frameworks are installed above: their tests must run, not skip
 test: $(VENV)/.ready
-	TRITON_INTERPRET=1 TIC_KERNELS_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -n auto --durations=20 tests
+	TRITON_INTERPRET=1 TIC_KERNELS_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -n auto --dist worksteal --durations=20 tests
 
 # CPU benchmarks against the peers (installs trl, liger-kernel and matplotlib into .venv)
 bench: $(VENV)/.ready

@@ -63,11 +63,11 @@ step() {
 if [ $dry = 1 ]; then
     export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
     # the tests step runs a selection: the suite runs them all; here only the control flow counts
-    device=cpu shape=16x300 lshape=16x32x300 reps=(--reps 1)
+    device=cpu shape=8x128 lshape=8x16x128 reps=(--reps 1)
     tests=(tests/test_errors.py -k "rollout and tic_loss_from_logprobs")
     vp=(-k "bad_inputs and uneven")
     train=(--steps 1 --prompts 2 --group 2)
-    bench=(--device cpu --shapes 16x300 --dtypes float32 --packing 8x64 --no-linear)
+    bench=(--device cpu --shapes 8x128 --dtypes float32 --packing 8x64 --no-linear)
     sweep=(--blocks 256 --warps 4 --reps 1)
     say "gpu: none (dry run on the CPU)"
 else

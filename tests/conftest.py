@@ -53,6 +53,17 @@ def requires_triton():
                     "a GPU): a fused-vs-reference test would compare the reference with itself")
 
 
+# The longest tests (subprocesses, long sequences under the interpreter) are collected first,
+# so that under pytest-xdist they start at once rather than leave one worker busy at the end.
+_LONGEST = ("test_gpu_check_dry_run", "test_edge_shapes", "test_sharded_equals_unsharded",
+            "test_ddp_and_fsdp_match", "test_two_processes_train", "test_fused_loss_matches",
+            "test_reference_memory_is_chunked", "test_bitwise_deterministic")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not item.name.startswith(_LONGEST))
+
+
 @pytest.fixture(params=["kernels", "reference"])
 def path(request, monkeypatch):
     """Runs a test on both implementations a CPU user meets: the Triton kernels (under the

@@ -232,6 +232,9 @@ def test_compile_fullgraph(backend, inplace, device, path):
     """torch.compile(fullgraph=True) traces the loss with no graph break and computes the
     same loss and gradients as eager, in-place backward included, on both paths (code
     developed on a laptop's reference path is compiled unchanged on a GPU)."""
+    if path == "reference" and inplace:
+        pytest.skip("the reference path allocates the gradient whatever inplace_backward says: "
+                    "the same computation as inplace=False")
     batch = loss_batch(LENGTHS, 29, device=device, padded=True)
     B, T, V = batch.logits.shape
     w = torch.randn(8, V, device=device, requires_grad=True)
