@@ -303,7 +303,7 @@ def test_compile_fullgraph(padded, device, path):
         torch.testing.assert_close(b.grad, a.grad)
 
 
-def test_opcheck(device):
+def test_opcheck(device, requires_triton):
     batch = head_batch([3, 0, 5], 23, device=device, seed=12)
     h, w, b = _leaves(batch)
     t = batch.targets.clone()
@@ -325,7 +325,7 @@ def test_opcheck(device):
                            True, True, ""))
 
 
-def test_backward_twice_is_refused(device):
+def test_backward_twice_is_refused(device, requires_triton):
     batch = head_batch(LENGTHS, 20, device=device, seed=13)
     h = batch.hidden.clone().requires_grad_()
     out = tk.linear_tic_loss(h, batch.weight, batch.targets, batch.old_logprobs,

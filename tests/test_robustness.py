@@ -184,7 +184,7 @@ def test_entropy_of_extreme_logits(path, monkeypatch):
 
 
 # ------------------------------------------------------------------ aliasing and in-place
-def test_inplace_backward_never_writes_through_aliases(device):
+def test_inplace_backward_never_writes_through_aliases(device, requires_triton):
     """An expanded tensor, a view of a parameter and a leaf fall back to an allocated
     gradient with a warning: the caller's storage is untouched and the gradient is right."""
     b = loss_batch([3, 4], 23, device=device, seed=13)
@@ -216,7 +216,7 @@ def test_inplace_backward_never_writes_through_aliases(device):
 
 
 # ------------------------------------------------------------------ skipped value checks
-def test_unchecked_cu_seqlens_stay_in_bounds(monkeypatch):
+def test_unchecked_cu_seqlens_stay_in_bounds(monkeypatch, requires_triton):
     """With TIC_KERNELS_CHECK_VALUES=0 a cu_seqlens past N, negative or decreasing gives
     numbers from the clamped segments, never an out-of-bounds access."""
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
