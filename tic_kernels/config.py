@@ -152,6 +152,8 @@ def _text(option: str) -> str:
     """A checked string option as a plain str: an enum member or numpy string that equals an
     accepted value is accepted, and must encode as that value."""
     return str.__str__(option)
+
+
 # decode's reading of each field type's repr (a field of another type fails here, at import)
 _DECODE = {"str": lambda s: s[1:-1], "bool": lambda s: s == "True", "float": float,
            "Optional[float]": lambda s: None if s == "None" else float(s)}
