@@ -147,42 +147,50 @@ def test_process_group_must_be_a_group():
                           process_group="world")
 
 
-def _agreement_run(which, path, monkeypatch):
+def _agreement_run(path, monkeypatch):
+    """Each rank's lines, split into {"disagree": [...], "unowned": [...]} (the agreed call's
+    line ends the second)."""
     if path == "reference":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the ranks take the reference
     elif not interpreting():
         pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
-    if which == "unowned":
-        monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")  # as under torch.compile
     port = _free_port()
     outs = _spawn(2, lambda r: [os.path.join(HERE, "vocab_parallel_agreement.py"), str(r), "2",
-                                str(port), which], timeout=300)
-    return [[line.split("\t") for line in out.splitlines() if line.count("\t") == 2]
-            for out in outs]
+                                str(port)], timeout=300)
+    ranks = []
+    for out in outs:
+        parts, which = {}, None
+        for line in out.splitlines():
+            if line.startswith("cases: "):
+                which = line.split()[1]
+                parts[which] = []
+            elif line.count("\t") == 2:
+                parts[which].append(line.split("\t"))
+        ranks.append(parts)
+    return ranks
 
 
 @pytest.mark.parametrize("path", ["kernels", "reference"])
-def test_ranks_that_disagree_raise_on_every_rank(path, monkeypatch):
+def test_ranks_that_disagree_raise_and_unowned_targets_are_nan(path, monkeypatch):
     """An option or replicated input that differs between ranks (entropy on one rank only,
     another chunk plan, mask, dtype, cu_seqlens, targets, ...) is a ValueError naming it on
     every rank, not an abort inside gloo or a hang; the group stays usable and an agreed call
-    runs after them."""
+    runs after them. Then, with the value checks off, a target outside the whole vocabulary
+    gives NaN in every op that takes process_group (op 1's rule), never a plausible finite
+    log-prob. (One pair of processes for both: each start costs seconds.)"""
     import vocab_parallel_agreement as agreement
     want = [name for name, _ in agreement._disagreements(0, None, path)]
-    for r, lines in enumerate(_agreement_run("disagree", path, monkeypatch)):
-        assert [line[0] for line in lines[:len(want)]] == want, lines
+    runs = _agreement_run(path, monkeypatch)
+    for r, parts in enumerate(runs):
+        lines = parts["disagree"]
+        assert [line[0] for line in lines] == want, lines
         for name, (case, kind, message) in zip(want, lines):
             named = message.startswith("process_group:") and name in message if name.startswith(
                 "different") else message.startswith(name)
             assert kind == "ValueError" and named, (r, name, kind, message)
-        assert lines[len(want)][:2] == ["agreed", "OK"], lines
-
-
-@pytest.mark.parametrize("path", ["kernels", "reference"])
-def test_target_no_rank_holds_is_nan(path, monkeypatch):
-    """With the value checks off, a target outside the whole vocabulary gives NaN in every op
-    that takes process_group (op 1's rule), never a plausible finite log-prob."""
-    for r, lines in enumerate(_agreement_run("unowned", path, monkeypatch)):
+    for r, parts in enumerate(runs):
+        lines = parts["unowned"]
+        assert lines[-1][:2] == ["agreed", "OK"], lines
         got = {case: message.split() for case, kind, message in lines if kind == "OK"}
         assert set(got) == {"token_logprobs", "linear_token_logprobs", "tic_loss",
                             "linear_tic_loss", "agreed"}, lines
