@@ -36,7 +36,8 @@ def providers(targets, w, device):
     return out
 
 
-def run(device, shapes, dtypes, only=None, reps=None, save_as=None):
+def run(device, shapes, dtypes, only=None, reps=None, save_as=None,
+        passes=("fwd", "bwd", "fwd+bwd")):
     env = harness.environment(device)
     copy = harness.copy_bandwidth_gbps(device)
     records = []
@@ -51,7 +52,7 @@ def run(device, shapes, dtypes, only=None, reps=None, save_as=None):
                 if only and name not in only:
                     continue
                 recs = harness.bench_logits_provider(
-                    OP, name, fn, batch["logits"], want, ("fwd", "bwd", "fwd+bwd"),
+                    OP, name, fn, batch["logits"], want, passes,
                     shape={"N": N, "V": V}, dtype=dtype, mode=None,
                     copy_gbps=copy, env=env, device=device, reps=reps)
                 harness.print_table(recs)

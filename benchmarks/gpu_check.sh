@@ -9,10 +9,12 @@
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR  # the same control flow on a CPU, tiny shapes
 #
 #   1. the C++/CUDA extension builds in the background (timeout; packing falls back without it)
-#   2. headline: tic_loss fwd+bwd bf16 16384 x 151936, token and trajectory, against Liger
+#   2. headline: fwd+bwd bf16 at V = 151936, N = 4096 and 16384: tic_loss token and trajectory
+#      against Liger, token_logprobs against flash-attn, end to end and in device time
 #   2b. the fused LM head (linear_tic_loss) at 16384 x 4096 x 151936 bf16 against the unfused
 #      path and Liger's fused linear GRPO loss: time, TFLOP/s, memory beyond the gradients
-#   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at the headline shape
+#   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at 16384 x 151936, then
+#      the small-batch backward's programs per row
 #   4. the CUDA tests, in parallel when pytest-xdist is there
 #   4b. op 7: the vocabulary split over 2 and 3 processes sharing the one GPU (gloo on CUDA
 #      tensors: nccl refuses two ranks on one device) against the unsplit result
@@ -63,18 +65,18 @@ step() {
 if [ $dry = 1 ]; then
     export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
     # the tests step runs a selection: the suite runs them all; here only the control flow counts
-    device=cpu shape=8x128 lshape=8x16x128 reps=(--reps 1)
+    device=cpu shape=8x128 hshape=8x128 lshape=8x16x128 reps=(--reps 1)
     tests=(tests/test_errors.py -k "rollout and tic_loss_from_logprobs")
     vp=(-k "bad_inputs and uneven")
     train=(--steps 1 --prompts 2 --group 2)
     bench=(--device cpu --shapes 8x128 --dtypes float32 --packing 8x64 --no-linear)
-    sweep=(--blocks 256 --warps 4 --reps 1)
+    sweep=(--blocks 256 --warps 4 --reps 1 --split-rows 4)
     say "gpu: none (dry run on the CPU)"
 else
-    device=cuda shape=16384x151936 lshape=16384x4096x151936 tests=(tests/test_token_logprobs.py
+    device=cuda shape=16384x151936 hshape=4096x151936,16384x151936 lshape=16384x4096x151936 tests=(tests/test_token_logprobs.py
         tests/test_tic_loss.py tests/test_linear.py tests/test_sequence_logprobs.py
         tests/test_packing.py tests/test_peers.py tests/test_errors.py tests/test_robustness.py
-        tests/test_properties.py)
+        tests/test_properties.py tests/test_launches.py)
     # the headline measured 16384 x 151936; the peers' comparison at a quarter of it keeps
     # the reference provider's full-size runs out of the budget
     train=(--steps 2) bench=(--device cuda --quick --shapes 4096x151936 --no-linear) reps=() sweep=()
@@ -99,7 +101,7 @@ fi
 build_pid=$!
 
 # 2-3. the headline and the sweep need only Triton: they run while the extension builds
-step headline 150 python3 benchmarks/headline.py --device $device --shape $shape --out "$out" \
+step headline 150 python3 benchmarks/headline.py --device $device --shape $hshape --out "$out" \
     ${reps[@]+"${reps[@]}"}
 say "headline: exit $? in $took ($(grep -h '^targets:' "$logs/headline.log" | tail -n 1))"
 step linear 150 python3 benchmarks/bench_linear.py --device $device --shape $lshape \

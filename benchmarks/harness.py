@@ -1,7 +1,10 @@
 """Shared benchmark machinery: timing, the measured copy bandwidth, peak memory, records.
 
 - CUDA: device-event timing (triton.testing.do_bench for whole calls; paired events around
-  the timed part when each rep needs an untimed set-up, e.g. a forward before a backward).
+  the timed part when each rep needs an untimed set-up, e.g. a forward before a backward):
+  the end-to-end time, host work included. Beside it the device time: the same reps with the
+  stream pre-filled (a sleep kernel holds the GPU while the host enqueues the rep), so the
+  events time the kernels alone; the gap between the two is time the host costs.
 - CPU: time.perf_counter around the same calls.
 - Every figure is reported as p20/p50/p80 over the reps, GB/s from the op's *minimum* byte
   model (what any implementation must move), and that GB/s as a fraction of the device copy
@@ -111,11 +114,14 @@ def _quantiles(ms):
 
 
 def time_ms(fn, device, *, setup=None, reps=None, warmup=2, budget_s=None):
-    """p20/p50/p80 milliseconds of fn(); ``setup()`` runs untimed before each rep and its
-    result is passed to fn. Reps stop at ``reps`` or once the timed total passes ``budget_s``
-    (at least 3), so slow providers (the reference at full size) keep the run short."""
+    """p20/p50/p80 milliseconds of fn(), end to end; on CUDA also "device": the same figures
+    of the device time (see the module's docstring). ``setup()`` runs untimed before each rep
+    and its result is passed to fn. Reps stop at ``reps`` or once the timed total passes
+    ``budget_s`` (at least 5 on CUDA), so slow providers (the reference at full size) keep the run
+    short."""
     cuda = torch.device(device).type == "cuda"
     reps = reps or (20 if cuda else 5)
+    reps = max(reps, MIN_REPS) if cuda else reps  # a CPU dry run may ask for fewer
     budget_s = budget_s if budget_s is not None else (2.0 if cuda else 5.0)
     for _ in range(warmup):
         fn(setup() if setup else None)
@@ -124,13 +130,32 @@ def time_ms(fn, device, *, setup=None, reps=None, warmup=2, budget_s=None):
         import triton.testing
 
         q = triton.testing.do_bench(lambda: fn(None), quantiles=[0.2, 0.5, 0.8], return_mode="median")
-        return dict(zip(("p20", "p50", "p80"), q))
+        out = dict(zip(("p20", "p50", "p80"), q))
+    else:
+        out = _quantiles(_reps(fn, setup, device, reps, budget_s, hold_ms=None))
+    if cuda:
+        # hold the GPU for twice the end-to-end time (and 1 ms): longer than the host needs
+        # to enqueue the rep, so the kernels run back to back after the start event
+        out["device"] = _quantiles(_reps(fn, setup, device, reps, budget_s,
+                                         hold_ms=2 * out["p50"] + 1.0))
+    return out
+
+
+MIN_REPS = 5
+
+
+def _reps(fn, setup, device, reps, budget_s, hold_ms):
+    """Milliseconds of each rep: events (CUDA, after a sleep of ``hold_ms`` when given) or
+    the host clock."""
+    cuda = torch.device(device).type == "cuda"
     times = []
-    while len(times) < reps and (len(times) < 3 or sum(times) < 1e3 * budget_s):
+    while len(times) < reps and (len(times) < min(MIN_REPS, reps) or sum(times) < 1e3 * budget_s):
         arg = setup() if setup else None
         sync(device)
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if hold_ms:
+                torch.cuda._sleep(int(hold_ms * _sleep_cycles_per_ms()))
             start.record()
             fn(arg)
             end.record()
@@ -140,7 +165,24 @@ def time_ms(fn, device, *, setup=None, reps=None, warmup=2, budget_s=None):
             t0 = time.perf_counter()
             fn(arg)
             times.append(1e3 * (time.perf_counter() - t0))
-    return _quantiles(times)
+    return times
+
+
+_CYCLES_PER_MS = []
+
+
+def _sleep_cycles_per_ms():
+    """torch.cuda._sleep's cycles per millisecond on this GPU, measured once."""
+    if not _CYCLES_PER_MS:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles)  # warm
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        _CYCLES_PER_MS.append(cycles / max(start.elapsed_time(end), 1e-3))
+    return _CYCLES_PER_MS[0]
 
 
 def copy_bandwidth_gbps(device):
@@ -218,11 +260,16 @@ def record(op, provider, *, pass_, shape, dtype, mode=None, ms=None, bytes_moved
     rec = {"op": op, "provider": provider, "mode": mode, "pass": pass_, "shape": shape,
            "dtype": str(dtype).replace("torch.", ""), "status": status}
     if ms is not None:
-        rec["ms"] = {k: round(v, 4) for k, v in ms.items()}
+        rec["ms"] = {k: round(v, 4) for k, v in ms.items() if k != "device"}
+        if "device" in ms:  # the kernels alone (see time_ms)
+            rec["device_ms"] = {k: round(v, 4) for k, v in ms["device"].items()}
         if bytes_moved:
-            gbps = bytes_moved / (ms["p50"] * 1e-3) / 1e9
-            rec["gbps"] = round(gbps, 2)
-            rec["copy_fraction"] = round(gbps / copy_gbps, 4) if copy_gbps else None
+            for key, times in (("", rec["ms"]), ("device_", rec.get("device_ms"))):
+                if times is None:
+                    continue
+                gbps = bytes_moved / (times["p50"] * 1e-3) / 1e9
+                rec[key + "gbps"] = round(gbps, 2)
+                rec[key + "copy_fraction"] = round(gbps / copy_gbps, 4) if copy_gbps else None
     if peak_bytes is not None:
         rec["peak_mib"] = round(peak_bytes / 2**20, 1)
     if error:
@@ -249,6 +296,8 @@ def print_table(records):
             line += f"{r['status']}: {r.get('error', '')[:80]}"
         else:
             line += f"{ms:9.3f} ms"
+            if "device_ms" in r:
+                line += f" (device {r['device_ms']['p50']:.3f} ms)"
             if "gbps" in r:
                 line += f" {r['gbps']:8.1f} GB/s ({100 * (r['copy_fraction'] or 0):5.1f}% of copy)"
             if "peak_mib" in r:

@@ -5,7 +5,9 @@ alone at one shape over BLOCK_V x num_warps, and records ms, GB/s and the fracti
 bandwidth measured in the same run: one GPU run yields the tuning table. Every configuration's
 output is first checked against the default configuration's (to the tests' tolerances: another
 block size sums in another order). The JSON is rewritten after each
-configuration, and the sweep stops at --budget-s.
+configuration, and the sweep stops at --budget-s. Then, at a small batch (--split-rows rows,
+fewer than the GPU runs programs at once), the backward with its columns shared out over 1 to
+16 programs per row and with the default choice ("auto"), checked against one program per row.
 
     python benchmarks/sweep.py --shape 16384x151936 --dtype bfloat16 --out OUT
 """
@@ -28,6 +30,7 @@ from tic_kernels.testing import GRAD_TOL, VALUE_TOL, tolerance  # noqa: E402
 BLOCKS = (1024, 2048, 4096, 8192)
 WARPS = (1, 2, 4, 8)
 MAX_PER_THREAD = 64  # elements of one block per thread: more spills registers
+SPLITS = (1, 2, 4, 8, 16, None)  # programs per row of the small-batch backward (None: auto)
 
 
 def configs(blocks=BLOCKS, warps=WARPS):
@@ -86,6 +89,48 @@ def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_
     return records
 
 
+def run_splits(device, rows, V, dtype, records, *, splits=SPLITS, reps=None, save_as=None):
+    """The backward kernel at ``rows`` rows with 1..16 programs per row and the default
+    ("auto"), each checked against one program per row, then timed; appended to records."""
+    env = harness.environment(device)
+    copy = next((r["gbps"] for r in records if r["op"] == "copy"), None)
+    g = torch.Generator(device=device).manual_seed(1)
+    logits = (torch.randn(rows, V, device=device, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (rows,), device=device, generator=g)
+    g_logp = torch.randn(rows, device=device, generator=g)
+    grad, empty = torch.empty_like(logits), g_logp.new_empty(0)
+    _, max_logsum, _ = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False)
+
+    def backward(_=None):
+        logprobs.token_logprobs_bwd(logits, grad, targets, max_logsum, empty, g_logp, empty,
+                                    1.0, -100, 0)
+    try:
+        logprobs.LAUNCH_CONFIG["bwd_split"] = 1
+        backward()
+        want = grad.clone()
+        for split in splits:
+            logprobs.LAUNCH_CONFIG["bwd_split"] = split
+            shape = {"N": rows, "V": V, "programs_per_row": split or "auto"}
+            grad.fill_(float("nan"))
+            backward()
+            if not torch.equal(grad, want):
+                records.append(harness.record("token_logprobs_kernel", "bwd", pass_="bwd",
+                                              shape=shape, dtype=dtype, status="wrong",
+                                              error="differs from one program per row", env=env))
+                continue
+            ms = harness.time_ms(backward, device, reps=reps)
+            records.append(harness.record("token_logprobs_kernel", "bwd", pass_="bwd",
+                                          shape=shape, dtype=dtype, ms=ms,
+                                          bytes_moved=2 * rows * V * logits.element_size(),
+                                          copy_gbps=copy, env=env))
+            harness.print_table(records[-1:])
+            if save_as:
+                harness.save(records, *save_as)
+    finally:
+        logprobs.LAUNCH_CONFIG["bwd_split"] = None
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,12 +142,19 @@ def main(argv=None):
     p.add_argument("--out", default=str(harness.ROOT / "benchmarks" / "results"))
     p.add_argument("--name", default="sweep")
     p.add_argument("--reps", type=int, default=None, help="timed reps (default: the harness's)")
+    p.add_argument("--split-rows", type=int, default=512,
+                   help="rows of the small-batch backward split sweep (0: skip it)")
     args = p.parse_args(argv)
     N, V = harness.parse_shapes(args.shape)[0]
-    run(args.device, N, V, getattr(torch, args.dtype),
-        blocks=[int(b) for b in args.blocks.split(",")],
-        warps=[int(w) for w in args.warps.split(",")], budget_s=args.budget_s,
-        save_as=(args.out, args.name), reps=args.reps)
+    save_as = (args.out, args.name)
+    records = run(args.device, N, V, getattr(torch, args.dtype),
+                  blocks=[int(b) for b in args.blocks.split(",")],
+                  warps=[int(w) for w in args.warps.split(",")], budget_s=args.budget_s,
+                  save_as=save_as, reps=args.reps)
+    if args.split_rows:
+        run_splits(args.device, args.split_rows, V, getattr(torch, args.dtype), records,
+                   reps=args.reps, save_as=save_as)
+        harness.save(records, *save_as)
     print("wrote", os.path.join(args.out, f"{args.name}.json"))
 
 

@@ -34,24 +34,28 @@ FLOATS = ("fp32", "bf16", "fp16")  # Triton's names of the logits' element types
 def variants():
     """(name, kernel, {arg: type}, {constexpr: value}, num_warps)"""
     for dt, ent, unit in itertools.product(FLOATS, (False, True), (True, False)):
-        # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets
+        # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets;
+        # the padded layout's mask and the loss's counter with the entropy, the loss's
+        # scaled coefficients (SCALED) likewise in the backward
         yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit}]",
                token_logprobs._token_logprobs_fwd_kernel,
-               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", logp_ptr="*fp32",
-                    max_logsum_ptr="*fp32",
-                    entropy_ptr="*fp32", stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
+               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", mask_ptr="*i1", logp_ptr="*fp32",
+                    max_logsum_ptr="*fp32", entropy_ptr="*fp32", counter_ptr="*i32",
+                    stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
                     V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
-               dict(WITH_ENTROPY=ent, UNIT_STRIDE_V=unit, BLOCK_V=4096), 8)
+               dict(WITH_ENTROPY=ent, HAS_MASK=ent, CLEAR_COUNTER=ent, UNIT_STRIDE_V=unit,
+                    BLOCK_V=4096), 8)
         yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
                token_logprobs._token_logprobs_bwd_kernel,
-               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32",
-                    max_logsum_ptr="*fp32",
-                    entropy_ptr="*fp32", g_ptr="*fp32", g_entropy_ptr="*fp32", stride_b="i64",
-                    stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
-                    stride_gv="i32", T="i32", V="i32", inv_temperature="fp32", ignore_index="i32",
-                    vocab_start="i32"),
-               dict(WITH_ENTROPY=ent, EMULATE_RNE=False, UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit,
-                    BLOCK_V=4096), 8)
+               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", mask_ptr="*u8",
+                    max_logsum_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32",
+                    g_entropy_ptr="*fp32", g_loss_ptr="*fp32", norm_ptr="*fp32",
+                    stride_b="i64", stride_t="i64", stride_v="i32", stride_gb="i64",
+                    stride_gt="i64", stride_gv="i32", stride_g="i32", stride_ge="i32", T="i32",
+                    V="i32", cols_per_program="i32", inv_temperature="fp32",
+                    entropy_coef="fp32", ignore_index="i32", vocab_start="i32"),
+               dict(HAS_G=True, WITH_ENTROPY=ent, SCALED=ent, HAS_MASK=ent, EMULATE_RNE=False,
+                    UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit, BLOCK_V=4096), 8)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]",
                sequence_logprobs._segment_sum_fwd_kernel,
@@ -78,17 +82,24 @@ def variants():
                (True, False, False, True, False, False, 3, False)]
     for ratio, (two_sided, dual, per_seq, mask, ref, ent, rollout, rw_mask) in itertools.product(
             range(4), options):
+        # the padded layout with the mask; the loss reduced in the same launch (FINALIZE) on
+        # every other variant
+        finalize = (ratio + rollout) % 2 == 0
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
-               f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask}]",
+               f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize}]",
                ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
-                    adv_ptr="*fp32", cu_ptr="*i64", mask_ptr="*i1", roll_ptr="*fp32",
-                    coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", N="i32",
-                    eps_low="fp32", eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32",
-                    rw_lo="fp32", rw_hi="fp32"),
+                    adv_ptr="*bf16", cu_ptr="*i32", mask_ptr="*i1", roll_ptr="*fp32",
+                    coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
+                    stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32", N="i32", T="i32",
+                    B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", cap="fp32",
+                    beta="fp32", rw_lo="fp32", rw_hi="fp32", num_tokens="fp32",
+                    num_sequences="fp32", max_len="fp32", entropy_coef="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
                     HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, ROLLOUT=rollout,
-                    RW_MASK=rw_mask, BLOCK=backend.BLOCK_TOKENS), 4)
+                    RW_MASK=rw_mask, PADDED=mask, FINALIZE=finalize, AGG=ratio % 4,
+                    GIVEN_TOKENS=dual, GIVEN_SEQUENCES=per_seq, RW_PER_SEQ=rollout == 2,
+                    BLOCK=backend.BLOCK_TOKENS, BLOCK_B=ratio_loss.BLOCK_SEQS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
                ratio_loss._ratio_loss_finalize_kernel,

@@ -378,7 +378,8 @@ def test_no_host_sync_with_value_checks_off(padded, monkeypatch, device):
         ratio_loss._init_fn(lp, b.old_logprobs.reshape(-1), b.advantages, cu, flat_mask,
                             b.ref_logprobs.reshape(-1), H,
                             sampler["rollout_logprobs"].reshape(-1), config.encode())
-    assert "tic_kernels.ratio_loss.default" in outside.names
+    # eager calls run the launchers: no torch.library op (the ops are for torch.compile)
+    assert not [n for n in outside.names if n.startswith("tic_kernels.")], outside.names
     for names in (outside.names, inside.names):
         assert not [n for n in names if any(s in n for s in SYNCING_OPS)], names
 

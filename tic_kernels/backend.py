@@ -57,9 +57,17 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def _is_fake(t) -> bool:
+    if type(t) in (torch.Tensor, torch.nn.Parameter):  # the eager case, answered at once
+        return False
     from torch._subclasses.fake_tensor import is_fake
 
     return isinstance(t, torch.Tensor) and is_fake(t)
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether a graph is being traced through this call (torch.compile, or AOT / make_fx on
+    fake tensors): the ops' torch.library form must run then, not the launchers directly."""
+    return torch.compiler.is_compiling() or _is_fake(t)
 
 
 def launch(kernel, grid, *args, **meta):
@@ -70,9 +78,10 @@ def launch(kernel, grid, *args, **meta):
     torch.compile or opcheck trace the op; there the launch is skipped, since tracing needs only
     the shapes of the outputs the op allocated.
     """
-    if interpreting() and any(_is_fake(a) for a in args):
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if interpreting() and _is_fake(first):  # a trace's tensors are all fake, or none
         return
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    device = first.device
     if device.type == "cuda" and not torch.compiler.is_compiling():
         # Triton launches on the current device: guard with the tensors' own (cuda:1 while
         # the current device is cuda:0). Compiled graphs place their own guards.

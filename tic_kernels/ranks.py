@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import validation as check
 from .backend import use_triton
 
 
@@ -104,7 +105,8 @@ def agree(process_group, op, checks, V_local, name, rows, replicated):
     and the rest of its replicated inputs, so a disagreement is an error, never a hang, an
     abort inside the backend or a silently different result per rank."""
     if process_group is None:
-        return checks(V_local), None
+        with check.one_read():
+            return checks(V_local), None
     import torch.distributed as dist
     rank, world = _group_size(process_group)
     # gloo reduces CPU tensors; nccl needs them on the rank's device
@@ -112,18 +114,22 @@ def agree(process_group, op, checks, V_local, name, rows, replicated):
         if dist.get_backend(process_group) == "nccl" else torch.device("cpu")
     result, error, labels = None, None, []
     codes = [_code(op), V_local, rows]
-    try:
-        result = checks(V_local * world)
-        entries = replicated(result)
-        assert len(entries) + len(codes) < _SLOTS, sorted(entries)
-        labels = list(entries)
-        codes += [_code(tuple(labels))] + [_code(v) for v in entries.values()]
-    except Exception as e:  # re-raised below, once every rank has heard of it
-        error = e
-        codes = codes[:3]
+    with check.gathered() as values:  # the value checks' flags travel in the all-reduce
+        try:
+            result = checks(V_local * world)
+            entries = replicated(result)
+            assert len(entries) + len(codes) < _SLOTS, sorted(entries)
+            labels = list(entries)
+            codes += [_code(tuple(labels))] + [_code(v) for v in entries.values()]
+        except Exception as e:  # re-raised below, once every rank has heard of it
+            error = e
+            codes = codes[:3]
     codes += [0] * (_SLOTS - len(codes))
     mine = torch.stack([torch.as_tensor(c, dtype=torch.int64).to(device) for c in codes])
-    agreed = torch.cat([torch.tensor([int(error is not None)], device=device), mine, -mine])
+    failed_here = torch.tensor([int(error is not None)], device=device)
+    if error is None and (flags := values.failed()) is not None:
+        failed_here = failed_here.maximum(flags.reshape(1).to(device=device, dtype=torch.int64))
+    agreed = torch.cat([failed_here, mine, -mine])
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=process_group)
     agreed = agreed.tolist()  # the one host read
     failed, hi, lo = agreed[0], agreed[1:_SLOTS + 1], [-v for v in agreed[_SLOTS + 1:]]
@@ -136,6 +142,7 @@ def agree(process_group, op, checks, V_local, name, rows, replicated):
         finally:
             error = None
     if failed:
+        values.raise_first()  # this rank's own value check, if one failed (the error path)
         raise ValueError("process_group: another rank's inputs were rejected (its error says "
                          "why); this rank's passed the checks")
     if hi[0] != lo[0]:

@@ -150,7 +150,7 @@ def rollout_keywords(old_logprobs, layout_kw, mode, seed=0, lo=0.8, hi=1.25):
         values = old + 0.3 * torch.randn(old.shape, generator=g)
         values.view(-1)[1] = float("nan")
     if "mask" in layout_kw:
-        values = torch.where(layout_kw["mask"].cpu(), values, float("nan"))
+        values = torch.where(layout_kw["mask"].cpu().bool(), values, float("nan"))
     values = values.to(device=old_logprobs.device)
     if mode == "weights":
         return dict(rollout_weights=values)
@@ -218,3 +218,79 @@ def head_batch(lengths, vocab, hidden_size=16, *, dtype=torch.float32, padded=Fa
         return t.to(device=device, dtype=dt or t.dtype)
     return HeadBatch(to(hidden, dtype), to(weight, dtype), to(bias, dtype), to(targets),
                      to(old), to(ref), to(adv), {k: to(v) for k, v in layout.items()})
+
+
+# aten ops that move no data on the device (metadata, views, uninitialised allocations)
+_NO_KERNEL = frozenset((
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view",
+    "_unsafe_view", "as_strided", "expand", "t", "transpose", "unsqueeze", "squeeze", "slice",
+    "select", "alias", "detach", "reshape", "permute", "unbind", "split", "narrow", "view_as",
+    "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size",
+    "_local_scalar_dense"))
+# aten ops that wait for the device and read its values on the host
+_HOST_READS = frozenset(("_local_scalar_dense", "nonzero", "masked_select", "_unique2",
+                         "repeat_interleave"))
+
+
+class Launches(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts what a call costs the device: ``kernels``, the Triton kernels launched (by
+    name) and the aten ops that compute (say "aten.mul"), in order; ``host_reads``, the
+    reads of device values on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``nonzero``);
+    ``ops`` the torch.library ops of this package that were called. ``stub=True`` skips
+    the Triton kernels themselves (their outputs stay uninitialised): what is left is the
+    host's own time (benchmarks/host_time.py). Ops inside a torch.library op's body are hidden
+    from the mode; the eager path calls none. ``count=False``: the stub alone."""
+
+    def __init__(self, stub=False, count=True):
+        super().__init__()
+        self.stub, self.count = stub, count
+        self.kernels, self.ops, self.host_reads = [], [], 0
+
+    def __enter__(self):
+        wrap, tolist = torch.library.wrap_triton, torch.Tensor.tolist
+        counter = self
+
+        class Grid:
+            def __init__(self, kernel):
+                self.kernel = kernel
+
+            def __getitem__(self, grid):
+                return lambda *args, **meta: counter._run(self.kernel, grid, args, meta)
+
+        def read_list(t):
+            if self.count:
+                self.host_reads += 1
+            return tolist(t)
+        self._restore = wrap, tolist
+        torch.library.wrap_triton, torch.Tensor.tolist = Grid, read_list
+        # without counting, no dispatch mode: it would add its own time to every aten op
+        return super().__enter__() if self.count else self
+
+    def _run(self, kernel, grid, args, meta):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        if self.stub:
+            if self.count:
+                self.kernels.append(name)
+            return None
+        counting, self.count = self.count, False  # the interpreter's own copies of the
+        try:  # arguments are not the call's
+            return self._restore[0](kernel)[grid](*args, **meta)
+        finally:
+            self.count = counting
+            if counting:
+                self.kernels.append(name)
+
+    def __exit__(self, *exc):
+        torch.library.wrap_triton, torch.Tensor.tolist = self._restore
+        return super().__exit__(*exc) if self.count else False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.count:
+            namespace, name = str(func).split(".")[:2]
+            if namespace == "tic_kernels":
+                self.ops.append(name)
+            elif name not in _NO_KERNEL:
+                self.kernels.append(f"{namespace}.{name}")
+            if name in _HOST_READS:
+                self.host_reads += 1
+        return func(*args, **(kwargs or {}))

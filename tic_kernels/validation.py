@@ -1,16 +1,21 @@
 """The checks the public API runs (options.py holds the accepted values they check against).
 
 Every check raises a Python exception that names the argument and says what was wrong. Checks
-on tensor *values* (target range, cu_seqlens monotonicity, 0/1 masks) read a few bytes back to
-the host, a synchronisation on a GPU. They run in eager mode, and are skipped while
-torch.compile traces or when TIC_KERNELS_CHECK_VALUES=0 (for training loops that validate
-their data once): the kernels then keep their documented behaviour (an out-of-range target
-yields NaN, never a wrong finite number). Shape, dtype and option checks always run.
+on tensor *values* (target range, cu_seqlens monotonicity, 0/1 masks) compute a flag on the
+device; inside ``one_read()`` (every public op's checks run in one) the flags of the call are
+gathered and read back to the host once, a single synchronisation on a GPU, and the first
+failing check raises as if it had run alone (its message may read more values: that is the
+error path). They run in eager mode, and are skipped while torch.compile traces or when
+TIC_KERNELS_CHECK_VALUES=0 (for training loops that validate their data once): the kernels
+then keep their documented behaviour (an out-of-range target yields NaN, never a wrong finite
+number). Shape, dtype and option checks always run, and raise at once.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import torch
 
@@ -27,6 +32,68 @@ def checking_values(*tensors) -> bool:
     if os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
         return False
     return all(t.device.type != "meta" for t in tensors if t is not None)
+
+
+class ValueChecks:
+    """The value checks of one call: (flag, error) pairs, ``flag`` a device bool that is True
+    where the check failed, ``error()`` raising its exception (it may read values)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def failed(self):
+        """A bool tensor on the flags' device, True if any check failed (None: no check)."""
+        if not self.pending:
+            return None
+        device = self.pending[0][0].device
+        return torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending]).any()
+
+    def raise_first(self):
+        """Reads every flag at once (one host read) and raises the first failure's error."""
+        if not self.pending:
+            return
+        device = self.pending[0][0].device
+        flags = torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending]).tolist()
+        for bad, (_, error) in zip(flags, self.pending):
+            if bad:
+                error()
+
+
+_GATHERING = threading.local()
+
+
+@contextlib.contextmanager
+def gathered():
+    """Value checks made inside are kept in the ValueChecks yielded instead of read (an outer
+    gathering keeps them: the outermost reads)."""
+    outer = getattr(_GATHERING, "checks", None)
+    checks = outer if outer is not None else ValueChecks()
+    _GATHERING.checks = checks
+    try:
+        yield checks
+    finally:
+        _GATHERING.checks = outer
+
+
+@contextlib.contextmanager
+def one_read():
+    """The value checks made inside are read back together when the block ends (one host
+    read), and the first that failed raises then."""
+    nested = getattr(_GATHERING, "checks", None) is not None
+    with gathered() as checks:
+        yield
+    if not nested:
+        checks.raise_first()
+
+
+def value_check(bad, error):
+    """Raises ``error()`` when the device bool ``bad`` is True: at the end of the enclosing
+    gathering, or at once outside one."""
+    checks = getattr(_GATHERING, "checks", None)
+    if checks is not None:
+        checks.pending.append((bad, error))
+    elif bool(bad):
+        error()
 
 
 def choice(name, value, accepted):
@@ -91,16 +158,20 @@ def targets_in_range(targets, vocab, ignore_index=None, mask=None):
         bad &= targets != ignore_index
     if mask is not None:
         bad &= mask.bool()
-    if bool(bad.any()):
-        first = targets[bad][0].item()
-        allowed = f"[0, {vocab})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(f"targets must lie in {allowed}; found {first}")
+
+    def error():
+        allowed = f"[0, {vocab})" + ("" if ignore_index is None else
+                                     f" or ignore_index={ignore_index}")
+        raise ValueError(f"targets must lie in {allowed}; found {targets[bad][0].item()}")
+    value_check(bad.any(), error)
 
 
 def nonnegative(name, t):
     """Every entry of t is >= 0 (a value check)."""
-    if checking_values(t) and t.numel() and bool((t < 0).any()):
-        raise ValueError(f"{name} must be >= 0, found {t.min().item()}")
+    if checking_values(t) and t.numel():
+        def error():
+            raise ValueError(f"{name} must be >= 0, found {t.min().item()}")
+        value_check((t < 0).any(), error)
 
 
 def finite_nonnegative(name, t, mask=None):
@@ -109,8 +180,10 @@ def finite_nonnegative(name, t, mask=None):
         bad = ~torch.isfinite(t) | (t < 0)
         if mask is not None:
             bad &= mask.bool()
-        if bool(bad.any()):
+
+        def error():
             raise ValueError(f"{name} must be finite and >= 0, found {t[bad][0].item()}")
+        value_check(bad.any(), error)
 
 
 def cu_seqlens_ok(cu_seqlens, n, device_of=None):
@@ -124,13 +197,16 @@ def cu_seqlens_ok(cu_seqlens, n, device_of=None):
         same_device(*device_of, cu_seqlens=cu_seqlens)
     if not checking_values(cu_seqlens):
         return
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
-    if any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError("cu_seqlens must be non-decreasing")
-    if cu[-1] != n:
-        raise ValueError(f"cu_seqlens must end at the number of tokens {n}, got {cu[-1]}")
+    cu = cu_seqlens
+
+    def message(text):
+        def error():
+            raise ValueError(text.format(first=cu[0].item(), last=cu[-1].item()))
+        return error
+    value_check(cu[0] != 0, message("cu_seqlens must start at 0, got {first}"))
+    value_check((cu[1:] < cu[:-1]).any(), message("cu_seqlens must be non-decreasing"))
+    value_check(cu[-1] != n, message(f"cu_seqlens must end at the number of tokens {n}, got "
+                                     "{last}"))
 
 
 def mask_ok(mask, expected_shape, name="mask", device_of=None):
@@ -144,8 +220,9 @@ def mask_ok(mask, expected_shape, name="mask", device_of=None):
     if device_of is not None:
         same_device(*device_of, **{name: mask})
     if mask.dtype != torch.bool and checking_values(mask) and mask.numel():
-        if bool(((mask != 0) & (mask != 1)).any()):
+        def error():
             raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor)")
+        value_check(((mask != 0) & (mask != 1)).any(), error)
 
 
 def max_len_ok(max_len, cu_seqlens, mask):
@@ -153,10 +230,11 @@ def max_len_ok(max_len, cu_seqlens, mask):
     if max_len is None or not checking_values(cu_seqlens, mask):
         return
     lengths = lengths_of(cu_seqlens, mask)
-    longest = int(lengths.max()) if lengths.numel() else 0
-    if max_len < longest:
-        raise ValueError(f"max_len={max_len!r} is smaller than the longest sequence ({longest} "
-                         "tokens)")
+    if lengths.numel():
+        def error():
+            raise ValueError(f"max_len={max_len!r} is smaller than the longest sequence "
+                             f"({int(lengths.max())} tokens)")
+        value_check((lengths > max_len).any(), error)
 
 
 def layout(cu_seqlens, mask):
@@ -325,9 +403,11 @@ def loss_inputs(tokens, token_name, cu_seqlens, mask, old_logprobs, advantages, 
             bad = sampler == math.inf
             if mask is not None:
                 bad &= mask.bool()
-            if bool(bad.any()):
-                raise ValueError("rollout_logprobs must be log-probabilities (or NaN where the "
-                                 "sampler gave none), found +inf")
+
+            def error():
+                raise ValueError("rollout_logprobs must be log-probabilities (or NaN where "
+                                 "the sampler gave none), found +inf")
+            value_check(bad.any(), error)
     if (rollout or {}).get("rollout_weights") is not None:
         finite_nonnegative("rollout_weights", rollout["rollout_weights"], mask)
     advantages_ok(advantages, num_seqs, device_of)

@@ -226,7 +226,8 @@ def _sequence_advantages(advantages, response_mask, loss_mode):
         smallest = torch.where(keep, adv, math.inf).amin(dim=-1)
         spread = torch.where(has_tokens, largest - smallest, 0.0)
         varies = spread > 1e-5 * torch.maximum(largest.abs(), smallest.abs()).clamp(min=1.0)
-        if bool(varies.any()):
+
+        def error():
             i = int(varies.nonzero()[0, 0])
             raise ValueError(
                 f"policy loss {loss_mode!r} takes one advantage per sequence, but sequence {i}'s "
@@ -234,6 +235,7 @@ def _sequence_advantages(advantages, response_mask, loss_mode):
                 f"{largest[i].item():.6g}), as a token-level estimator such as GAE gives. Use an "
                 "outcome-level estimator (grpo, rloo, reinforce_plus_plus, ...) or verl's own "
                 "'vanilla' loss for token-level advantages.")
+        _check.value_check(varies.any(), error)
     return per_seq
 
 
@@ -275,11 +277,12 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     _check.float_tensor("log_prob", log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
-    _check.mask_ok(response_mask, log_prob.shape, "response_mask")
-    _check.float_tensor("old_log_prob", old_log_prob)
-    _check.shape("old_log_prob", old_log_prob, log_prob.shape, " (log_prob's shape)")
-    keywords, factor = _aggregation(loss_agg_mode, config, response_mask)
-    adv = _sequence_advantages(advantages, response_mask, loss_mode)
+    with _check.one_read():
+        _check.mask_ok(response_mask, log_prob.shape, "response_mask")
+        _check.float_tensor("old_log_prob", old_log_prob)
+        _check.shape("old_log_prob", old_log_prob, log_prob.shape, " (log_prob's shape)")
+        keywords, factor = _aggregation(loss_agg_mode, config, response_mask)
+        adv = _sequence_advantages(advantages, response_mask, loss_mode)
     if rollout_is_weights is not None:
         keywords["rollout_weights"] = rollout_is_weights.detach()
 

@@ -135,7 +135,8 @@ def group_advantages(rewards, group_size=None, *, group_ids=None, scale="group",
             raise TypeError(f"lengths must be an integer or floating tensor, got {lengths.dtype}")
         check.shape("lengths", lengths, (B,), " (one length per reward)")
         check.same_device("rewards", rewards, lengths=lengths)
-        check.nonnegative("lengths", lengths)
+        with check.one_read():
+            check.nonnegative("lengths", lengths)
     if not use_triton(rewards):
         return reference.group_advantages(rewards, group_size, group_ids, scale, std, eps,
                                           lengths, length_normalize)

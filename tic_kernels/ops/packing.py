@@ -58,13 +58,15 @@ def pack(input_ids, attention_mask, completion_mask=None) -> PackedBatch:
         raise ValueError(f"input_ids must be 2-D (B, T), got shape {tuple(input_ids.shape)}")
     if completion_mask is None:
         completion_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    _check_mask("attention_mask", attention_mask, input_ids.shape)
-    _check_mask("completion_mask", completion_mask, input_ids.shape)
-    check.same_device("input_ids", input_ids, attention_mask=attention_mask,
-                      completion_mask=completion_mask)
-    if check.checking_values(attention_mask, completion_mask) and bool(
-            (completion_mask.bool() & ~attention_mask.bool()).any()):
-        raise ValueError("completion_mask marks tokens outside attention_mask")
+    with check.one_read():
+        _check_mask("attention_mask", attention_mask, input_ids.shape)
+        _check_mask("completion_mask", completion_mask, input_ids.shape)
+        check.same_device("input_ids", input_ids, attention_mask=attention_mask,
+                          completion_mask=completion_mask)
+        if check.checking_values(attention_mask, completion_mask):
+            def outside():
+                raise ValueError("completion_mask marks tokens outside attention_mask")
+            check.value_check((completion_mask.bool() & ~attention_mask.bool()).any(), outside)
     if not _has_kernel("pack", input_ids.device):
         return reference.varlen_pack(input_ids, attention_mask, completion_mask)
     *tensors, max_seqlen = torch.ops.tic_kernels.pack(input_ids, attention_mask, completion_mask)
@@ -86,10 +88,15 @@ def unpack(values, indices, B, T, pad=0.0):
             raise ValueError(f"{name} must be an int >= 0, got {n!r}")
     check.same_device("values", values, indices=indices)
     if check.checking_values(indices) and indices.numel():
-        if bool(((indices < 0) | (indices >= B * T)).any()):
+        def outside():
             raise ValueError(f"indices must lie in [0, B*T) = [0, {B * T})")
-        if indices.unique().numel() != indices.numel():
+
+        def repeated():
             raise ValueError("indices must not repeat (two rows would be scattered to one place)")
+        in_order = indices.sort().values
+        with check.one_read():
+            check.value_check(((indices < 0) | (indices >= B * T)).any(), outside)
+            check.value_check((in_order[1:] == in_order[:-1]).any(), repeated)
     if _has_kernel("unpack", values.device):
         return torch.ops.tic_kernels.unpack(values, indices, B, T, pad)
     return reference.varlen_unpack(values, indices, B, T, pad)

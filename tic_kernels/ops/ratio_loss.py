@@ -13,6 +13,7 @@ statistics, and each token's gradient coefficient, so that the backward is one m
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,39 +29,55 @@ from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, RATIO_CODE, STAT_K
                                  rollout_code)
 
 
+def _finalize_args(config):
+    """The finalize's scalar arguments and switches (both kernels take them)."""
+    c = config
+    return ((0.0 if c.num_tokens is None else c.num_tokens,
+             0.0 if c.num_sequences is None else c.num_sequences,
+             1.0 if c.max_len is None else c.max_len, c.entropy_coef),
+            dict(RATIO=RATIO_CODE[c.ratio], AGG=AGG_CODE[c.aggregation],
+                 GIVEN_TOKENS=c.num_tokens is not None,
+                 GIVEN_SEQUENCES=c.num_sequences is not None,
+                 RW_PER_SEQ=c.rollout_per_sequence))
+
+
 def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coef, coef_ent,
-                     part, config):
-    """The per-sequence pass over the B = cu.numel() - 1 sequences of ``cu`` (row offsets into
-    the flat per-token tensors, which are indexed globally): writes their tokens' coef and
-    coef_ent and their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of
-    the sequences at a time. Optional inputs may be None; ``rollout`` the sampler
-    correction's tensor (config.rollout says which) over the same flat positions."""
-    B = cu.numel() - 1
+                     part, config, T=0, B=None, finalize=None):
+    """The per-sequence pass over B sequences: [cu[i], cu[i + 1]) (cu int32 or int64, row
+    offsets into the flat per-token tensors, which are indexed globally), or with cu None
+    the rows [i T, (i + 1) T) of a padded batch. Writes their tokens' coef and coef_ent and
+    their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of the sequences
+    at a time. Optional inputs may be None; ``mask`` flat, of any dtype; ``rollout`` the
+    sampler correction's tensor (config.rollout says which) over the same flat positions.
+    ``finalize`` (loss, stats, norm, counter): the last program also reduces ``part`` into
+    them (counter: an int32 holding 0), one launch in all."""
+    B = cu.numel() - 1 if B is None else B
     if B:
         c = config
+        scalars, switches = _finalize_args(c)
+        loss, stats, norm, counter = finalize if finalize is not None else (part,) * 4
         launch(_ratio_loss_fwd_kernel, (B,),
             logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
-            advantages, cu, logp if mask is None else mask, logp if rollout is None else rollout,
-            coef, coef_ent, part, logp.numel(), c.eps_low, c.eps_high,
+            advantages, logp if cu is None else cu, logp if mask is None else mask,
+            logp if rollout is None else rollout, coef, coef_ent, part, loss, stats, norm,
+            counter, logp.numel(), T, B, c.eps_low, c.eps_high,
             0.0 if c.dual_clip is None else c.dual_clip, c.max_log_ratio, c.beta,
-            c.rollout_is_min, c.rollout_is_max,
-            RATIO=RATIO_CODE[c.ratio], TWO_SIDED=c.clip_mode == "two_sided",
+            c.rollout_is_min, c.rollout_is_max, *scalars,
+            TWO_SIDED=c.clip_mode == "two_sided",
             DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
             HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=c.beta > 0,
             HAS_ENT=entropy is not None, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
-            BLOCK=BLOCK_TOKENS)
+            PADDED=cu is None, FINALIZE=finalize is not None, **switches, BLOCK=BLOCK_TOKENS,
+            BLOCK_B=BLOCK_SEQS)
+    if finalize is not None and not B:  # no program to finish last: the loss of nothing
+        launch_finalize(part, *finalize[:3], config)
 
 
 def launch_finalize(part, loss, stats, norm, config):
     """Reduces ``part`` (B, NPART) into loss (), stats (len(STAT_KEYS),) and norm ()."""
-    c = config
-    launch(_ratio_loss_finalize_kernel, (1,),
-        part, loss, stats, norm, part.shape[0], 0.0 if c.num_tokens is None else c.num_tokens,
-        0.0 if c.num_sequences is None else c.num_sequences,
-        1.0 if c.max_len is None else c.max_len, c.entropy_coef, RATIO=RATIO_CODE[c.ratio],
-        AGG=AGG_CODE[c.aggregation], GIVEN_TOKENS=c.num_tokens is not None,
-        GIVEN_SEQUENCES=c.num_sequences is not None, RW_PER_SEQ=c.rollout_per_sequence,
-        BLOCK=BLOCK_SEQS)
+    scalars, switches = _finalize_args(config)
+    launch(_ratio_loss_finalize_kernel, (1,), part, loss, stats, norm, part.shape[0], *scalars,
+           **switches, BLOCK=BLOCK_SEQS)
 
 
 def new_partials(B, device):
@@ -79,18 +96,32 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     """(loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or (0,), norm) over flat
     per-token tensors of R positions split by the segments (cu, mask); ``config`` an encoded
     LossConfig, ``rollout`` its sampler correction's tensor; see the module docstring."""
-    cfg = LossConfig.decode(config)
-    R, B = logp.numel(), cu.numel() - 1
-    dev = logp.device
+    return kernel_ratio_loss(logp, old, advantages, cu, mask, ref, entropy, rollout,
+                             LossConfig.decode(config))
+
+
+def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rollout, config,
+                      counter=None):
+    """Op 4 on the launchers: (loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or
+    (0,), norm). The per-token tensors are read as they come (flat views), split by
+    ``cu_seqlens`` (int32 or int64; ``mask`` then flat or None) or, without it, by the rows
+    of a padded (B, T) ``mask`` of any dtype; ``config`` a LossConfig. ``counter``: an int32
+    that a kernel launched before set to 0 (then one launch in all, else two)."""
+    def flat(t):  # the kernel reads flat positions and per-sequence entries by index
+        return None if t is None else t.reshape(-1).contiguous()
+    if cu_seqlens is not None:
+        cu, B, T = cu_seqlens.contiguous(), cu_seqlens.numel() - 1, 0
+    else:
+        cu, (B, T) = None, mask.shape
+    dev, R = logp.device, logp.numel()
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
     part, loss, stats, norm = new_partials(B, dev)
-
-    def flat(t):  # the kernel reads flat positions and per-sequence entries by index
-        return None if t is None else t.reshape(-1).contiguous()
     launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
-                     cu.contiguous(), flat(mask), flat(rollout), coef, coef_ent, part, cfg)
-    launch_finalize(part, loss, stats, norm, cfg)
+                     cu, flat(mask), flat(rollout), coef, coef_ent, part, config, T, B,
+                     None if counter is None else (loss, stats, norm, counter))
+    if counter is None:
+        launch_finalize(part, loss, stats, norm, config)
     return loss, stats, coef, coef_ent, norm
 
 
@@ -122,15 +153,20 @@ ratio_loss.register_autograd(_backward, setup_context=_setup_context)
 
 def stats_dict(stats, config):
     """The statistics reported, by name, in sorted order, detached (the loss op's stats output
-    is a function of logp to autograd, though never differentiated): the entropy's, the KL's
-    and the sampler correction's only when computed, its k3 only from the sampler's
-    log-probs."""
+    is a function of logp to autograd, though never differentiated)."""
+    values = dict(zip(STAT_KEYS, stats.detach().unbind(0)))  # one op, not one per entry
+    return {k: values[k] for k in _reported(config)}
+
+
+@functools.lru_cache(maxsize=256)
+def _reported(config):
+    """The names of the statistics a config reports, sorted: the entropy's, the KL's and the
+    sampler correction's only when computed, its k3 only from the sampler's log-probs."""
     def reported(k):
         if k.startswith("rollout_"):
             return config.rollout != "" and (k != "rollout_kl" or config.rollout != "weights")
         return (k != "entropy_mean" or config.with_entropy) and (k != "kl_mean" or config.ref)
-    stats = stats.detach()
-    return {k: stats[STAT_KEYS.index(k)] for k in sorted(filter(reported, STAT_KEYS))}
+    return tuple(sorted(filter(reported, STAT_KEYS)))
 
 
 def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, rollout,
@@ -207,9 +243,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
         rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min,
         rollout_weights=rollout_weights, mask=mask)
-    check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
-                      ref_logprobs, ("logprobs", logprobs), max_len,
-                      config.rollout_inputs(rollout))
+    with check.one_read():
+        check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
+                          ref_logprobs, ("logprobs", logprobs), max_len,
+                          config.rollout_inputs(rollout))
     if not use_triton(logprobs):
         return reference.tic_loss_from_logprobs(logprobs, old_logprobs, advantages,
                                                 cu_seqlens=cu_seqlens, mask=mask,

@@ -1,14 +1,16 @@
 """Op 4's Triton kernels: the clipped ratio loss over per-token log-probabilities, one
-program per sequence, then one program that reduces the per-sequence partial sums.
+program per sequence, the last of which to finish reduces the per-sequence partial sums
+(or a second kernel does, when the forward kernel runs a slice of the sequences at a time).
 
 The forward kernel makes two passes over a sequence's tokens (O(N) floats in all, next to the
 (N, V) logits). Pass 1 sums Delta_i, L_i and the statistics' sums (and the sampler
 correction's weights); pass 2 evaluates the clipped objective and writes each token's loss
-gradient coefficient c_t, so the backward is dL/dlogp_t = c_t * norm * grad_loss with no
-further kernel. The aggregation weight of a token is norm * v_i with v_i = 1/L_i
-(seq-mean-token-mean) or 1, and norm = 1/B', 1/N_tok or 1/(B' max_len) is applied by the
-finalize kernel once the per-sequence partial sums are reduced in a fixed order (bitwise
-reproducible, no atomics, no host sync). ops/ratio_loss.py launches them.
+gradient coefficient c_t, so the backward is dL/dlogp_t = c_t * norm * grad_loss, which the
+logits' backward kernel applies as it reads c_t. The aggregation weight of a token is
+norm * v_i with v_i = 1/L_i (seq-mean-token-mean) or 1, and norm = 1/B', 1/N_tok or
+1/(B' max_len) is set once the per-sequence partial sums are reduced, in a fixed order
+whichever program does it (bitwise reproducible; the one atomic only counts the programs
+that finished; no host sync). ops/ratio_loss.py launches them.
 """
 from __future__ import annotations
 
@@ -278,19 +280,30 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
 @triton.jit
 def _ratio_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr,
-    coef_ptr, coef_ent_ptr, part_ptr, N,
+    coef_ptr, coef_ent_ptr, part_ptr, loss_ptr, stats_ptr, norm_ptr, counter_ptr, N, T, B,
     eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi,
+    num_tokens, num_sequences, max_len, entropy_coef,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
-    HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, PADDED: tl.constexpr,
+    FINALIZE: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
+    GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     """One program per sequence: pass 1 (_sequence_sums), the sampler correction's sequence
     weight, the sequence ratio's objective (_sequence_objective), pass 2 (_token_pass), then
-    the sequence's row of partial sums for the finalize kernel."""
+    the sequence's row of partial sums. Sequence i is tokens [i T, (i + 1) T) of a padded
+    batch (PADDED) or [cu[i], cu[i + 1]) (cu int32 or int64). With FINALIZE, the program that
+    finishes last (counted in counter_ptr, which must hold 0) reduces every row into the
+    loss (_reduce_partials): one launch in all; without, the finalize kernel does."""
     eps_low, eps_high, dual_clip = as_f32(eps_low), as_f32(eps_high), as_f32(dual_clip)
     cap, beta, rw_lo, rw_hi = as_f32(cap), as_f32(beta), as_f32(rw_lo), as_f32(rw_hi)
     i = tl.program_id(0)
-    start, end = segment_bounds(cu_ptr, i, N)
+    if PADDED:
+        start = i * T
+        end = start + T
+    else:
+        start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
     (Delta, L, logp_sum, kl_sum, ent_sum, u_sum, w_sum, w_sq, w_max, w_min, w_zero, rkl_sum,
      r_valid) = _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start,
@@ -345,11 +358,22 @@ def _ratio_loss_fwd_kernel(
     tl.store(row + COL_RW_ZERO, rw_zero)
     tl.store(row + COL_RKL, rkl_sum)
     tl.store(row + COL_RVALID, r_valid)
+    if FINALIZE:
+        # The last program to finish reduces the rows, in a fixed order whichever it is: the
+        # barrier orders every thread's stores before the count's release; the last program
+        # acquires them and reads the rows from L2 (.cg, in _column), as the CUDA samples'
+        # threadfence reduction does.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if done == B - 1:
+            _reduce_partials(part_ptr, loss_ptr, stats_ptr, norm_ptr, B, num_tokens,
+                             num_sequences, max_len, entropy_coef, RATIO, AGG, GIVEN_TOKENS,
+                             GIVEN_SEQUENCES, RW_PER_SEQ, BLOCK_B)
 
 
 @triton.jit
 def _column(part_ptr, rows, keep, COL: tl.constexpr, other):
-    return tl.load(part_ptr + rows * NPART + COL, mask=keep, other=other)
+    return tl.load(part_ptr + rows * NPART + COL, mask=keep, other=other, cache_modifier=".cg")
 
 
 @triton.jit
@@ -364,9 +388,21 @@ def _ratio_loss_finalize_kernel(
     RATIO: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
     GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program reduces the (B, NPART) partial sums in a fixed order (bitwise
-    reproducible) into the loss, its normaliser and the statistics: one launch, no host
-    value, so the loss can be captured in a CUDA graph."""
+    """One program reduces the (B, NPART) partial sums (_reduce_partials): for the callers
+    that run the forward kernel more than once (the fused LM head, a chunk at a time)."""
+    _reduce_partials(part_ptr, loss_ptr, stats_ptr, norm_ptr, B, num_tokens, num_sequences,
+                     max_len, entropy_coef, RATIO, AGG, GIVEN_TOKENS, GIVEN_SEQUENCES,
+                     RW_PER_SEQ, BLOCK)
+
+
+@triton.jit
+def _reduce_partials(part_ptr, loss_ptr, stats_ptr, norm_ptr, B, num_tokens, num_sequences,
+                     max_len, entropy_coef, RATIO: tl.constexpr, AGG: tl.constexpr,
+                     GIVEN_TOKENS: tl.constexpr, GIVEN_SEQUENCES: tl.constexpr,
+                     RW_PER_SEQ: tl.constexpr, BLOCK: tl.constexpr):
+    """Reduces the (B, NPART) partial sums in a fixed order (bitwise reproducible) into the
+    loss, its normaliser and the statistics: no host value, so the loss can be captured in a
+    CUDA graph."""
     num_tokens, num_sequences = as_f32(num_tokens), as_f32(num_sequences)
     max_len, entropy_coef = as_f32(max_len), as_f32(entropy_coef)
     cols = tl.arange(0, BLOCK)
@@ -377,7 +413,7 @@ def _ratio_loss_finalize_kernel(
     for off in range(0, B, BLOCK):
         rows = off + cols
         keep = rows < B
-        L = tl.load(part_ptr + rows * NPART + COL_LEN, mask=keep, other=0.0)
+        L = _column(part_ptr, rows, keep, COL_LEN, 0.0)
         n_tok += tl.sum(L, 0)
         n_seq += tl.sum((L > 0).to(tl.float32), 0)
         obj += _column_sum(part_ptr, rows, keep, COL_OBJ)

@@ -146,14 +146,17 @@ def sequence_logprobs(values, *, cu_seqlens=None, mask=None, reduce="sum"):
     check.choice("reduce", reduce, REDUCES)
     check.float_tensor("values", values)
     check.layout(cu_seqlens, mask)
-    if cu_seqlens is not None:
-        if values.dim() != 1:
-            raise ValueError(f"values must be 1-D (N,) with cu_seqlens, got shape {tuple(values.shape)}")
-        check.cu_seqlens_ok(cu_seqlens, values.shape[0], device_of=("values", values))
-    else:
-        if values.dim() != 2:
-            raise ValueError(f"values must be 2-D (B, T) with mask, got shape {tuple(values.shape)}")
-        check.mask_ok(mask, values.shape, device_of=("values", values))
+    with check.one_read():
+        if cu_seqlens is not None:
+            if values.dim() != 1:
+                raise ValueError(f"values must be 1-D (N,) with cu_seqlens, got shape "
+                                 f"{tuple(values.shape)}")
+            check.cu_seqlens_ok(cu_seqlens, values.shape[0], device_of=("values", values))
+        else:
+            if values.dim() != 2:
+                raise ValueError(f"values must be 2-D (B, T) with mask, got shape "
+                                 f"{tuple(values.shape)}")
+            check.mask_ok(mask, values.shape, device_of=("values", values))
     if not use_triton(values):
         return reference.sequence_logprobs(values, cu_seqlens, mask, reduce)
     cu, flat_mask = segments(cu_seqlens, mask, values.device)

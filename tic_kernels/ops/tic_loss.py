@@ -14,50 +14,78 @@ import torch
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import first_order_only, use_triton
+from ..backend import first_order_only, tracing, use_triton
 from ..config import loss_call
 from ..layout import ignoring_masked
 from ..options import IGNORE_INDEX
 from ..output import LossOutput
-from .ratio_loss import loss_on_segments, scaled_coefficients, stats_dict
+from .ratio_loss import kernel_ratio_loss, loss_on_segments, scaled_coefficients, stats_dict
 from .token_logprobs import kernel_logprobs, logits_grad, token_logprobs_fwd
 
 
 class _TICLoss(torch.autograd.Function):
     """Logits to (loss, stats (len(STAT_KEYS),)) in one node; the gradient reaches the
-    logits only."""
+    logits only. Eager: two kernels forward (the rows, then the loss with its reduction) and
+    one backward (the coefficients scaled by the incoming gradient inside it); the inputs as
+    they come (the mask of any dtype, int32 cu_seqlens). While torch.compile traces: the
+    torch.library ops, whose glue Inductor fuses."""
 
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 rollout, inplace_backward, config, shard):
-        targets = ignoring_masked(targets, mask)  # the kernel never reads those rows
-        if shard is None:
-            logp, max_logsum, entropy = token_logprobs_fwd(logits, targets, config.temperature,
-                                                    IGNORE_INDEX, config.with_entropy)
-        else:  # op 7: this rank's vocabulary columns, combined across the group
+        ctx.compiled = tracing(logits)
+        entropy_on = config.with_entropy
+        if ctx.compiled:
+            targets = ignoring_masked(targets, mask)  # the kernel never reads those rows
+            if shard is None:
+                logp, max_logsum, entropy = token_logprobs_fwd(
+                    logits, targets, config.temperature, IGNORE_INDEX, entropy_on)
+            else:
+                logp, max_logsum, entropy = kernel_logprobs(
+                    logits, targets.reshape(-1).contiguous(), config.temperature, IGNORE_INDEX,
+                    entropy_on, shard)
+            flat_mask = None
+            loss, stats, coef, coef_ent, norm = loss_on_segments(
+                logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+                entropy if entropy_on else None, rollout, config)
+        else:
+            targets = targets.reshape(-1).contiguous()
+            flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+            # cleared by the row kernel for the loss kernel (with no row, nothing clears it:
+            # the loss then takes its second launch)
+            counter = torch.empty(1, dtype=torch.int32, device=logits.device) \
+                if targets.numel() else None
             logp, max_logsum, entropy = kernel_logprobs(
-                logits, targets.reshape(-1).contiguous(), config.temperature, IGNORE_INDEX,
-                config.with_entropy, shard)
-        loss, stats, coef, coef_ent, norm = loss_on_segments(
-            logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-            entropy if config.with_entropy else None, rollout, config)
-        ctx.save_for_backward(logits, targets, max_logsum, entropy, coef, coef_ent, norm)
+                logits, targets, config.temperature, IGNORE_INDEX, entropy_on, shard,
+                flat_mask, counter)
+            loss, stats, coef, coef_ent, norm = kernel_ratio_loss(
+                logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
+                entropy if entropy_on else None, rollout, config, counter)
+        ctx.save_for_backward(logits, targets, flat_mask, max_logsum, entropy, coef, coef_ent,
+                              norm)
         ctx.config, ctx.inplace_backward = config, inplace_backward
         ctx.vocab_start = 0 if shard is None else shard.start
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
         return loss, stats
 
     @staticmethod
     @first_order_only
     def backward(ctx, g_loss, _g_stats):
-        logits, targets, max_logsum, entropy, coef, coef_ent, norm = ctx.saved_tensors
+        if g_loss is None:  # only the statistics were used: no gradient
+            return (None,) * 11
+        logits, targets, flat_mask, max_logsum, entropy, coef, coef_ent, norm = ctx.saved_tensors
         config = ctx.config
-        g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
-                                                config.entropy_coef, config.with_entropy)
+        kw = dict(inplace=ctx.inplace_backward, vocab_start=ctx.vocab_start,
+                  traced=ctx.compiled)
+        if ctx.compiled:
+            g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
+                                                    config.entropy_coef, config.with_entropy)
+        else:
+            g_logp, g_entropy = coef, coef_ent if config.with_entropy else None
+            kw.update(mask=flat_mask, scale=(g_loss, norm, config.entropy_coef))
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy,
-                           config.temperature,
-                           IGNORE_INDEX, inplace=ctx.inplace_backward,
-                           vocab_start=ctx.vocab_start)
+                           config.temperature, IGNORE_INDEX, **kw)
         return (grad,) + (None,) * 10  # forward's other inputs: data and options
 
 

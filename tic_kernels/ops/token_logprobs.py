@@ -13,6 +13,8 @@ row's (max, log-sum) pair saved by the forward (``max_logsum``). Rows whose targ
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +22,7 @@ import triton.language as tl
 from .. import ranks, reference
 from .. import validation as check
 from ..backend import (as_f32, cast_for_store, emulate_rne, first_order_only, grads_by_name,
-                       inputs_by_name, interpreting, launch, triton_op, use_triton)
+                       inputs_by_name, interpreting, launch, tracing, triton_op, use_triton)
 from ..options import IGNORE_INDEX
 from . import vocab_parallel
 
@@ -68,15 +70,29 @@ def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK: tl.constexpr):
+    """A row's target, or ignore_index where the loss mask (any dtype, flat) is 0: such a
+    row is neither read nor given a gradient, whatever its target holds."""
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if HAS_MASK:
+        target = tl.where(tl.load(mask_ptr + row) != 0, target, ignore_index)
+    return target
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, targets_ptr, logp_ptr, max_logsum_ptr, entropy_ptr,
+    logits_ptr, targets_ptr, mask_ptr, logp_ptr, max_logsum_ptr, entropy_ptr, counter_ptr,
     stride_b, stride_t, stride_v,
     T, V, inv_temperature, ignore_index, vocab_start,
-    WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, CLEAR_COUNTER: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     inv_temperature = as_f32(inv_temperature)
     row = tl.program_id(0)
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    if CLEAR_COUNTER:  # for the loss kernel launched next (its count of finished programs)
+        if row == 0:
+            tl.store(counter_ptr, 0)
+    target = _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK)
     active = target != ignore_index
     target -= vocab_start  # a column of this shard of the vocabulary, or outside it (op 7)
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
@@ -124,30 +140,45 @@ def _grad_block(z, idx, target, g, gH, H, m, log_s, WITH_ENTROPY: tl.constexpr):
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    logits_ptr, grad_ptr, targets_ptr, max_logsum_ptr, entropy_ptr, g_ptr, g_entropy_ptr,
-    stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv,
-    T, V, inv_temperature, ignore_index, vocab_start,
-    WITH_ENTROPY: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+    logits_ptr, grad_ptr, targets_ptr, mask_ptr, max_logsum_ptr, entropy_ptr, g_ptr,
+    g_entropy_ptr, g_loss_ptr, norm_ptr,
+    stride_b, stride_t, stride_v, stride_gb, stride_gt, stride_gv, stride_g, stride_ge,
+    T, V, cols_per_program, inv_temperature, entropy_coef, ignore_index, vocab_start,
+    HAS_G: tl.constexpr, WITH_ENTROPY: tl.constexpr, SCALED: tl.constexpr,
+    HAS_MASK: tl.constexpr, EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
     UNIT_STRIDE_GV: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    inv_temperature = as_f32(inv_temperature)
+    """Program (row, j) writes columns [j cols_per_program, (j + 1) cols_per_program) of the
+    row's gradient (several programs per row when there are few rows). dL/dlogp and dL/dH of
+    the row are g_ptr[row * stride_g] and g_entropy_ptr[row * stride_ge] (stride 0: one value
+    broadcast), times g_loss * norm (and entropy_coef for dL/dH) when SCALED: the loss's
+    per-token coefficients and the incoming gradient of the loss, read here on the device."""
+    inv_temperature, entropy_coef = as_f32(inv_temperature), as_f32(entropy_coef)
     row = tl.program_id(0)
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    first = tl.program_id(1) * cols_per_program
+    target = _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK)
     active = target != ignore_index
     target -= vocab_start  # outside [0, V) under op 7 when another shard holds it: no 1[v = y]
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
     m = tl.load(max_logsum_ptr + 2 * row)
     log_s = tl.load(max_logsum_ptr + 2 * row + 1)
-    g = tl.where(active, tl.load(g_ptr + row), 0.0) * inv_temperature
+    scale = inv_temperature
+    if SCALED:
+        scale *= tl.load(g_loss_ptr).to(tl.float32) * tl.load(norm_ptr)
+    g = 0.0
+    if HAS_G:
+        g = tl.where(active, tl.load(g_ptr + row * stride_g).to(tl.float32), 0.0) * scale
     gH = 0.0
     H = 0.0
     if WITH_ENTROPY:
-        gH = tl.where(active, tl.load(g_entropy_ptr + row), 0.0) * inv_temperature
+        gH = tl.where(active, tl.load(g_entropy_ptr + row * stride_ge).to(tl.float32), 0.0) * scale
+        if SCALED:
+            gH *= entropy_coef
         H = tl.load(entropy_ptr + row)
     out_ty = grad_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
+    for start in range(first, tl.minimum(first + cols_per_program, V), BLOCK_V):
         idx = start + cols
         inside = idx < V
         # inactive rows: no read, a row of exact zeros written
@@ -162,16 +193,17 @@ def _token_logprobs_bwd_kernel(
 def _block_v(V: int) -> int:
     # The interpreter runs programs one after another: fewer, larger blocks are faster there.
     cap = 16384 if interpreting() else 4096
-    return min(triton.next_power_of_2(V), cap)
+    return min(1 << max(V - 1, 0).bit_length(), cap)  # the next power of 2 (host ints)
 
 
 def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-# (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels; None takes the
-# defaults above. benchmarks/sweep.py sets them to time other configurations on a GPU.
-LAUNCH_CONFIG = {"fwd": None, "bwd": None}
+# (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels, and the number of
+# programs per row of the backward ("bwd_split"); None takes the defaults above and below.
+# benchmarks/sweep.py sets them to time other configurations on a GPU.
+LAUNCH_CONFIG = {"fwd": None, "bwd": None, "bwd_split": None}
 
 
 def _launch_config(kernel: str, V: int):
@@ -179,6 +211,31 @@ def _launch_config(kernel: str, V: int):
         return LAUNCH_CONFIG[kernel]
     block = _block_v(V)
     return block, _num_warps(block)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_in_flight(device_index: int) -> int:
+    """Programs of 8 warps a GPU runs at once, about: 2 per streaming multiprocessor."""
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _bwd_split(R: int, V: int, block: int, device) -> int:
+    """Programs per row of the backward: 1, unless the rows are too few to fill the GPU twice
+    over (a small micro-batch), then the columns are shared out so that they do. (The
+    interpreter runs programs one after another: 1 there.)"""
+    if LAUNCH_CONFIG["bwd_split"] is not None:
+        return LAUNCH_CONFIG["bwd_split"]
+    if device.type != "cuda":
+        return 1
+    want = 2 * _programs_in_flight(device.index if device.index is not None
+                                   else torch.cuda.current_device())
+    return max(1, min(-(-V // block), -(-want // max(R, 1))))
+
+
+def per_row(t):
+    """A flat view of t for a kernel that reads one value per row at its stride: a broadcast
+    value (stride 0, as autograd hands the gradient of a sum) is read as it is, not copied."""
+    return t.reshape(-1)
 
 
 def _rows_layout(logits):
@@ -191,22 +248,32 @@ def _rows_layout(logits):
 
 
 def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
-               vocab_start=0):
+               vocab_start=0, mask=None, counter=None):
     """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
     (R,), max_logsum (2R,), entropy (R,) or empty); targets (R,) contiguous. With ``vocab_start``
     (op 7) the logits are columns [vocab_start, vocab_start + V) of the vocabulary: the
     buffers get this shard's partial values (logp NaN where another shard holds the target),
-    which vocab_parallel.combine_partials turns into the whole vocabulary's."""
+    which vocab_parallel.combine_partials turns into the whole vocabulary's. ``mask``: a flat
+    (R,) loss mask of any dtype, rows where it is 0 treated as ignored; ``counter``: an int32
+    the kernel sets to 0 for the loss kernel that follows."""
     R = targets.numel()
     if not R:
         return
     T, sb, st, sv = _rows_layout(logits)
     block, warps = _launch_config("fwd", logits.shape[-1])
     launch(_token_logprobs_fwd_kernel, (R,),
-        logits, targets, logp, max_logsum, entropy, sb, st, sv, T, logits.shape[-1],
-        1.0 / temperature,
-        ignore_index, vocab_start, WITH_ENTROPY=with_entropy, UNIT_STRIDE_V=sv == 1, BLOCK_V=block,
-        num_warps=warps)
+        logits, targets, targets if mask is None else mask, logp, max_logsum, entropy,
+        targets if counter is None else counter, sb, st, sv, T, logits.shape[-1],
+        1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
+        HAS_MASK=mask is not None, CLEAR_COUNTER=counter is not None, UNIT_STRIDE_V=sv == 1,
+        BLOCK_V=block, num_warps=warps)
+
+
+def new_row_buffers(R, with_entropy, device):
+    """(logp (R,), max_logsum (2R,), entropy (R,) or (0,)): fp32, uninitialised."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return (torch.empty(R, **f32), torch.empty(2 * R, **f32),
+            torch.empty(R if with_entropy else 0, **f32))
 
 
 @triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
@@ -216,11 +283,8 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
     """(logp (R,), max_logsum (2R,), entropy (R,)) fp32 over the flattened rows; entropy is empty
     unless with_entropy. max_logsum holds each row's logsumexp for the backward in two parts:
     with z = logits / temperature, max_logsum[2r] = max z and max_logsum[2r + 1] =
-    log sum exp(z - max z)."""
-    R = targets.numel()
-    logp = torch.empty(R, dtype=torch.float32, device=logits.device)
-    max_logsum = torch.empty(2 * R, dtype=torch.float32, device=logits.device)
-    entropy = torch.empty(R if with_entropy else 0, dtype=torch.float32, device=logits.device)
+    log sum exp(z - max z). The op torch.compile traces; eager calls run the launchers."""
+    logp, max_logsum, entropy = new_row_buffers(targets.numel(), with_entropy, logits.device)
     # the kernel reads targets[row]
     launch_fwd(logits, targets.reshape(-1).contiguous(), logp, max_logsum, entropy, temperature,
                ignore_index, with_entropy)
@@ -228,22 +292,36 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 
 def launch_bwd(logits, grad, targets, max_logsum, entropy, g_logp, g_entropy, temperature,
-               ignore_index, vocab_start=0):
+               ignore_index, vocab_start=0, mask=None, scale=None):
     """Runs the backward kernel: dL/dlogits into ``grad`` (which may be ``logits`` itself:
-    each block is read before the same program overwrites it). Per-row inputs contiguous;
-    g_entropy empty: no entropy term. Under op 7, max_logsum and entropy are the whole vocabulary's
-    and the logits columns [vocab_start, vocab_start + V) of it."""
+    each block is read before the same program overwrites it). ``g_logp`` and ``g_entropy``:
+    per-row gradients (any float dtype, flat views of any single stride: see per_row), None
+    (or empty) where they are zero. Under op 7, max_logsum and entropy are the whole
+    vocabulary's and the logits columns [vocab_start, vocab_start + V) of it. ``mask`` as in
+    launch_fwd; ``scale`` (g_loss (), norm (), entropy_coef) multiplies g_logp by
+    g_loss * norm and g_entropy by g_loss * norm * entropy_coef in the kernel (the loss's
+    backward: no kernel of its own)."""
     R = targets.numel()
     if not R:
         return
     T, sb, st, sv = _rows_layout(logits)
     _, gb, gt, gv = _rows_layout(grad)
-    block, warps = _launch_config("bwd", logits.shape[-1])
-    launch(_token_logprobs_bwd_kernel, (R,),
-        logits, grad, targets, max_logsum, entropy, g_logp, g_entropy,
-        sb, st, sv, gb, gt, gv, T, logits.shape[-1], 1.0 / temperature, ignore_index,
-        vocab_start, WITH_ENTROPY=g_entropy.numel() > 0, EMULATE_RNE=emulate_rne(grad.dtype),
-        UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1, BLOCK_V=block, num_warps=warps)
+    V = logits.shape[-1]
+    block, warps = _launch_config("bwd", V)
+    split = _bwd_split(R, V, block, logits.device)
+    cols = -(-(-(-V // split)) // block) * block  # ceil(ceil(V / split) / block) blocks
+    has_g = g_logp is not None
+    with_entropy = g_entropy is not None and g_entropy.numel() > 0
+    g_loss, norm, entropy_coef = scale if scale is not None else (max_logsum, max_logsum, 0.0)
+    launch(_token_logprobs_bwd_kernel, (R, -(-V // cols)),
+        logits, grad, targets, targets if mask is None else mask, max_logsum, entropy,
+        g_logp if has_g else max_logsum, g_entropy if with_entropy else max_logsum, g_loss, norm,
+        sb, st, sv, gb, gt, gv, g_logp.stride(0) if has_g else 0,
+        g_entropy.stride(0) if with_entropy else 0, T, V, cols, 1.0 / temperature,
+        entropy_coef, ignore_index, vocab_start, HAS_G=has_g, WITH_ENTROPY=with_entropy,
+        SCALED=scale is not None, HAS_MASK=mask is not None,
+        EMULATE_RNE=emulate_rne(grad.dtype), UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1,
+        BLOCK_V=block, num_warps=warps)
 
 
 @triton_op("tic_kernels::token_logprobs_bwd", mutates_args={"grad"})
@@ -252,23 +330,35 @@ def token_logprobs_bwd(logits: torch.Tensor, grad: torch.Tensor, targets: torch.
                        g_entropy: torch.Tensor, temperature: float, ignore_index: int,
                        vocab_start: int) -> None:
     """Writes dL/dlogits into ``grad`` (which may be ``logits`` itself). g_entropy empty: no
-    entropy term."""
+    entropy term. The op torch.compile traces; eager calls run the launcher."""
     launch_bwd(logits, grad, targets.reshape(-1).contiguous(), max_logsum.contiguous(),
                entropy.contiguous(), g_logp.contiguous(), g_entropy.contiguous(), temperature,
                ignore_index, vocab_start)
 
 
 def logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, temperature, ignore_index,
-                inplace=False, vocab_start=0):
+                inplace=False, vocab_start=0, mask=None, scale=None, traced=False):
     """dL/dlogits (in the logits' dtype) from the forward's max_logsum; shared with the fused loss
-    and op 7 (``vocab_start``: the logits are that shard of the vocabulary)."""
+    and op 7 (``vocab_start``: the logits are that shard of the vocabulary). Eager: one kernel
+    (mask and scale as launch_bwd takes them); ``traced`` (a backward that a graph may
+    capture), the op (mask and scale must then be None: the caller applied them)."""
     grad = logits if inplace else torch.empty_like(logits)
-    empty = max_logsum.new_empty(0)
-    token_logprobs_bwd(logits, grad, targets, max_logsum,
-                       entropy if g_entropy is not None else empty,
-                       g_logp.reshape(-1).float().contiguous(),
-                       empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
-                       temperature, ignore_index, vocab_start)
+    if traced:
+        assert mask is None and scale is None
+        empty = max_logsum.new_empty(0)
+        g_logp = torch.zeros_like(max_logsum[::2]) if g_logp is None else g_logp
+        token_logprobs_bwd(logits, grad, targets, max_logsum,
+                           entropy if g_entropy is not None else empty,
+                           g_logp.reshape(-1).float().contiguous(),
+                           empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
+                           temperature, ignore_index, vocab_start)
+        return grad
+    launch_bwd(logits, grad, targets, max_logsum, entropy,
+               None if g_logp is None else per_row(g_logp),
+               None if g_entropy is None else per_row(g_entropy), temperature, ignore_index,
+               vocab_start, None if mask is None else mask.reshape(-1).contiguous(), scale)
+    if inplace:  # as the op declares it mutates grad: a node that saved the logits sees it
+        torch.autograd.graph.increment_version(grad)
     return grad
 
 
@@ -287,7 +377,7 @@ def _backward(ctx, g_logp, g_lse, g_entropy):
     if g_logp is None:  # only the entropy was used
         g_logp = max_logsum.new_zeros(max_logsum.shape[0] // 2)
     grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, ctx.temperature,
-                       ctx.ignore_index)
+                       ctx.ignore_index, traced=True)
     return grads_by_name(token_logprobs_fwd, logits=grad)
 
 
@@ -295,32 +385,36 @@ token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Op 1 over a shard of the vocabulary (op 7): this rank's columns, combined across the group
+# The eager path: the launchers called directly (one kernel forward, one backward), over the
+# whole vocabulary or over this rank's shard of it (op 7, combined across the group)
 # ---------------------------------------------------------------------------------------------
-def kernel_logprobs(logits, targets, temperature, ignore_index, with_entropy, shard):
-    """Op 1's forward kernel over this rank's slice, combined across the group: (logp (R,),
-    max_logsum (2R,), entropy (R,) or (0,)) of the whole vocabulary, fp32, as token_logprobs_fwd
-    returns them. targets (R,) contiguous, global ids."""
-    R = targets.numel()
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    logp, max_logsum = torch.empty(R, **f32), torch.empty(2 * R, **f32)
-    entropy = torch.empty(R if with_entropy else 0, **f32)
+def kernel_logprobs(logits, targets, temperature, ignore_index, with_entropy, shard,
+                    mask=None, counter=None):
+    """Op 1's forward kernel: (logp (R,), max_logsum (2R,), entropy (R,) or (0,)) fp32, as
+    token_logprobs_fwd returns them; over a shard (op 7) this rank's slice, combined across
+    the group into the whole vocabulary's. targets (R,) contiguous, global ids; ``mask`` and
+    ``counter`` as launch_fwd takes them."""
+    logp, max_logsum, entropy = new_row_buffers(targets.numel(), with_entropy, logits.device)
     launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
-               shard.start)
+               0 if shard is None else shard.start, mask, counter)
+    if shard is None:
+        return logp, max_logsum, entropy
     return vocab_parallel.combine(logp, max_logsum, entropy, targets, ignore_index, shard)
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """The kernels' path of op 1 over a vocabulary shard; the backward is op 1's kernel with
-    the whole vocabulary's max_logsum and this shard's column offset."""
+    """Op 1 on the kernels in eager mode (``shard``: over a vocabulary shard, op 7): the
+    backward is op 1's kernel with the whole vocabulary's max_logsum and the shard's column
+    offset. Gradients of unused outputs are not materialised: the kernel skips them."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, shard):
         flat_t = targets.reshape(-1).contiguous()
         logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
-                                             with_entropy, shard)
+                                                    with_entropy, shard)
         ctx.save_for_backward(logits, flat_t, max_logsum, entropy)
-        ctx.options = temperature, ignore_index, with_entropy, shard.start
+        ctx.options = temperature, ignore_index, with_entropy, 0 if shard is None else shard.start
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod
@@ -328,23 +422,21 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy):
         logits, targets, max_logsum, entropy = ctx.saved_tensors
         temperature, ignore_index, with_entropy, start = ctx.options
-        if g_logp is None:  # only the entropy was used
-            g_logp = torch.zeros_like(targets, dtype=torch.float32)
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp,
                            g_entropy if with_entropy else None, temperature, ignore_index,
-                           vocab_start=start)
+                           vocab_start=start, traced=tracing(logits))
         return grad, None, None, None, None, None
 
 
-def sharded_token_logprobs(logits, targets, temperature, ignore_index, return_entropy, shard,
-                   kernels):
-    """tic_kernels.token_logprobs over a vocabulary shard (inputs checked): the kernels
-    (logits 2-D or 3-D) or the reference."""
-    if not kernels:
-        return reference.vocab_token_logprobs(logits, targets, temperature, ignore_index,
-                                              return_entropy, *shard.pair)
-    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index),
-                                         bool(return_entropy), shard)
+def kernel_token_logprobs(logits, targets, temperature, ignore_index, return_entropy, shard):
+    """tic_kernels.token_logprobs on the kernels (inputs checked; logits 2-D or 3-D): the op
+    while torch.compile traces, else the launchers."""
+    if shard is None and tracing(logits):
+        logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature),
+                                              int(ignore_index), bool(return_entropy))
+    else:
+        logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature),
+                                             int(ignore_index), bool(return_entropy), shard)
     logp = logp.view(targets.shape)
     return (logp, entropy.view(targets.shape)) if return_entropy else logp
 
@@ -395,11 +487,10 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
         logits, targets = logits.unsqueeze(0), targets.reshape(1)
     elif logits.dim() > 3:
         logits, targets = logits.flatten(0, -3), targets.flatten(0, -2)
-    if shard is not None:
-        out = sharded_token_logprobs(logits, targets, temperature, ignore_index,
-                                            return_entropy, shard, kernels)
-        return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
-    logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index),
-                                          bool(return_entropy))
-    logp = logp.view(shape)
-    return (logp, entropy.view(shape)) if return_entropy else logp
+    if kernels:
+        out = kernel_token_logprobs(logits, targets, temperature, ignore_index, return_entropy,
+                                    shard)
+    else:
+        out = reference.vocab_token_logprobs(logits, targets, temperature, ignore_index,
+                                             return_entropy, *shard.pair)
+    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
