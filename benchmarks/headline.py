@@ -61,6 +61,11 @@ def targets(records):
                 out[at + "trajectory_copy_fraction"] = traj_frac
                 out[at + "meets_trajectory_copy_fraction_0.93"] = \
                     None if traj_frac is None else traj_frac >= 0.93
+            # the first GPU run's targets, kept for comparison: token >= 0.90 of the copy
+            # bandwidth, trajectory within 1.05x of token
+            tok_frac = _p50(records, "tic_loss", "tic_kernels", "token", N, key)[1]
+            out[at + "token_copy_fraction"] = tok_frac
+            out[at + "trajectory_over_token"] = traj / tok if traj and tok else None
     return out
 
 

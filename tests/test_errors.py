@@ -38,7 +38,7 @@ def _loss(kw=None, **over):
     ({}, dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
     ({}, dict(cu_seqlens=CU.float()), TypeError, "cu_seqlens must be an int32 or int64"),
     ({}, dict(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "cu_seqlens must start at 0"),
-    ({}, dict(cu_seqlens=torch.tensor([0, 8, 7], dtype=torch.int32)), ValueError, "non-decreasing"),
+    ({}, dict(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), ValueError, "non-decreasing"),
     ({}, dict(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError, "must end at the number of tokens 7"),
     ({}, dict(cu_seqlens=CU.view(1, 3)), ValueError, "cu_seqlens must be 1-D"),
     ({}, dict(mask=torch.ones(1, N, dtype=torch.bool)), ValueError, "exactly one of cu_seqlens"),

@@ -37,8 +37,9 @@ def _inputs(padded, as_they_come, device, seed=0):
     return b, lay, adv
 
 
-def _grad(loss, x):
-    g = torch.ones((), dtype=loss.dtype, device=loss.device)  # outside the count: the caller's
+def _grad(loss, x, scale=1.0):
+    """dloss/dx times ``scale`` (the incoming gradient, made outside the count: the caller's)."""
+    g = torch.full((), scale, dtype=loss.dtype, device=loss.device)
     with Launches() as bwd:
         grad, = torch.autograd.grad(loss, x, g)
     return grad, bwd
@@ -67,19 +68,21 @@ def test_tic_loss_two_kernels_forward_one_backward(name, padded, as_they_come, m
     logits = (b.logits * 1).requires_grad_(True)  # a non-leaf, as an LM head's output
     with Launches() as fwd:
         out = tk.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
-    grad, bwd = _grad(out.loss, logits)
+    scale = 2.5  # an incoming gradient the kernel must apply (a loss scaled by the caller)
+    grad, bwd = _grad(out.loss, logits, scale)
     assert (fwd.kernels, fwd.ops, fwd.host_reads) == ([ROW_FWD, LOSS_FWD], [], 0)
     assert (bwd.kernels, bwd.ops, bwd.host_reads) == ([ROW_BWD], [], 0)
 
     want = ref.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
-    want_grad, = torch.autograd.grad(want.loss, logits)
+    want_grad, = torch.autograd.grad(want.loss * scale, logits)
     torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
     assert sorted(out.stats) == sorted(want.stats)
     for k in want.stats:
         torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
-    if padded:  # the padded rows' gradient is 0, their logits NaN
-        keep = lay["mask"].bool()[..., None]
-        grad, want_grad = grad * keep, torch.where(keep, want_grad, 0.0)
+    if padded:  # the padded rows (NaN logits) get a gradient of exact zeros
+        keep = lay["mask"].bool()
+        assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+        grad, want_grad = grad[keep], want_grad[keep]
     torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
 
 
@@ -183,4 +186,48 @@ def test_other_ops_read_the_host_at_most_once(call, monkeypatch, device):
     }
     with Launches() as counted:
         calls[call]()
-    assert counted.host_reads <= 1
+    assert counted.host_reads == 1  # the checks ran, and were read at once
+
+
+def test_last_program_reduces_as_the_finalize_kernel(device):
+    """The loss reduced by the last program to finish equals, bitwise, the separate finalize
+    kernel's: many more sequences than a GPU runs at once, so that programs finish in
+    another order each time (on the interpreter they run in order)."""
+    from tic_kernels.config import LossConfig
+    from tic_kernels.ops.ratio_loss import kernel_ratio_loss
+    B = 2048 if device == "cuda" else 96
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(0, 6, (B,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(device)
+    N = int(lengths.sum())
+    logp, old = (torch.randn(N, generator=g).to(device) - 2 for _ in range(2))
+    adv = torch.randn(B, generator=g).to(device)
+    config = LossConfig(ratio="trajectory", entropy_coef=0.0)
+    want = kernel_ratio_loss(logp, old, adv, cu, None, None, None, None, config)
+    for _ in range(3):
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        got = kernel_ratio_loss(logp, old, adv, cu, None, None, None, None, config, counter)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        assert counter.item() == B  # every program counted (nothing resets it)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compiled_autograd_after_an_eager_forward(padded, device):
+    """A backward traced by compiled autograd after an eager forward takes the ops' path
+    (it decides when it runs) and gives the eager gradient."""
+    from torch._dynamo import compiled_autograd
+    b = loss_batch([3, 4], 13, seed=1, padded=padded, device=device)
+    grads = []
+    for compiled in (False, True):
+        x = b.logits.clone().requires_grad_(True)
+        out = tk.tic_loss(x * 1, b.targets, b.old_logprobs, b.advantages, entropy_coef=0.1,
+                          **b.layout_kw)
+        torch._dynamo.reset()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                out.loss.backward()
+        else:
+            out.loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5, equal_nan=True)

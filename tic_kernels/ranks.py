@@ -134,6 +134,7 @@ def agree(process_group, op, checks, V_local, name, rows, replicated):
     agreed = agreed.tolist()  # the one host read
     failed, hi, lo = agreed[0], agreed[1:_SLOTS + 1], [-v for v in agreed[_SLOTS + 1:]]
     if error is not None:
+        values.raise_first()  # a value check that failed before the error comes first
         # dropped as it leaves: this frame holding the error that holds this frame would be a
         # cycle keeping the caller's tensors and process group alive until the cyclic GC (at
         # exit, gloo's group then aborts the process while it is torn down)

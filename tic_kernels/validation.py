@@ -78,10 +78,17 @@ def gathered():
 @contextlib.contextmanager
 def one_read():
     """The value checks made inside are read back together when the block ends (one host
-    read), and the first that failed raises then."""
+    read), and the first that failed raises then. When the block raises, a value check that
+    failed before it raises instead (the error path reads the flags): the error is the one
+    the checks give in their order, as if each value check had raised at once."""
     nested = getattr(_GATHERING, "checks", None) is not None
     with gathered() as checks:
-        yield
+        try:
+            yield
+        except Exception:
+            if not nested:
+                checks.raise_first()
+            raise
     if not nested:
         checks.raise_first()
 

@@ -155,10 +155,11 @@ def stats_dict(stats, config):
     """The statistics reported, by name, in sorted order, detached (the loss op's stats output
     is a function of logp to autograd, though never differentiated)."""
     values = dict(zip(STAT_KEYS, stats.detach().unbind(0)))  # one op, not one per entry
-    return {k: values[k] for k in _reported(config)}
+    # cached in eager mode (torch.compile warns on tracing an lru_cache)
+    keys = _reported(config) if torch.compiler.is_compiling() else _reported_cached(config)
+    return {k: values[k] for k in keys}
 
 
-@functools.lru_cache(maxsize=256)
 def _reported(config):
     """The names of the statistics a config reports, sorted: the entropy's, the KL's and the
     sampler correction's only when computed, its k3 only from the sampler's log-probs."""
@@ -167,6 +168,9 @@ def _reported(config):
             return config.rollout != "" and (k != "rollout_kl" or config.rollout != "weights")
         return (k != "entropy_mean" or config.with_entropy) and (k != "kl_mean" or config.ref)
     return tuple(sorted(filter(reported, STAT_KEYS)))
+
+
+_reported_cached = functools.lru_cache(maxsize=256)(_reported)
 
 
 def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, rollout,

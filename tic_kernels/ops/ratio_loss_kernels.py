@@ -300,7 +300,7 @@ def _ratio_loss_fwd_kernel(
     cap, beta, rw_lo, rw_hi = as_f32(cap), as_f32(beta), as_f32(rw_lo), as_f32(rw_hi)
     i = tl.program_id(0)
     if PADDED:
-        start = i * T
+        start = i.to(tl.int64) * T
         end = start + T
     else:
         start, end = segment_bounds(cu_ptr, i, N)

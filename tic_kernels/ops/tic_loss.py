@@ -33,9 +33,8 @@ class _TICLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 rollout, inplace_backward, config, shard):
-        ctx.compiled = tracing(logits)
         entropy_on = config.with_entropy
-        if ctx.compiled:
+        if tracing(logits):
             targets = ignoring_masked(targets, mask)  # the kernel never reads those rows
             if shard is None:
                 logp, max_logsum, entropy = token_logprobs_fwd(
@@ -76,9 +75,12 @@ class _TICLoss(torch.autograd.Function):
             return (None,) * 11
         logits, targets, flat_mask, max_logsum, entropy, coef, coef_ent, norm = ctx.saved_tensors
         config = ctx.config
-        kw = dict(inplace=ctx.inplace_backward, vocab_start=ctx.vocab_start,
-                  traced=ctx.compiled)
-        if ctx.compiled:
+        # decided now: a backward may be traced (compiled autograd) after an eager forward
+        traced = tracing(logits)
+        kw = dict(inplace=ctx.inplace_backward, vocab_start=ctx.vocab_start, traced=traced)
+        if traced:
+            if flat_mask is not None:  # saved by an eager forward: the op reads no mask
+                targets = ignoring_masked(targets, flat_mask)
             g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
                                                     config.entropy_coef, config.with_entropy)
         else:

@@ -225,7 +225,7 @@ def _bwd_split(R: int, V: int, block: int, device) -> int:
     interpreter runs programs one after another: 1 there.)"""
     if LAUNCH_CONFIG["bwd_split"] is not None:
         return LAUNCH_CONFIG["bwd_split"]
-    if device.type != "cuda":
+    if device.type != "cuda" or not isinstance(R, int):  # a traced symbolic size: no guard
         return 1
     want = 2 * _programs_in_flight(device.index if device.index is not None
                                    else torch.cuda.current_device())
