@@ -23,6 +23,7 @@ import harness  # noqa: E402
 
 import tic_kernels as tk  # noqa: E402
 from tic_kernels import reference as ref  # noqa: E402
+from tic_kernels.ops import tic_loss_two_pass as two_pass  # noqa: E402
 
 OP = "tic_loss"
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -40,6 +41,14 @@ def providers(batch, mode, compiled=True):
                                                      **kw).loss,
         "reference": lambda x: ref.tic_loss(x, t, old, adv, **kw).loss,
     }
+    if mode in ("token", "none"):  # the gradient in the forward (two passes), when served
+        def two_pass_loss(x):
+            two_pass.ENABLED = True
+            try:
+                return tk.tic_loss(x, t, old, adv, **kw).loss
+            finally:
+                two_pass.ENABLED = False
+        out["tic_kernels_two_pass"] = two_pass_loss
     if compiled:
         out["torch_compile_reference"] = torch.compile(
             lambda x: ref.tic_loss(x, t, old, adv, **kw).loss)

@@ -1,6 +1,7 @@
 """The headline of the GPU check: forward+backward in bf16 at V = 151936 (a Qwen-size
 vocabulary) and N = 4096 and 16384 tokens (an RL micro-batch and a large batch): tic_loss,
-token and trajectory ratios, tic_kernels (allocating and in place) next to Liger-Kernel's
+token and trajectory ratios, tic_kernels (allocating, in place, and for the token ratio with
+the gradient in the forward: ops/tic_loss_two_pass.py) next to Liger-Kernel's
 Triton GRPO loss, and token_logprobs next to flash-attn's Triton cross-entropy, when they
 import; each end to end and in device time (benchmarks/harness.py). The targets, at both N:
 token tic_loss >= 1.5x Liger's; trajectory >= 0.93 of the copy bandwidth (N = 16384) and
@@ -22,7 +23,7 @@ import bench_tic_loss  # noqa: E402
 import bench_token_logprobs  # noqa: E402
 import harness  # noqa: E402
 
-PROVIDERS = ["tic_kernels", "tic_kernels_inplace", "liger_grpo_token"]
+PROVIDERS = ["tic_kernels", "tic_kernels_inplace", "tic_kernels_two_pass", "liger_grpo_token"]
 LOGPROB_PROVIDERS = ["tic_kernels", "flash_attn_ce"]
 
 
@@ -63,6 +64,10 @@ def targets(records):
                     None if traj_frac is None else traj_frac >= 0.93
             # the first GPU run's targets, kept for comparison: token >= 0.90 of the copy
             # bandwidth, trajectory within 1.05x of token
+            two_pass, _ = _p50(records, "tic_loss", "tic_kernels_two_pass", "token", N, key)
+            out[at + "token_two_pass_speedup_vs_liger"] = liger / two_pass \
+                if liger and two_pass else None
+            out[at + "two_pass_over_three_pass"] = two_pass / tok if two_pass and tok else None
             tok_frac = _p50(records, "tic_loss", "tic_kernels", "token", N, key)[1]
             out[at + "token_copy_fraction"] = tok_frac
             out[at + "trajectory_over_token"] = traj / tok if traj and tok else None

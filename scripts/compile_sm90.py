@@ -25,6 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tic_kernels import backend  # noqa: E402
 from tic_kernels.ops import group_advantages, sequence_logprobs, token_logprobs  # noqa: E402
+from tic_kernels.ops import tic_loss_two_pass  # noqa: E402
 from tic_kernels.ops import ratio_loss_kernels as ratio_loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -56,6 +57,33 @@ def variants():
                     entropy_coef="fp32", ignore_index="i32", vocab_start="i32"),
                dict(HAS_G=True, WITH_ENTROPY=ent, SCALED=ent, HAS_MASK=ent, EMULATE_RNE=False,
                     UNIT_STRIDE_V=unit, UNIT_STRIDE_GV=unit, BLOCK_V=4096), 8)
+    for dt, padded, ratio in itertools.product(("bf16", "fp32"), (False, True), (2, 3)):
+        # the gradient in the forward (ops/tic_loss_two_pass.py): the token-level ratios
+        yield (f"tic_loss_two_pass_rows[{dt},padded={padded},ratio={ratio}]",
+               tic_loss_two_pass._rows_with_gradient_kernel,
+               dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i64", mask_ptr="*i1",
+                    logp_ptr="*fp32", max_logsum_ptr="*fp32", entropy_ptr="*fp32",
+                    old_ptr="*fp32", ref_ptr="*fp32", roll_ptr="*fp32", adv_ptr="*fp32",
+                    cu_ptr="*i32", v_ptr="*fp32", norm_ptr="*fp32", stride_b="i64",
+                    stride_t="i64", stride_v="i32", stride_gb="i64", stride_gt="i64",
+                    stride_gv="i32", T="i32", V="i32", T_seq="i32", B="i32",
+                    inv_temperature="fp32", ignore_index="i32", entropy_coef="fp32",
+                    eps_low="fp32", eps_high="fp32", dual_clip="fp32", cap="fp32", beta="fp32",
+                    rw_lo="fp32", rw_hi="fp32"),
+               dict(WITH_ENTROPY=padded, HAS_MASK=padded, PADDED=padded, RATIO=ratio,
+                    TWO_SIDED=True, DUAL=padded, KL_IN_LOSS=not padded, ROLLOUT=1 + padded * 2,
+                    RW_MASK=False, EMULATE_RNE=False, UNIT_STRIDE_V=True, UNIT_STRIDE_GV=True,
+                    BLOCK_V=4096, BLOCK_B=backend.BLOCK_TOKENS), 8)
+        yield (f"tic_loss_two_pass_weights[padded={padded},agg={ratio}]",
+               tic_loss_two_pass._sequence_weights_kernel,
+               dict(cu_ptr="*i64", mask_ptr="*u8", v_ptr="*fp32", norm_ptr="*fp32",
+                    counter_ptr="*i32", N="i32", T="i32", B="i32", num_tokens="fp32",
+                    num_sequences="fp32", max_len="fp32"),
+               dict(PADDED=padded, PER_SEQ_MEAN=ratio == 2, AGG=ratio, GIVEN_TOKENS=padded,
+                    GIVEN_SEQUENCES=False, BLOCK=backend.BLOCK_TOKENS), 4)
+        yield (f"tic_loss_two_pass_scale[{dt}]", tic_loss_two_pass._scale_kernel,
+               dict(grad_ptr=f"*{dt}", g_ptr="*fp32", n="i64"),
+               dict(EMULATE_RNE=False, BLOCK=tic_loss_two_pass.BLOCK_SCALE), 4)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]",
                sequence_logprobs._segment_sum_fwd_kernel,

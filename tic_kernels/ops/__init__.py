@@ -9,6 +9,7 @@ around their GEMMs; packing.py's kernels are the C++/CUDA extension's):
     group_advantages.py   op 3   group_advantages
     ratio_loss.py         op 4   tic_loss_from_logprobs    (its kernels: ratio_loss_kernels.py)
     tic_loss.py           op 4   tic_loss                  (logits -> loss in one node)
+    tic_loss_two_pass.py  op 4   tic_loss, token ratios    (the gradient in the forward: a switch)
     packing.py            op 5   pack / unpack             (the C++/CUDA extension)
     lm_head.py            op 6   linear_token_logprobs     (the fused LM head's chunks)
     lm_head_loss.py       op 6   linear_tic_loss

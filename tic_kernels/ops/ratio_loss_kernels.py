@@ -213,6 +213,51 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, cap,
 
 
 @triton.jit
+def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
+                       W_seq, eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi,
+                       RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
+                       KL_IN_LOSS: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr):
+    """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
+    log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
+    objective's sum (0 where not kept), and for the token ratio x, chi and clipped). The
+    sequence ratios give their sequence's g_seq and J_seq; the NaN rule: a token whose
+    objective is NaN gets a NaN coefficient, whichever branch NaN fell through."""
+    c = zero + g_seq
+    J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
+    wt = zero + W_seq  # the token's sampler weight (the token-level ratios read it)
+    obj = zero
+    x = zero
+    chi = zero
+    clipped = zero
+    if RATIO == TOKEN or RATIO == NO_RATIO:
+        old = lp  # read only by the token ratio and the sampler's token weights
+        if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
+            old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
+        if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
+            _u, _valid, wt = _token_rollout(roll_ptr, old, idx, keep, rw_lo, rw_hi, cap,
+                                            ROLLOUT, RW_MASK)
+    if RATIO == TOKEN:
+        x, chi = _capped_exp(lp - old, cap)
+        J_tok, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip,
+                                                TWO_SIDED, DUAL)
+        obj = tl.where(keep, v * wt * J_tok, 0.0)
+        c = -v * wt * dJ * x * chi
+    elif RATIO == NO_RATIO:
+        J_tok = A * lp
+        obj = tl.where(keep, v * wt * J_tok, 0.0)
+        c = -v * wt * A
+    if KL_IN_LOSS:
+        u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
+        uc = _clamp(u, -cap, cap)
+        kl = tl.exp(uc) - uc - 1.0
+        J_tok -= beta * kl
+        obj -= tl.where(keep, v * beta * kl, 0.0)
+        c += v * beta * (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
+    c = tl.where(J_tok != J_tok, float("nan"), c)
+    return c, obj, x, chi, clipped
+
+
+@triton.jit
 def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
                 coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, eps_low, eps_high,
                 dual_clip, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
@@ -233,41 +278,17 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
         if HAS_MASK:
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
-        c = zero + g_seq
-        J_tok = zero + J_seq  # the token's objective, to apply the NaN rule below
-        wt = zero + W_seq  # the token's sampler weight (the token-level ratios read it)
-        if RATIO == TOKEN or RATIO == NO_RATIO:
-            old = lp  # read only by the token ratio and the sampler's token weights
-            if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
-                old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
-            if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
-                _u, _valid, wt = _token_rollout(roll_ptr, old, idx, keep, rw_lo, rw_hi, cap,
-                                                ROLLOUT, RW_MASK)
+        c, obj, x, chi, clipped = token_coefficient(
+            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
+            eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
+            KL_IN_LOSS, ROLLOUT, RW_MASK)
+        obj_acc += obj
         if RATIO == TOKEN:
-            x, chi = _capped_exp(lp - old, cap)
-            J_tok, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip,
-                                                    TWO_SIDED, DUAL)
-            obj_acc += tl.where(keep, v * wt * J_tok, 0.0)
-            c = -v * wt * dJ * x * chi
             k = keep.to(tl.float32)
             clip_acc += clipped * k
             rsum_acc += x * k
             rmax_acc = tl.maximum(rmax_acc, x * k)
             cap_acc = tl.maximum(cap_acc, (1.0 - chi) * k)
-        elif RATIO == NO_RATIO:
-            J_tok = A * lp
-            obj_acc += tl.where(keep, v * wt * J_tok, 0.0)
-            c = -v * wt * A
-        if KL_IN_LOSS:
-            u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
-            uc = _clamp(u, -cap, cap)
-            kl = tl.exp(uc) - uc - 1.0
-            J_tok -= beta * kl
-            obj_acc -= tl.where(keep, v * beta * kl, 0.0)
-            c += v * beta * (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
-        # The NaN rule: a token whose objective is NaN gets a NaN gradient coefficient (for the
-        # sequence ratios, every token of the sequence), whichever branch NaN fell through.
-        c = tl.where(J_tok != J_tok, float("nan"), c)
         tl.store(coef_ptr + idx, tl.where(keep, c, 0.0), mask=inside)
         if HAS_ENT:
             H = tl.load(ent_ptr + idx, mask=keep, other=0.0).to(tl.float32)
@@ -396,6 +417,22 @@ def _ratio_loss_finalize_kernel(
 
 
 @triton.jit
+def normaliser(n_tok, n_seq, num_tokens, num_sequences, max_len, AGG: tl.constexpr,
+               GIVEN_TOKENS: tl.constexpr, GIVEN_SEQUENCES: tl.constexpr):
+    """The aggregation's normaliser from the batch's token and non-empty sequence counts (or
+    the global ones given): 1/N', 1/B' or 1/(B' max_len)."""
+    B_eff = tl.maximum(num_sequences if GIVEN_SEQUENCES else n_seq, 1.0)
+    N_eff = tl.maximum(num_tokens if GIVEN_TOKENS else n_tok, 1.0)
+    if AGG == TOKEN_MEAN:
+        norm = 1.0 / N_eff
+    elif AGG == SEQ_MEAN_TOKEN_SUM_NORM:
+        norm = 1.0 / (B_eff * max_len)
+    else:
+        norm = 1.0 / B_eff
+    return norm
+
+
+@triton.jit
 def _reduce_partials(part_ptr, loss_ptr, stats_ptr, norm_ptr, B, num_tokens, num_sequences,
                      max_len, entropy_coef, RATIO: tl.constexpr, AGG: tl.constexpr,
                      GIVEN_TOKENS: tl.constexpr, GIVEN_SEQUENCES: tl.constexpr,
@@ -433,14 +470,8 @@ def _reduce_partials(part_ptr, loss_ptr, stats_ptr, norm_ptr, B, num_tokens, num
         w_max = tl.maximum(w_max, tl.max(_column(part_ptr, rows, keep, COL_RW_MAX, 0.0), 0))
         w_min = tl.minimum(w_min,
                            tl.min(_column(part_ptr, rows, keep, COL_RW_MIN, float("inf")), 0))
-    B_eff = tl.maximum(num_sequences if GIVEN_SEQUENCES else n_seq, 1.0)
-    N_eff = tl.maximum(num_tokens if GIVEN_TOKENS else n_tok, 1.0)
-    if AGG == TOKEN_MEAN:
-        norm = 1.0 / N_eff
-    elif AGG == SEQ_MEAN_TOKEN_SUM_NORM:
-        norm = 1.0 / (B_eff * max_len)
-    else:
-        norm = 1.0 / B_eff
+    norm = normaliser(n_tok, n_seq, num_tokens, num_sequences, max_len, AGG, GIVEN_TOKENS,
+                      GIVEN_SEQUENCES)
     tl.store(loss_ptr, -norm * (obj + entropy_coef * ent_obj))
     tl.store(norm_ptr, norm)
     seqs = tl.maximum(n_seq, 1.0)

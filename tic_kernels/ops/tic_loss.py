@@ -19,6 +19,7 @@ from ..config import loss_call
 from ..layout import ignoring_masked
 from ..options import IGNORE_INDEX
 from ..output import LossOutput
+from . import tic_loss_two_pass as two_pass
 from .ratio_loss import kernel_ratio_loss, loss_on_segments, scaled_coefficients, stats_dict
 from .token_logprobs import kernel_logprobs, logits_grad, token_logprobs_fwd
 
@@ -190,8 +191,14 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         warnings.warn(f"tic_loss: inplace_backward=True ignored, the gradient is allocated: the "
                       f"logits cannot be overwritten because {why}", stacklevel=2)
         inplace_backward = False
-    loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
-                                 ref_logprobs, rollout, inplace_backward, config, shard)
+    if two_pass.serves(config, logits, inplace_backward, shard) and not tracing(logits):
+        loss, stats = two_pass.TICLossTwoPass.apply(logits, targets, old_logprobs, advantages,
+                                                    cu_seqlens, mask, ref_logprobs, rollout,
+                                                    config)
+    else:
+        loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens,
+                                     mask, ref_logprobs, rollout, inplace_backward, config,
+                                     shard)
     return LossOutput(loss, stats_dict(stats, config))
 
 
