@@ -33,8 +33,8 @@ from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
 from .ratio_loss_kernels import (AGG_CODE, RATIO_CODE, normaliser, rollout_code,
                                  token_coefficient)
-from .token_logprobs import (_col_offsets, _grad_block, _launch_config, _lse_step, _row_offset,
-                             _row_target, _rows_layout, new_row_buffers)
+from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
+                             new_row_buffers, row_gradient, row_logsumexp)
 
 # The switch: tic_loss takes this path for the ratios and options it serves when True.
 ENABLED = False
@@ -123,30 +123,14 @@ def _rows_with_gradient_kernel(
     active = target != ignore_index
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
-    cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    sz = 0.0
-    for start in range(0, tl.where(active, V, 0), BLOCK_V):
-        idx = start + cols
-        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=idx < V,
-                    other=-float("inf"), eviction_policy="evict_last").to(tl.float32)
-        m, s, sz = _lse_step(z * inv_temperature, m, s, sz, WITH_ENTROPY)
-    s = tl.where(active, s, 1.0)
-    log_s = tl.log(s)
-    in_vocab = (target >= 0) & (target < V)
-    z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
-    logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
-    logp = tl.where(active, logp, 0.0)
-    m = tl.where(active, m, 0.0)
-    log_s = tl.where(active, log_s, 0.0)
-    H = 0.0
-    if WITH_ENTROPY:
-        H = tl.where(active, log_s - sz / s, 0.0)
-        tl.store(entropy_ptr + row, H)
+    # sweep 1 asks L2 to keep the row for sweep 2, which lets it go
+    logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
+                                      WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "evict_last")
     tl.store(logp_ptr + row, logp)
     tl.store(max_logsum_ptr + 2 * row, m)
     tl.store(max_logsum_ptr + 2 * row + 1, log_s)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, H)
 
     i = _sequence_of(row, cu_ptr, T_seq, B, PADDED, BLOCK_B)
     A = tl.load(adv_ptr + i).to(tl.float32)
@@ -160,16 +144,9 @@ def _rows_with_gradient_kernel(
     gH = 0.0
     if WITH_ENTROPY:
         gH = tl.where(active, -v, 0.0) * scale * entropy_coef
-    out_ty = grad_ptr.dtype.element_ty
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        inside = idx < V
-        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside & active,
-                    other=0.0, eviction_policy="evict_first").to(tl.float32)
-        d = tl.where(active, _grad_block(z * inv_temperature, idx, target, g, gH, H, m, log_s,
-                                         WITH_ENTROPY), 0.0)
-        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV),
-                 cast_for_store(d, out_ty, EMULATE_RNE), mask=inside)
+    row_gradient(base, gbase, 0, V, active, target, g, gH, H, m, log_s, V, inv_temperature,
+                 stride_v, stride_gv, WITH_ENTROPY, EMULATE_RNE, UNIT_STRIDE_V, UNIT_STRIDE_GV,
+                 BLOCK_V, "evict_first")
 
 
 @triton.jit

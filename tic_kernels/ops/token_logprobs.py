@@ -80,6 +80,42 @@ def _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK: tl.constexpr
 
 
 @triton.jit
+def row_logsumexp(base, target, active, V, stride_v, inv_temperature,
+                  WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+                  BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
+    """A row's sweep over its logits (at ``base``): (logp, m, log s, H) of z = logits / tau,
+    m the max and s = sum exp(z - m), all 0 for an inactive row, which reads nothing.
+    ``EVICT``: the loads' L2 eviction policy ("" the default)."""
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    sz = 0.0
+    # Blocks start at column 0 whatever the row's address, so a row's summation order never
+    # depends on where it sits in the batch (batch invariance).
+    for start in range(0, tl.where(active, V, 0), BLOCK_V):
+        idx = start + cols
+        # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
+        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=idx < V,
+                    other=-float("inf"), eviction_policy=EVICT).to(tl.float32)
+        m, s, sz = _lse_step(z * inv_temperature, m, s, sz, WITH_ENTROPY)
+    s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
+    log_s = tl.log(s)
+    in_vocab = (target >= 0) & (target < V)
+    z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
+    # logp = (z_t - m) - log s: forming max_logsum = m + log s first would round log s away when |m|
+    # is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
+    # An out-of-range target (another shard's under op 7; else only reachable when validation
+    # is skipped) gives NaN, never a plausible number.
+    logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
+    H = 0.0
+    if WITH_ENTROPY:
+        # H = max_logsum - sum p z = log s - sz / s: no cancellation of two numbers near the max
+        H = tl.where(active, log_s - sz / s, 0.0)
+    return (tl.where(active, logp, 0.0), tl.where(active, m, 0.0),
+            tl.where(active, log_s, 0.0), H)
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, mask_ptr, logp_ptr, max_logsum_ptr, entropy_ptr, counter_ptr,
     stride_b, stride_t, stride_v,
@@ -96,33 +132,13 @@ def _token_logprobs_fwd_kernel(
     active = target != ignore_index
     target -= vocab_start  # a column of this shard of the vocabulary, or outside it (op 7)
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
-    cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    sz = 0.0
-    # Blocks start at column 0 whatever the row's address, so a row's summation order never
-    # depends on where it sits in the batch (batch invariance). Inactive rows read nothing.
-    for start in range(0, tl.where(active, V, 0), BLOCK_V):
-        idx = start + cols
-        # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
-        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=idx < V,
-                    other=-float("inf")).to(tl.float32)
-        m, s, sz = _lse_step(z * inv_temperature, m, s, sz, WITH_ENTROPY)
-    s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
-    log_s = tl.log(s)
-    in_vocab = (target >= 0) & (target < V)
-    z_t = tl.load(base + target * stride_v, mask=active & in_vocab, other=0.0).to(tl.float32)
-    # logp = (z_t - m) - log s: forming max_logsum = m + log s first would round log s away when |m|
-    # is large (logits near FLT_MAX), and loses bits of logp even at ordinary sizes.
-    # An out-of-range target (another shard's under op 7; else only reachable when validation
-    # is skipped) gives NaN, never a plausible number.
-    logp = tl.where(in_vocab, (z_t * inv_temperature - m) - log_s, float("nan"))
-    tl.store(logp_ptr + row, tl.where(active, logp, 0.0))
-    tl.store(max_logsum_ptr + 2 * row, tl.where(active, m, 0.0))
-    tl.store(max_logsum_ptr + 2 * row + 1, tl.where(active, log_s, 0.0))
+    logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
+                                      WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "")
+    tl.store(logp_ptr + row, logp)
+    tl.store(max_logsum_ptr + 2 * row, m)
+    tl.store(max_logsum_ptr + 2 * row + 1, log_s)
     if WITH_ENTROPY:
-        # H = max_logsum - sum p z = log s - sz / s: no cancellation of two numbers near the max
-        tl.store(entropy_ptr + row, tl.where(active, log_s - sz / s, 0.0))
+        tl.store(entropy_ptr + row, H)
 
 
 @triton.jit
@@ -136,6 +152,27 @@ def _grad_block(z, idx, target, g, gH, H, m, log_s, WITH_ENTROPY: tl.constexpr):
         # p log p -> 0 as p -> 0: a -inf logit contributes 0, not 0 * -inf
         d -= gH * p * tl.where(p > 0.0, log_p + H, 0.0)
     return d
+
+
+@triton.jit
+def row_gradient(base, gbase, first, last, active, target, g, gH, H, m, log_s, V,
+                 inv_temperature, stride_v, stride_gv, WITH_ENTROPY: tl.constexpr,
+                 EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+                 UNIT_STRIDE_GV: tl.constexpr, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
+    """Columns [first, last) of a row's gradient into ``gbase`` (in its dtype) from the row's
+    (m, log s, H) and g, gH (the 1/tau folded in); an inactive row reads nothing and gets
+    exact zeros."""
+    out_ty = gbase.dtype.element_ty
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(first, last, BLOCK_V):
+        idx = start + cols
+        inside = idx < V
+        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside & active,
+                    other=0.0, eviction_policy=EVICT).to(tl.float32)
+        d = tl.where(active, _grad_block(z * inv_temperature, idx, target, g, gH, H, m, log_s,
+                                         WITH_ENTROPY), 0.0)
+        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV),
+                 cast_for_store(d, out_ty, EMULATE_RNE), mask=inside)
 
 
 @triton.jit
@@ -176,18 +213,9 @@ def _token_logprobs_bwd_kernel(
         if SCALED:
             gH *= entropy_coef
         H = tl.load(entropy_ptr + row)
-    out_ty = grad_ptr.dtype.element_ty
-    cols = tl.arange(0, BLOCK_V)
-    for start in range(first, tl.minimum(first + cols_per_program, V), BLOCK_V):
-        idx = start + cols
-        inside = idx < V
-        # inactive rows: no read, a row of exact zeros written
-        z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=inside & active,
-                    other=0.0).to(tl.float32)
-        d = tl.where(active, _grad_block(z * inv_temperature, idx, target, g, gH, H, m, log_s,
-                                         WITH_ENTROPY), 0.0)
-        tl.store(gbase + _col_offsets(idx, stride_gv, UNIT_STRIDE_GV),
-                 cast_for_store(d, out_ty, EMULATE_RNE), mask=inside)
+    row_gradient(base, gbase, first, tl.minimum(first + cols_per_program, V), active, target, g,
+                 gH, H, m, log_s, V, inv_temperature, stride_v, stride_gv, WITH_ENTROPY,
+                 EMULATE_RNE, UNIT_STRIDE_V, UNIT_STRIDE_GV, BLOCK_V, "")
 
 
 def _block_v(V: int) -> int:
