@@ -162,6 +162,21 @@ def emulate_rne(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
+def flat(t):
+    """t as the kernels index it: one contiguous run of its elements (a view when it already
+    is one), or None."""
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def kernel_segments(cu_seqlens, mask):
+    """(cu or None, B, T) as the eager per-sequence kernels read a layout: packed, cu_seqlens
+    as given (int32 or int64) and T 0; padded, None and the mask's (B, T) (sequence i is rows
+    [i T, (i + 1) T))."""
+    if cu_seqlens is not None:
+        return cu_seqlens.contiguous(), cu_seqlens.numel() - 1, 0
+    return (None,) + tuple(mask.shape)
+
+
 def segments(cu_seqlens, mask, device):
     """(cu (B+1,) int64, flat bool mask or None) for either layout, without a host sync."""
     if cu_seqlens is not None:

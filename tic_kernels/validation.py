@@ -41,20 +41,20 @@ class ValueChecks:
     def __init__(self):
         self.pending = []
 
+    def _flags(self):
+        """The flags in one bool tensor on the first flag's device."""
+        device = self.pending[0][0].device
+        return torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending])
+
     def failed(self):
         """A bool tensor on the flags' device, True if any check failed (None: no check)."""
-        if not self.pending:
-            return None
-        device = self.pending[0][0].device
-        return torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending]).any()
+        return self._flags().any() if self.pending else None
 
     def raise_first(self):
         """Reads every flag at once (one host read) and raises the first failure's error."""
         if not self.pending:
             return
-        device = self.pending[0][0].device
-        flags = torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending]).tolist()
-        for bad, (_, error) in zip(flags, self.pending):
+        for bad, (_, error) in zip(self._flags().tolist(), self.pending):
             if bad:
                 error()
 

@@ -20,8 +20,8 @@ import torch
 
 from .. import reference
 from .. import validation as check
-from ..backend import (BLOCK_TOKENS, first_order_only, grads_by_name, inputs_by_name, launch,
-                       segments, triton_op, use_triton)
+from ..backend import (BLOCK_TOKENS, first_order_only, flat, grads_by_name, inputs_by_name,
+                       kernel_segments, launch, segments, triton_op, use_triton)
 from ..config import LossConfig
 from ..output import LossOutput
 from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, RATIO_CODE, STAT_KEYS,
@@ -107,12 +107,7 @@ def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rol
     ``cu_seqlens`` (int32 or int64; ``mask`` then flat or None) or, without it, by the rows
     of a padded (B, T) ``mask`` of any dtype; ``config`` a LossConfig. ``counter``: an int32
     that a kernel launched before set to 0 (then one launch in all, else two)."""
-    def flat(t):  # the kernel reads flat positions and per-sequence entries by index
-        return None if t is None else t.reshape(-1).contiguous()
-    if cu_seqlens is not None:
-        cu, B, T = cu_seqlens.contiguous(), cu_seqlens.numel() - 1, 0
-    else:
-        cu, (B, T) = None, mask.shape
+    cu, B, T = kernel_segments(cu_seqlens, mask)
     dev, R = logp.device, logp.numel()
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
@@ -179,9 +174,6 @@ def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entr
     of ``config``); returns (loss, stats (len(STAT_KEYS),), coef, coef_ent, norm)
     (stats_dict names the statistics)."""
     cu, flat_mask = segments(cu_seqlens, mask, logp.device)
-
-    def flat(t):
-        return None if t is None else t.reshape(-1)
     return ratio_loss(flat(logp), flat(old), advantages.detach().float(), cu, flat_mask,
                       flat(ref_logprobs), flat(entropy),
                       None if rollout is None else flat(rollout.detach()), config.encode())

@@ -14,7 +14,7 @@ import torch
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import first_order_only, tracing, use_triton
+from ..backend import first_order_only, flat, tracing, use_triton
 from ..config import loss_call
 from ..layout import ignoring_masked
 from ..options import IGNORE_INDEX
@@ -49,8 +49,7 @@ class _TICLoss(torch.autograd.Function):
                 logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 entropy if entropy_on else None, rollout, config)
         else:
-            targets = targets.reshape(-1).contiguous()
-            flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+            targets, flat_mask = flat(targets), flat(mask)
             # cleared by the row kernel for the loss kernel (with no row, nothing clears it:
             # the loss then takes its second launch)
             counter = torch.empty(1, dtype=torch.int32, device=logits.device) \

@@ -28,13 +28,13 @@ import triton
 import triton.language as tl
 
 from ..backend import (BLOCK_TOKENS, as_f32, cast_for_store, emulate_rne, first_order_only,
-                       launch, segment_bounds)
+                       flat, kernel_segments, launch, segment_bounds)
 from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
 from .ratio_loss_kernels import (AGG_CODE, RATIO_CODE, normaliser, rollout_code,
                                  token_coefficient)
 from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
-                             new_row_buffers, row_gradient, row_logsumexp)
+                             new_row_buffers, row_gradient, row_logsumexp, store_row_values)
 
 # The switch: tic_loss takes this path for the ratios and options it serves when True.
 ENABLED = False
@@ -126,11 +126,8 @@ def _rows_with_gradient_kernel(
     # sweep 1 asks L2 to keep the row for sweep 2, which lets it go
     logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
                                       WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "evict_last")
-    tl.store(logp_ptr + row, logp)
-    tl.store(max_logsum_ptr + 2 * row, m)
-    tl.store(max_logsum_ptr + 2 * row + 1, log_s)
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, H)
+    store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
+                     WITH_ENTROPY)
 
     i = _sequence_of(row, cu_ptr, T_seq, B, PADDED, BLOCK_B)
     A = tl.load(adv_ptr + i).to(tl.float32)
@@ -165,13 +162,9 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
     """(loss, stats, grad): three kernels (the sequence weights, the rows with their
     gradient, the loss); grad is dL/dlogits for an incoming gradient of 1, contiguous."""
     dev = logits.device
-    flat_t = targets.reshape(-1).contiguous()
-    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+    flat_t, flat_mask = flat(targets), flat(mask)
     R = flat_t.numel()
-    if cu_seqlens is not None:
-        cu, B, T_seq = cu_seqlens.contiguous(), cu_seqlens.numel() - 1, 0
-    else:
-        cu, (B, T_seq) = None, mask.shape
+    cu, B, T_seq = kernel_segments(cu_seqlens, mask)
     c = config
     v = torch.empty(B, dtype=torch.float32, device=dev)
     norm = torch.empty((), dtype=torch.float32, device=dev)
@@ -189,9 +182,6 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
     T, sb, st, sv = _rows_layout(logits)
     _, gb, gt, gv = _rows_layout(grad)
     block, warps = _launch_config("fwd", logits.shape[-1])
-
-    def flat(t):
-        return None if t is None else t.reshape(-1).contiguous()
     old, ref, roll = flat(old_logprobs), flat(ref_logprobs), flat(rollout)
     launch(_rows_with_gradient_kernel, (R,),
            logits, grad, flat_t, flat_t if flat_mask is None else flat_mask, logp, max_logsum,

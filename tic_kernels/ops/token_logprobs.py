@@ -21,8 +21,9 @@ import triton.language as tl
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import (as_f32, cast_for_store, emulate_rne, first_order_only, grads_by_name,
-                       inputs_by_name, interpreting, launch, tracing, triton_op, use_triton)
+from ..backend import (as_f32, cast_for_store, emulate_rne, first_order_only, flat,
+                       grads_by_name, inputs_by_name, interpreting, launch, tracing, triton_op,
+                       use_triton)
 from ..options import IGNORE_INDEX
 from . import vocab_parallel
 
@@ -116,6 +117,18 @@ def row_logsumexp(base, target, active, V, stride_v, inv_temperature,
 
 
 @triton.jit
+def store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
+                     WITH_ENTROPY: tl.constexpr):
+    """A row's forward values into the per-row buffers: logp, the (max, log-sum) pair at
+    max_logsum[2 row], [2 row + 1], and the entropy when computed."""
+    tl.store(logp_ptr + row, logp)
+    tl.store(max_logsum_ptr + 2 * row, m)
+    tl.store(max_logsum_ptr + 2 * row + 1, log_s)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + row, H)
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, mask_ptr, logp_ptr, max_logsum_ptr, entropy_ptr, counter_ptr,
     stride_b, stride_t, stride_v,
@@ -134,11 +147,8 @@ def _token_logprobs_fwd_kernel(
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
     logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
                                       WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "")
-    tl.store(logp_ptr + row, logp)
-    tl.store(max_logsum_ptr + 2 * row, m)
-    tl.store(max_logsum_ptr + 2 * row + 1, log_s)
-    if WITH_ENTROPY:
-        tl.store(entropy_ptr + row, H)
+    store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
+                     WITH_ENTROPY)
 
 
 @triton.jit
@@ -384,7 +394,7 @@ def logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, tempera
     launch_bwd(logits, grad, targets, max_logsum, entropy,
                None if g_logp is None else per_row(g_logp),
                None if g_entropy is None else per_row(g_entropy), temperature, ignore_index,
-               vocab_start, None if mask is None else mask.reshape(-1).contiguous(), scale)
+               vocab_start, flat(mask), scale)
     if inplace:  # as the op declares it mutates grad: a node that saved the logits sees it
         torch.autograd.graph.increment_version(grad)
     return grad
@@ -437,7 +447,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, shard):
-        flat_t = targets.reshape(-1).contiguous()
+        flat_t = flat(targets)
         logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
                                                     with_entropy, shard)
         ctx.save_for_backward(logits, flat_t, max_logsum, entropy)
