@@ -27,14 +27,16 @@ bench: $(VENV)/.ready
 	$(PY) benchmarks/run.py --device cpu --quick
 	$(PY) benchmarks/report.py
 
-# peers' pure-Python wheels for the GPU machine (no package index there): Liger-Kernel and
-# flash-attn's Python parts (its Triton cross_entropy); carried as .whl/ by the device tool
+# peers' pure-Python wheels for the GPU machine (no package index there): Liger-Kernel,
+# flash-attn's Python parts (its Triton cross_entropy) and Apple's Cut Cross-Entropy (the
+# fused LM head's peer); carried as .whl/ by the device tool
 wheels: $(VENV)/.ready
 	mkdir -p .whl
 	$(PY) -m pip install -q packaging psutil ninja einops
 	FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE FLASH_ATTENTION_FORCE_BUILD=TRUE $(PY) -m pip wheel -q \
 		--no-build-isolation --no-deps flash-attn==2.8.3.post2 -w .whl
 	$(PY) -m pip download -q --no-deps liger-kernel==0.8.5 -d .whl
+	$(PY) -m pip download -q --no-deps cut-cross-entropy==25.1.1 -d .whl
 
 # compiles csrc/*.cu against the CUDA build of torch (CI runs it; needs nvcc, not a GPU)
 check-cuda-build:

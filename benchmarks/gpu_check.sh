@@ -11,8 +11,10 @@
 #   1. the C++/CUDA extension builds in the background (timeout; packing falls back without it)
 #   2. headline: fwd+bwd bf16 at V = 151936, N = 4096 and 16384: tic_loss token and trajectory
 #      against Liger, token_logprobs against flash-attn, end to end and in device time
-#   2b. the fused LM head (linear_tic_loss) at 16384 x 4096 x 151936 bf16 against the unfused
-#      path and Liger's fused linear GRPO loss: time, TFLOP/s, memory beyond the gradients
+#   2b. the fused LM head (linear_tic_loss) at 16384 x 4096 x 151936 and 4096 x 2048 x 131072
+#      bf16, token and trajectory (and 8192-token sequences, longer than a chunk), against the
+#      unfused path, Cut Cross-Entropy and Liger's fused linear GRPO loss: time, TFLOP/s,
+#      memory beyond the gradients, d weight's error against float64
 #   3. sweep: BLOCK_V x num_warps of the forward and backward kernels at 16384 x 151936, then
 #      the small-batch backward's programs per row
 #   4. the CUDA tests, in parallel when pytest-xdist is there
@@ -30,7 +32,7 @@
 #   tests: exit N (<pytest tail>) / vocab_parallel: exit N (<pytest tail>) /
 #   graph: exit N (<result>) / trainer: exit N (fp32),
 #   exit N (--amp bf16) / bench: exit N
-# Peer wheels (liger-kernel, flash-attn's Python parts) travel in a git-ignored .whl/ folder and
+# Peer wheels (liger-kernel, flash-attn's Python parts, cut-cross-entropy) travel in a git-ignored .whl/ folder and
 # are installed with --no-index --no-deps into .whl/site, put on PYTHONPATH.
 set -uo pipefail
 dry=0
@@ -65,7 +67,7 @@ step() {
 if [ $dry = 1 ]; then
     export TRITON_INTERPRET=1 TIC_KERNELS_BUILD_EXT=0
     # the tests step runs a selection: the suite runs them all; here only the control flow counts
-    device=cpu shape=8x128 hshape=8x128 lshape=8x16x128 reps=(--reps 1)
+    device=cpu shape=8x128 hshape=8x128 lshape=8x16x128 long=8 reps=(--reps 1)
     tests=(tests/test_errors.py -k "rollout and tic_loss_from_logprobs")
     vp=(-k "bad_inputs and uneven")
     train=(--steps 1 --prompts 2 --group 2)
@@ -73,10 +75,11 @@ if [ $dry = 1 ]; then
     sweep=(--blocks 256 --warps 4 --reps 1 --split-rows 4)
     say "gpu: none (dry run on the CPU)"
 else
-    device=cuda shape=16384x151936 hshape=4096x151936,16384x151936 lshape=16384x4096x151936 tests=(tests/test_token_logprobs.py
+    device=cuda shape=16384x151936 hshape=4096x151936,16384x151936 long=8192
+    lshape=16384x4096x151936,4096x2048x131072 tests=(tests/test_token_logprobs.py
         tests/test_tic_loss.py tests/test_linear.py tests/test_sequence_logprobs.py
         tests/test_packing.py tests/test_peers.py tests/test_errors.py tests/test_robustness.py
-        tests/test_properties.py tests/test_launches.py)
+        tests/test_properties.py tests/test_launches.py tests/test_lm_head_plan.py)
     # the headline measured 16384 x 151936; the peers' comparison at a quarter of it keeps
     # the reference provider's full-size runs out of the budget
     train=(--steps 2) bench=(--device cuda --quick --shapes 4096x151936 --no-linear) reps=() sweep=()
@@ -104,9 +107,9 @@ build_pid=$!
 step headline 150 python3 benchmarks/headline.py --device $device --shape $hshape --out "$out" \
     ${reps[@]+"${reps[@]}"}
 say "headline: exit $? in $took ($(grep -h '^targets:' "$logs/headline.log" | tail -n 1))"
-step linear 150 python3 benchmarks/bench_linear.py --device $device --shape $lshape \
-    --name linear --out "$out" --providers \
-    tic_kernels_linear,tic_kernels_linear_accw,unfused_tic_kernels,liger_fused_linear_grpo \
+step linear 200 python3 benchmarks/bench_linear.py --device $device --shapes $lshape \
+    --long-seqlen $long --name linear --out "$out" --providers \
+    tic_kernels_linear,tic_kernels_linear_fp32acc,unfused_tic_kernels,cce+tic_loss,liger_fused_linear_grpo \
     ${reps[@]+"${reps[@]}"}
 say "linear: exit $? in $took ($(grep -h '^targets:' "$logs/linear.log" | tail -n 1))"
 step sweep 100 python3 benchmarks/sweep.py --device $device --shape $shape --out "$out" \

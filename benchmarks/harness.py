@@ -123,13 +123,17 @@ def time_ms(fn, device, *, setup=None, reps=None, warmup=2, budget_s=None):
     reps = reps or (20 if cuda else 5)
     reps = max(reps, MIN_REPS) if cuda else reps  # a CPU dry run may ask for fewer
     budget_s = budget_s if budget_s is not None else (2.0 if cuda else 5.0)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn(setup() if setup else None)
     sync(device)
+    warm_ms = 1e3 * (time.perf_counter() - t0) / max(warmup, 1)
     if cuda and setup is None:
         import triton.testing
 
-        q = triton.testing.do_bench(lambda: fn(None), quantiles=[0.2, 0.5, 0.8], return_mode="median")
+        # do_bench repeats for about ``rep`` ms: enough for MIN_REPS of a slow call
+        q = triton.testing.do_bench(lambda: fn(None), rep=max(100, (MIN_REPS + 1) * warm_ms),
+                                    quantiles=[0.2, 0.5, 0.8], return_mode="median")
         out = dict(zip(("p20", "p50", "p80"), q))
     else:
         out = _quantiles(_reps(fn, setup, device, reps, budget_s, hold_ms=None))
@@ -294,7 +298,7 @@ def print_table(records):
                 f"{r['pass']:8s} {str(r['shape']):28s} {r['dtype']:9s} ")
         if r["status"] != "ok":
             line += f"{r['status']}: {r.get('error', '')[:80]}"
-        else:
+        elif ms is not None:
             line += f"{ms:9.3f} ms"
             if "device_ms" in r:
                 line += f" (device {r['device_ms']['p50']:.3f} ms)"

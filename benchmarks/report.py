@@ -21,7 +21,10 @@ NOT_ROWS = ("copy", "targets")  # the measured copy bandwidth, the targets' verd
 def load(results):
     recs = []
     for path in sorted(Path(results).glob("*.json")):
-        for r in json.loads(path.read_text()):
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):  # not a benchmark's records (host_time.py's summary)
+            continue
+        for r in data:
             r["file"] = path.stem
             recs.append(r)
     return recs
@@ -47,20 +50,23 @@ def table(recs):
         lines.append(f"\n**{f}** on {first.get('device')} ({first.get('date')}, commit "
                      f"{first.get('git_commit')}, torch {first.get('torch')}"
                      + (f", measured copy {copy:.0f} GB/s" if copy else "") + ")\n")
-        lines.append("| op | shape | provider | pass | ms (p50) | GB/s | % of copy | peak MiB |")
-        lines.append("|---|---|---|---|---:|---:|---:|---:|")
+        lines.append("| op | shape | provider | pass | ms (p50) | GB/s | % of copy | peak MiB "
+                     "| d weight err vs fp64 |")
+        lines.append("|---|---|---|---|---:|---:|---:|---:|---:|")
         for r in rows:
+            head = f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
             if r["status"] != "ok":  # say why: the check's numbers or the error
                 why = r.get("error", "").replace("|", "/")[:90]
-                lines.append(f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
-                             f"{r['status']}: {why} | | | |")
+                lines.append(head + f"{r['status']}: {why} | | | | |")
+                continue
+            err = f"{r['dw_err64']:.3g}" if "dw_err64" in r else ""
+            if "ms" not in r:  # an accuracy-only record
+                lines.append(head + f"(not timed) | | | | {err} |")
                 continue
             frac = r.get("copy_fraction")
-            lines.append(f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
-                         f"{r['ms']['p50']:.3f} | {r.get('gbps', 0):.1f} | "
-                         f"{100 * frac:.1f} | {r.get('peak_mib', 0):.0f} |" if frac is not None else
-                         f"| {r['op']} | {_label(r)} | {r['provider']} | {r['pass']} | "
-                         f"{r['ms']['p50']:.3f} | | | {r.get('peak_mib', 0):.0f} |")
+            gbps = f"{r.get('gbps', 0):.1f} | {100 * frac:.1f}" if frac is not None else " | "
+            lines.append(head + f"{r['ms']['p50']:.3f} | {gbps} | {r.get('peak_mib', 0):.0f} | "
+                         f"{err} |")
         if f in goals:  # headline.py's verdict on the targets
             lines.append("\ntargets: " + ", ".join(
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -77,7 +83,7 @@ def plot(recs, out_dir):
 
     by_file = defaultdict(list)
     for r in recs:
-        if r["op"] not in NOT_ROWS and r["status"] == "ok":
+        if r["op"] not in NOT_ROWS and r["status"] == "ok" and "ms" in r:
             by_file[r["file"]].append(r)
     paths = []
     for f, rows in by_file.items():

@@ -74,9 +74,10 @@ def main(argv=None):
     # 1024-row chunks (its chunked reference path)
     if not args.no_linear:
         dt, chunk = (fp32, 1024) if dev == "cpu" else (bf16, None)
-        N, H, V = (int(x) for x in (args.linear or ("4096x256x32000" if dev == "cpu"
-                                                    else "16384x4096x151936")).split("x"))
-        recs = bench_linear.run(args.device, N, H, V, dt, ["trajectory", "token"],
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in (
+            args.linear or ("4096x256x32000" if dev == "cpu" else "16384x4096x151936")
+        ).split(",")]
+        recs = bench_linear.run(args.device, shapes, dt, ["trajectory", "token"],
                                 chunk_size=chunk, save_as=(args.out, f"linear_{tag}"))
         print("wrote", harness.save(recs, args.out, f"linear_{tag}"))
 

@@ -25,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tic_kernels import backend  # noqa: E402
 from tic_kernels.ops import group_advantages, sequence_logprobs, token_logprobs  # noqa: E402
-from tic_kernels.ops import tic_loss_two_pass  # noqa: E402
+from tic_kernels.ops import scale as grad_scale, tic_loss_two_pass  # noqa: E402
 from tic_kernels.ops import ratio_loss_kernels as ratio_loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -81,9 +81,9 @@ def variants():
                     num_sequences="fp32", max_len="fp32"),
                dict(PADDED=padded, PER_SEQ_MEAN=ratio == 2, AGG=ratio, GIVEN_TOKENS=padded,
                     GIVEN_SEQUENCES=False, BLOCK=backend.BLOCK_TOKENS), 4)
-        yield (f"tic_loss_two_pass_scale[{dt}]", tic_loss_two_pass._scale_kernel,
+        yield (f"scale[{dt}]", grad_scale._scale_kernel,
                dict(grad_ptr=f"*{dt}", g_ptr="*fp32", n="i64"),
-               dict(EMULATE_RNE=False, BLOCK=tic_loss_two_pass.BLOCK_SCALE), 4)
+               dict(EMULATE_RNE=False, BLOCK=grad_scale.BLOCK_SCALE), 4)
     for dt, has_mask, mean in itertools.product(("fp32", "bf16"), (False, True), (False, True)):
         yield (f"segment_sum_fwd[{dt},mask={has_mask},mean={mean}]",
                sequence_logprobs._segment_sum_fwd_kernel,

@@ -91,10 +91,13 @@ def test_loss_half_precision(dtype, ratio, device):
 
 @pytest.mark.parametrize("ratio, mode", [("trajectory", "sequence_mask"),
                                          ("trajectory", "token_truncate"),
-                                         ("token", "weights"), ("sequence_mean", "token_mask")])
+                                         ("token", "weights"), ("sequence_mean", "token_mask"),
+                                         ("token", "token_mask"), ("none", "token_truncate"),
+                                         ("token", "sequence_truncate")])
 @pytest.mark.parametrize("padded", [False, True])
 def test_loss_rollout_correction(ratio, mode, padded, device):
-    """Op 4b through the fused LM head (chunks of 4 rows split sequences)."""
+    """Op 4b through the fused LM head (chunks of 4 rows split sequences; the token-level
+    ratios with per-token weights chunk by rows, across sequences)."""
     batch = head_batch(LENGTHS, 41, padded=padded, device=device, seed=14)
     kw = rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=15)
     out = _check(batch, ratio=ratio, chunk_size=4, ref_logprobs=batch.ref_logprobs, beta=0.05,
@@ -115,9 +118,10 @@ def test_loss_rollout_half_precision(dtype, device):
     dict(aggregation="seq-mean-token-sum", num_sequences=9, dual_clip=2.0),
     dict(aggregation="seq-mean-token-sum-norm", max_len=8, clip_mode="upper"),
 ])
-def test_loss_aggregations(kw, device):
+@pytest.mark.parametrize("ratio", ["trajectory", "token"])
+def test_loss_aggregations(kw, ratio, device):
     batch = head_batch(LENGTHS, 33, device=device, seed=3)
-    _check(batch, bias=False, chunk_size=7, **kw)
+    _check(batch, bias=False, chunk_size=7, ratio=ratio, **kw)
 
 
 def test_loss_float64_runs_the_reference_with_every_term(device):
@@ -185,12 +189,28 @@ def test_tied_embedding(device):
     assert_close_to_scale(emb.grad, e64.grad, HEAD_GRAD_TOL[torch.float32], "tied weight")
 
 
+@pytest.mark.parametrize("fp32_accumulation", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_dtype_accumulation(dtype, device):
-    """fp32_accumulation=False accumulates d weight in the weight's dtype: a rounding per
-    chunk, still within the dtype's tolerance."""
+def test_weight_accumulation(dtype, fp32_accumulation, device):
+    """d weight accumulated over many chunks in the weight's dtype (the default: a rounding
+    per chunk) or in fp32, within the dtype's tolerance either way."""
     batch = head_batch(LENGTHS, 64, dtype=dtype, device=device, seed=8)
-    _check(batch, dtype, chunk_size=2, fp32_accumulation=False)
+    _check(batch, dtype, chunk_size=2, fp32_accumulation=fp32_accumulation)
+
+
+def test_fp32_accumulation_is_the_more_accurate(device, requires_triton):
+    """In bf16 over ten chunks, d weight accumulated in fp32 (one rounding) is closer to the
+    float64 gradient than the one accumulated in bf16 (a rounding per chunk); d hidden, formed
+    a chunk's rows at a time, is the same computation either way."""
+    batch = head_batch([7, 6, 7], 64, dtype=torch.bfloat16, device=device, seed=15)
+    errors, dh = {}, {}
+    for fp32 in (False, True):
+        _, grads, _, want = _loss_pair(batch, chunk_size=2, ratio="token",
+                                       fp32_accumulation=fp32)
+        errors[fp32] = ((grads[1].double() - want[1]).norm() / want[1].norm()).item()
+        dh[fp32] = grads[0]
+    assert errors[True] < errors[False], errors
+    torch.testing.assert_close(dh[True], dh[False], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -375,15 +395,16 @@ def test_fp16_loss_scale(device):
 
 
 def test_accumulate_mm_blocks(monkeypatch):
-    """Without a mixed-dtype GEMM, d weight chunks are formed block by block in the weight's
-    dtype and summed in fp32: every block counted once, each rounded to bf16 once."""
+    """Without a mixed-dtype GEMM (the CPU), d weight chunks are formed block by block in
+    fp32 and summed in fp32: every block counted once, nothing rounded to bf16; the first
+    chunk writes (the buffer's NaN never read)."""
     monkeypatch.setattr(linear, "_FALLBACK_ROWS", 100)
     a = torch.randn(512, 16, dtype=torch.bfloat16)
     b = torch.randn(16, 8, dtype=torch.bfloat16)
-    acc = torch.zeros(512, 8)
-    for _ in range(3):
-        linear._accumulate_mm(acc, a, b)
-    assert_close_to_scale(acc, 3 * (a.double() @ b.double()), 2 ** -7, "blocks")
+    acc = torch.full((512, 8), float("nan"))
+    for i in range(3):
+        linear._accumulate_mm(acc, a, b, i == 0)
+    assert_close_to_scale(acc, 3 * (a.double() @ b.double()), 1e-6, "blocks")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed-dtype GEMM is CUDA's")
@@ -393,10 +414,10 @@ def test_cuda_fp32_accumulation():
     import warnings
     a = torch.randn(512, 64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(64, 32, device="cuda", dtype=torch.bfloat16)
-    acc = torch.zeros(512, 32, device="cuda")
+    acc = torch.full((512, 32), float("nan"), device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for _ in range(8):
-            linear._accumulate_mm(acc, a, b)
+        for i in range(8):
+            linear._accumulate_mm(acc, a, b, i == 0)
     assert linear._MIXED_GEMM["cuda"]
     assert_close_to_scale(acc, 8 * (a.double() @ b.double()), 1e-6, "fp32 accumulation")

@@ -29,12 +29,12 @@ def default_aggregation(ratio: str) -> str:
     return "token-mean" if ratio == "token" else "seq-mean-token-mean"
 
 
-# The fused LM head's default chunk: rows whose logits take at most this many bytes (the
-# chunk's gradient is written over it). 1 GiB: 3533 rows of a 151,936-token vocabulary in
-# bf16, 5 chunks at 16k tokens. Larger chunks make fewer passes of the d weight GEMM over its
-# (V, H) accumulator (each reads and writes it: 5 GB in fp32 at V H = 623M) and keep every
-# GEMM near the GPU's peak; the memory beyond the gradients stays about one chunk.
-LM_HEAD_CHUNK_BYTES = 1 << 30
+# The fused LM head's largest chunk: rows whose logits take at most this many bytes (the
+# chunk's gradient is written over them), 1.2 GiB: 4240 rows of a 151,936-token vocabulary in
+# bf16, so 16k tokens make 4 chunks of 4096 rows. The fewer the chunks, the fewer passes of
+# the d weight GEMMs over d weight (each reads and writes it) and roundings of it when it
+# accumulates in bf16; the memory beyond the gradients stays about one chunk.
+LM_HEAD_CHUNK_BYTES = int(1.2 * 2 ** 30)
 
 
 def lm_head_chunk_rows(vocab: int, itemsize: int) -> int:

@@ -1,6 +1,7 @@
 """Tolerances and input generators shared by the tests and the benchmarks (one copy of each)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -236,15 +237,19 @@ class Launches(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts what a call costs the device: ``kernels``, the Triton kernels launched (by
     name) and the aten ops that compute (say "aten.mul"), in order; ``host_reads``, the
     reads of device values on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``nonzero``);
-    ``ops`` the torch.library ops of this package that were called. ``stub=True`` skips
-    the Triton kernels themselves (their outputs stay uninitialised): what is left is the
-    host's own time (benchmarks/host_time.py). Ops inside a torch.library op's body are hidden
-    from the mode; the eager path calls none. ``count=False``: the stub alone."""
+    ``ops`` the torch.library ops of this package that were called; ``peak_bytes``, the most
+    bytes of storage allocated under the mode and alive at once (a storage lives while a
+    tensor on it, a view included, does). ``stub=True`` skips the Triton kernels themselves
+    (their outputs stay uninitialised): what is left is the host's own time
+    (benchmarks/host_time.py). Ops inside a torch.library op's body are hidden from the mode,
+    except in the ops named in ``into`` (modules whose attribute of that name is the op):
+    their bodies run under it. ``count=False``: the stub alone."""
 
-    def __init__(self, stub=False, count=True):
+    def __init__(self, stub=False, count=True, into=()):
         super().__init__()
-        self.stub, self.count = stub, count
+        self.stub, self.count, self.into = stub, count, tuple(into)
         self.kernels, self.ops, self.host_reads = [], [], 0
+        self.live, self.live_bytes, self.peak_bytes = {}, 0, 0
 
     def __enter__(self):
         wrap, tolist = torch.library.wrap_triton, torch.Tensor.tolist
@@ -284,13 +289,61 @@ class Launches(torch.utils._python_dispatch.TorchDispatchMode):
         torch.library.wrap_triton, torch.Tensor.tolist = self._restore
         return super().__exit__(*exc) if self.count else False
 
+    def _body(self, name):
+        for module in self.into:
+            op = getattr(module, name, None)
+            if op is not None and hasattr(op, "_init_fn"):
+                return op._init_fn
+        return None
+
+    def _track(self, out, args):
+        """Adds the storages ``out`` allocated (none of the arguments' own) to the live bytes;
+        each is dropped when the last tensor on it that the mode saw dies."""
+        given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(args)
+                 if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key == 0:
+                continue
+            if key not in self.live:
+                if key in given:
+                    continue
+                self.live[key] = [t.untyped_storage().nbytes(), 0]
+                self.live_bytes += self.live[key][0]
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            self.live[key][1] += 1
+            weakref.finalize(t, self._drop, key)
+
+    def _drop(self, key):
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.live_bytes -= entry[0]
+                del self.live[key]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        body = None
         if self.count:
             namespace, name = str(func).split(".")[:2]
             if namespace == "tic_kernels":
                 self.ops.append(name)
+                body = self._body(name)
             elif name not in _NO_KERNEL:
                 self.kernels.append(f"{namespace}.{name}")
             if name in _HOST_READS:
                 self.host_reads += 1
-        return func(*args, **(kwargs or {}))
+        if body is None:
+            out = func(*args, **kwargs)
+        else:  # the op's body under this mode (not entered again: the stub stays as it is)
+            torch.utils._python_dispatch.TorchDispatchMode.__enter__(self)
+            try:
+                out = body(*args, **kwargs)
+            finally:
+                torch.utils._python_dispatch.TorchDispatchMode.__exit__(self, None, None, None)
+        if self.count:
+            self._track(out, (args, kwargs))
+        return out

@@ -1,27 +1,31 @@
 """Op 6: the fused LM head. Log-probabilities (here) and the TIC loss (lm_head_loss.py) from
 the last hidden states and the LM head's weight, never holding the (N, V) logits.
 
-The logits exist one chunk of rows at a time, in one reused (rows, V) buffer in the weight's
-dtype: a GEMM (torch.mm / addmm, fp32 accumulation) fills it, the row kernels of op 1 read it,
-and the chunk's gradient is written over it before two more GEMMs turn it into d hidden and
-d weight. Rows that carry no loss (mask 0, ignore_index) are never multiplied.
+The logits exist one chunk of rows at a time, in one reused buffer in the weight's dtype,
+sized to the largest chunk: a GEMM (torch.mm / addmm, fp32 accumulation) fills it, the row
+kernels of op 1 read it, and the chunk's gradient is written over it before two more GEMMs
+turn it into d hidden and d weight. The first chunk's GEMMs write the gradients, the later
+ones add to them (nothing is zero-filled first). Rows that carry no loss (mask 0,
+ignore_index) are never multiplied.
 
 ``linear_token_logprobs`` does not know its incoming gradient in the forward: it keeps each
 row's (max, log-sum) pair and recomputes each chunk in the backward (four GEMMs in all).
 ``linear_tic_loss`` (lm_head_loss.py) does know it up to a scale, and forms its gradient in the
 forward (three GEMMs per chunk, like the unfused path).
 
-Memory beyond inputs and outputs: one chunk of logits (``chunk_size`` rows; by default the
-rows that fit options.LM_HEAD_CHUNK_BYTES = 1 GiB), O(N) floats, the gradient of hidden and
-of the bias, and d weight accumulated across chunks in an fp32 (V, H) buffer unless
-``fp32_accumulation=False`` or the weight is fp32 (then the gradient itself accumulates). On a
-GPU each chunk's d weight GEMM accumulates into the fp32 buffer directly; on the CPU (and on
-a torch whose GEMM cannot) each chunk's product is rounded to the weight's dtype once, block
-by block, before it is added.
+Memory beyond inputs and outputs: one chunk of logits (``chunk_size`` rows; by default k
+equal chunks of at most options.LM_HEAD_CHUNK_BYTES = 1.2 GiB), O(N) floats, and the fp32
+accumulator of d bias. d weight accumulates across chunks in the weight's dtype (one rounding
+per chunk); ``fp32_accumulation=True`` accumulates it in an fp32 (V, H) buffer instead (one
+rounding in all, as the unfused path's single GEMM; the buffer is freed before it is
+converted). On a GPU each chunk's d weight GEMM accumulates into the fp32 buffer directly; on
+the CPU it is formed in fp32 block by block (the same single rounding), and on a GPU whose
+torch has no mixed-dtype GEMM each block is rounded to the weight's dtype before it is added.
 
-The ops are opaque torch.library custom ops: they plan the chunks on the host (reading
-cu_seqlens, and the mask's or the targets' active rows: host syncs), so torch.compile calls
-them as they are and traces around them.
+The ops are opaque torch.library custom ops, so torch.compile calls them as they are and
+traces around them. Their host reads: the rows to multiply where some are masked or ignored
+(``nonzero``; every linear_token_logprobs call, a padded linear_tic_loss), and cu_seqlens
+when the chunks must hold whole sequences (lm_head_loss.chunk_plan).
 """
 from __future__ import annotations
 
@@ -43,43 +47,58 @@ _MIXED_GEMM = {"cuda": True}  # whether torch.addmm(..., out_dtype=float32) runs
 _FALLBACK_ROWS = 8192  # rows of d weight formed at once when the GEMM cannot accumulate in fp32
 
 
-def _accumulate_mm(acc, a, b):
-    """acc += a @ b, with the GEMM accumulating into acc's dtype where the device can."""
+def _accumulate_mm(acc, a, b, first):
+    """acc = a @ b (``first``: acc's values are not read, the GEMM writes, beta = 0) or
+    acc += a @ b, with the GEMM accumulating into acc's dtype where the device can."""
     if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
         return
     if acc.is_cuda and _MIXED_GEMM["cuda"]:
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError) as e:  # a torch without the mixed-dtype GEMM
             _MIXED_GEMM["cuda"] = False
             warnings.warn(f"fused LM head: torch.addmm(out_dtype=float32) failed ({e}); d weight "
                           "is now formed in the weight's dtype, block by block, and summed in fp32")
-    # each block of the product is rounded to a's dtype once, then summed in acc's: a bounded
-    # temporary (8192 rows of d weight), not a second (V, H) matrix
+    # The product block by block (8192 rows of d weight: a bounded temporary, not a second
+    # (V, H) matrix), summed in acc's dtype. On the CPU each block is an fp32 GEMM (one
+    # rounding in all, as the GPU's mixed GEMM); on a GPU without the mixed GEMM each block is
+    # rounded to a's dtype once (an fp32 GEMM there would cost several times the bf16 one).
+    exact = acc.device.type == "cpu"
+    b = b.float() if exact else b
     for v in range(0, acc.shape[0], _FALLBACK_ROWS):
-        acc[v:v + _FALLBACK_ROWS] += a[v:v + _FALLBACK_ROWS] @ b
+        block = (a[v:v + _FALLBACK_ROWS].float() if exact else a[v:v + _FALLBACK_ROWS]) @ b
+        if first:
+            acc[v:v + _FALLBACK_ROWS] = block
+        else:
+            acc[v:v + _FALLBACK_ROWS] += block
 
 
 class ChunkedHead:
     """The LM head over ``rows`` of hidden (None: all, in order): a chunk's logits into the
-    reused buffer, and a chunk's logits gradient (written over them) into d hidden, d weight
-    and d bias."""
+    reused buffer of ``buffer_rows`` rows (the largest chunk), and a chunk's logits gradient
+    (written over them) into d hidden, d weight and d bias. The first chunk's GEMMs write
+    the gradients, the later ones accumulate: nothing is zero-filled first (d hidden's rows
+    outside ``rows`` excepted: zero is their gradient)."""
 
-    def __init__(self, hidden, weight, bias, rows, chunk, temperature, ignore_index,
+    def __init__(self, hidden, weight, bias, rows, buffer_rows, temperature, ignore_index,
                  fp32_accumulation, need_dh, need_dw, need_db, shard=None):
-        n = hidden.shape[0] if rows is None else rows.numel()
         V = weight.shape[0]
         self.hidden, self.weight, self.bias, self.rows = hidden, weight, bias, rows
         self.shard, self.vocab_start = shard, 0 if shard is None else shard.start
         self.temperature, self.ignore_index = temperature, ignore_index
-        self.buf = torch.empty(min(chunk, n), V, dtype=weight.dtype, device=weight.device)
+        self.buf = torch.empty(buffer_rows, V, dtype=weight.dtype, device=weight.device)
+        self.written = False  # whether a chunk's gradient has been written (then: accumulate)
         acc = torch.float32 if fp32_accumulation else weight.dtype
-        self.dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty(0)
-        self.dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw \
+        self.dh = (torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)) \
+            if need_dh else hidden.new_empty(0)
+        self.dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_dw \
             else weight.new_empty(0)
-        self.db = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_db \
+        self.db = torch.empty(V, dtype=torch.float32, device=weight.device) if need_db \
             else weight.new_empty(0)
 
     def logits(self, a, b):
@@ -115,20 +134,37 @@ class ChunkedHead:
         launch_bwd(z, z, targets[a:b], max_logsum[2 * a:2 * b],
                    entropy[a:b] if g_entropy.numel() else entropy, g, g_entropy,
                    self.temperature, self.ignore_index, self.vocab_start)
+        first, self.written = not self.written, True
         if self.dh.numel():
             if self.rows is None:
                 torch.mm(z, self.weight, out=self.dh[a:b])
             else:
-                self.dh.index_copy_(0, self.rows[a:b], z @ self.weight)
+                self.dh.index_copy_(0, self.rows[a:b], torch.mm(z, self.weight))
         if self.dw.numel():
-            _accumulate_mm(self.dw, z.t(), x)
+            _accumulate_mm(self.dw, z.t(), x, first)
         if self.db.numel():
-            self.db += z.sum(0, dtype=torch.float32)
+            if first:
+                torch.sum(z, 0, dtype=torch.float32, out=self.db)
+            else:
+                self.db += z.sum(0, dtype=torch.float32)
 
     def grads(self):
+        """(d hidden, d weight, d bias) in the inputs' dtypes. The logits buffer is freed
+        first (the caller holds no view of it), so that it is never alive beside a converted
+        copy of the fp32 accumulator."""
+        self.buf = None
+        if not self.written:  # no row carried a loss: zero gradients
+            for t in (self.dh, self.dw, self.db):
+                t.zero_()
         dw = self.dw.to(self.weight.dtype) if self.dw.numel() else self.dw
+        self.dw = None
         db = self.db.to(self.bias.dtype) if self.db.numel() else self.db
         return self.dh, dw, db
+
+
+def largest(chunks):
+    """Rows of the largest of the [a, b) chunks (0 for none): the logits buffer's."""
+    return max((b - a for a, b in chunks), default=0)
 
 
 def active_rows(keep):
@@ -160,10 +196,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     logp = torch.zeros(n, dtype=torch.float32, device=dev)
     max_logsum = torch.zeros(2 * n, dtype=torch.float32, device=dev)
     entropy = torch.zeros(n if with_entropy else 0, dtype=torch.float32, device=dev)
-    head = ChunkedHead(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index, False,
-                 False, False, False, vocab_parallel.from_name(group_name, weight.shape[0]))
-    for a, b in row_chunks(0, n, chunk_rows):
+    chunks = row_chunks(0, n, chunk_rows)
+    head = ChunkedHead(hidden, weight, bias, rows, largest(chunks), temperature, ignore_index,
+                       False, False, False, False,
+                       vocab_parallel.from_name(group_name, weight.shape[0]))
+    for a, b in chunks:
         head.forward(a, b, t, logp, max_logsum, entropy)
+    head.buf = None
     head.combine(0, n, t, logp, max_logsum, entropy)
     if rows is None:
         return logp, max_logsum, entropy
@@ -201,13 +240,15 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     if with_entropy:
         entropy = compact(entropy, rows).contiguous()
         g_entropy = compact(g_entropy, rows).float().contiguous()
-    head = ChunkedHead(hidden, weight, bias, rows, chunk_rows, temperature, ignore_index,
-                 fp32_accumulation, need_dh, need_dw, need_db,
-                 vocab_parallel.from_name(group_name, weight.shape[0]))
-    for a, b in row_chunks(0, t.numel(), chunk_rows):
+    chunks = row_chunks(0, t.numel(), chunk_rows)
+    head = ChunkedHead(hidden, weight, bias, rows, largest(chunks), temperature, ignore_index,
+                       fp32_accumulation, need_dh, need_dw, need_db,
+                       vocab_parallel.from_name(group_name, weight.shape[0]))
+    for a, b in chunks:
         z, x = head.logits(a, b)
         head.backward(z, x, a, b, t, max_logsum, entropy, g[a:b],
                       g_entropy[a:b] if with_entropy else g_entropy)
+        del z, x
     return head.grads()
 
 
@@ -274,7 +315,7 @@ def grads_needed(hidden, weight, bias):
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
                           ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
-                          fp32_accumulation=True, process_group=None):
+                          fp32_accumulation=False, process_group=None):
     """Log-probability of each target under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the logits.
 
@@ -285,10 +326,12 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         targets: (...) int32 or int64 in [0, V) or equal to ``ignore_index`` (those rows get
             logp 0, entropy 0, zero gradient, and are never multiplied).
         temperature, ignore_index, return_entropy: as in :func:`tic_kernels.token_logprobs`.
-        chunk_size: rows of logits held at once; None: the rows whose logits fit
-            options.LM_HEAD_CHUNK_BYTES (1 GiB) in the weight's dtype.
-        fp32_accumulation: accumulate d weight and d bias across chunks in fp32 (a (V, H)
-            fp32 buffer in the backward); False accumulates d weight in the weight's dtype.
+        chunk_size: rows of logits held at most at once; None: the rows whose logits fit
+            options.LM_HEAD_CHUNK_BYTES (1.2 GiB) in the weight's dtype. The rows are split
+            into the fewest equal chunks of at most that many.
+        fp32_accumulation: False (default): d weight accumulates across chunks in the
+            weight's dtype, one rounding per chunk; True: in an fp32 (V, H) buffer, one
+            rounding in all, at 4 V H bytes more (docs/spec.md, op 6, has the measured cost).
         process_group: the vocabulary is split over this torch.distributed group (op 7):
             ``weight`` (and ``bias``) hold this rank's rows [rank V_local, (rank + 1) V_local)
             of the head, a column-parallel LM head's shard; hidden and targets (global ids)

@@ -1,13 +1,17 @@
 """Op 6's loss: ``linear_tic_loss``, tic_loss over the LM head's logits without holding them
 (the chunked head of ops/lm_head.py, op 1's row kernels and op 4's ratio kernels).
 
-In bf16 and fp32 the gradient is formed in the forward: when a chunk holds whole sequences,
-their ratios are known as soon as the chunk's log-probs are, so the chunk's logits gradient,
-d hidden and d weight follow at once (three GEMMs per chunk, like the unfused path) and the
-backward only scales them by the incoming gradient. A sequence longer than a chunk takes two
-passes (one more GEMM). In fp16 the incoming gradient carries a GradScaler's loss scale,
-which must reach the gradient before it is rounded: there the log-probs' two passes run,
-then op 4's kernels.
+In bf16 and fp32 the gradient is formed in the forward: as soon as a chunk's log-probs are
+known, so are its tokens' gradient coefficients, and the chunk's logits gradient, d hidden
+and d weight follow at once (three GEMMs per chunk, like the unfused path); the backward
+only scales them by the incoming gradient, on the device and not at all when it is 1. The
+chunk plan (chunk_plan): for the token-level ratios weighted per token, k rows-equal chunks
+that may cut sequences (each chunk's coefficients from the sequences clipped to it; the loss
+and its statistics over whole sequences once every log-prob is known); for the others, runs
+of whole sequences of about equal rows, and a sequence longer than a chunk in equal pieces
+(its log-probs first, then each piece but the last recomputed: one more GEMM each). In fp16
+the incoming gradient carries a GradScaler's loss scale, which must reach the gradient
+before it is rounded: there the log-probs' two passes run, then op 4's kernels.
 """
 from __future__ import annotations
 
@@ -24,23 +28,61 @@ from ..options import IGNORE_INDEX
 from ..output import LossOutput
 from . import vocab_parallel
 from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_shapes,
-                      grads_needed, linear_logprobs, rows_per_chunk)
+                      grads_needed, largest, linear_logprobs, rows_per_chunk)
 from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
                          stats_dict)
 from .ratio_loss_kernels import STAT_KEYS
+from .scale import scale_in_place
 
 
-def _sequence_groups(cu, rows):
-    """[s0, s1) runs of consecutive sequences whose tokens fit ``rows`` together; a sequence
-    longer than that is a run of its own (done in two passes)."""
-    groups, s0, B = [], 0, len(cu) - 1
+def by_rows(config) -> bool:
+    """Whether each token's gradient coefficient follows from its own row and its sequence's
+    advantage and length alone: the token-level ratios ("token", "none") weighted per token
+    (no seq-mean-token-mean, no sampler weight per sequence). Their chunks are rows-equal and
+    may cut sequences; the other ratios' chunks hold whole sequences."""
+    return (config.ratio in ("token", "none") and config.aggregation != "seq-mean-token-mean"
+            and not config.rollout_per_sequence)
+
+
+def _filled(cu, cap):
+    """Runs [s0, s1) of consecutive sequences, each filled while its rows stay within ``cap``
+    (a longer sequence is a run of its own)."""
+    runs, s0, B = [], 0, len(cu) - 1
     while s0 < B:
         s1 = s0 + 1
-        while s1 < B and cu[s1 + 1] - cu[s0] <= rows:
+        while s1 < B and cu[s1 + 1] - cu[s0] <= cap:
             s1 += 1
-        groups.append((s0, s1))
+        runs.append((s0, s1))
         s0 = s1
-    return groups
+    return runs
+
+
+def sequence_groups(cu, max_rows):
+    """Runs [s0, s1) of consecutive sequences (cu: the B + 1 row offsets, on the host): the
+    fewest runs whose rows fit ``max_rows`` (a longer sequence is a run of its own, done in
+    pieces), balanced: filled to the least bound that keeps them that few."""
+    runs = _filled(cu, max_rows)
+    lo, hi = 1, max_rows  # the least cap with as few runs, by bisection (fewer with more)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_filled(cu, mid)) <= len(runs):
+            hi = mid
+        else:
+            lo = mid + 1
+    return _filled(cu, lo)
+
+
+def chunk_plan(config, cu, n, max_rows):
+    """The fused head's plan: [(sequences, chunks)], each chunks a list of row ranges [a, b)
+    of at most ``max_rows`` rows whose gradient coefficients are known once their log-probs
+    are. Rows-equal chunks (``by_rows``; sequences None; no host read) or runs of whole
+    sequences (sequences = (s0, s1); a sequence longer than a chunk in equal pieces, two
+    passes; reads cu on the host: one sync)."""
+    if by_rows(config):
+        return [(None, [c]) for c in row_chunks(0, n, max_rows)]
+    cu_host = cu.tolist()
+    return [((s0, s1), row_chunks(cu_host[s0], cu_host[s1], max_rows))
+            for s0, s1 in sequence_groups(cu_host, max_rows)]
 
 
 @torch.library.custom_op("tic_kernels::linear_loss", mutates_args=())
@@ -63,17 +105,14 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         rows = active_rows(mask.reshape(-1).bool())
         cu = torch.nn.functional.pad(mask.sum(1, dtype=torch.int64).cumsum(0), (1, 0))
     else:
-        rows, cu = None, cu_seqlens.to(torch.int64)
+        rows, cu = None, cu_seqlens.contiguous()
     t, old = compact(targets, rows).contiguous(), compact(old, rows).float().contiguous()
     ref = None if ref is None else compact(ref, rows).float().contiguous()
     rollout = None if rollout is None else compact(rollout, rows).contiguous()
-    cu = cu.contiguous()
-    cu_host = cu.tolist()
-    n, B = t.numel(), len(cu_host) - 1
-    lengths = torch.tensor(cu_host, dtype=torch.float64).diff()
-    norm = float(aggregation_norm(cfg.aggregation, (lengths > 0).sum().double(),
-                                            lengths.sum(), cfg.num_sequences, cfg.num_tokens,
-                                            cfg.max_len))
+    n, B = t.numel(), cu.numel() - 1
+    lengths = cu.diff().double()
+    norm = aggregation_norm(cfg.aggregation, (lengths > 0).sum().double(), lengths.sum(),
+                            cfg.num_sequences, cfg.num_tokens, cfg.max_len).float()
     f32 = dict(dtype=torch.float32, device=dev)
     with_entropy = cfg.with_entropy
     logp, max_logsum = torch.empty(n, **f32), torch.empty(2 * n, **f32)
@@ -82,24 +121,38 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     part, loss, stats, norm_out = new_partials(B, dev)
     advantages = advantages.float().contiguous()
     grad = need_dh or need_dw or need_db
-    head = ChunkedHead(hidden, weight, bias, rows, chunk_rows, cfg.temperature, IGNORE_INDEX,
-                 fp32_accumulation, need_dh, need_dw, need_db,
-                 vocab_parallel.from_name(group_name, weight.shape[0]))
-    for s0, s1 in _sequence_groups(cu_host, chunk_rows):
-        chunks = row_chunks(cu_host[s0], cu_host[s1], chunk_rows)
+    plan = chunk_plan(cfg, cu, n, chunk_rows)
+
+    def ratio_pass(s0, s1, cu_rows, part_rows):
+        launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None,
+                         advantages[s0:s1], cu_rows, None, rollout, coef, coef_ent, part_rows,
+                         cfg)
+
+    head = ChunkedHead(hidden, weight, bias, rows, largest(c for _, cs in plan for c in cs),
+                       cfg.temperature, IGNORE_INDEX, fp32_accumulation, need_dh, need_dw,
+                       need_db, vocab_parallel.from_name(group_name, weight.shape[0]))
+    for seqs, chunks in plan:
         for a, b in chunks:
             z, x = head.forward(a, b, t, logp, max_logsum, entropy)
-        head.combine(cu_host[s0], cu_host[s1], t, logp, max_logsum, entropy)
-        launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None, advantages[s0:s1],
-                         cu[s0:s1 + 1], None, rollout, coef, coef_ent, part[s0:s1], cfg)
+        if chunks:
+            head.combine(chunks[0][0], chunks[-1][1], t, logp, max_logsum, entropy)
+        if seqs is not None:  # whole sequences: their loss terms and coefficients
+            ratio_pass(seqs[0], seqs[1], cu[seqs[0]:seqs[1] + 1], part[seqs[0]:seqs[1]])
+        elif grad:  # rows [a, b): their coefficients, over the sequences clipped to them
+            ratio_pass(0, B, cu.clamp(*chunks[0]), part)
         if not grad:
             continue
-        for a, b in chunks:
-            if len(chunks) > 1:  # a sequence longer than a chunk: recompute (one more GEMM)
+        # the last chunk's logits are still in the buffer; a sequence in pieces recomputes
+        # the others' (one more GEMM each)
+        for i, (a, b) in enumerate(reversed(chunks)):
+            if i:
                 z, x = head.logits(a, b)
             head.backward(z, x, a, b, t, max_logsum, entropy, coef[a:b] * norm,
                           coef_ent[a:b] * (cfg.entropy_coef * norm) if with_entropy
                           else coef_ent)
+    z = x = None  # no view of the logits buffer outlives the loop
+    if by_rows(cfg):  # the loss and its statistics over whole sequences
+        ratio_pass(0, B, cu, part)
     launch_finalize(part, loss, stats, norm_out, cfg)
     return (loss, stats) + head.grads()
 
@@ -116,16 +169,21 @@ def _loss_setup(ctx, inputs, output):
     ctx.save_for_backward(*output[2:])
     ctx.needs = inputs[-4:-1]  # need_dh, need_dw, need_db
     # the statistics and the gradients are results, not functions of the inputs to
-    # differentiate (as tic_loss's statistics)
+    # differentiate (as tic_loss's statistics); nothing flows back from them, and autograd
+    # must not materialise zeros in their shapes (d weight's: a second (V, H) matrix)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 @first_order_only
 def _loss_backward(ctx, g_loss, *_unused):
     # The forward's gradients are the loss's own: in eager mode they are scaled in place (they
-    # are nobody else's), so d weight is never held twice, and a second backward through the
-    # same graph is refused by autograd (a saved tensor was modified). A graph being traced
-    # (plain tensors are not what it sees) scales them out of place.
+    # are nobody else's), on the device and only where g_loss is not exactly 1, so d weight
+    # is never held twice and no host reads g_loss; a second backward through the same graph
+    # is refused. A graph being traced (plain tensors are not what it sees) scales them out
+    # of place.
+    if g_loss is None:
+        return grads_by_name(linear_loss)
     eager = type(g_loss) is torch.Tensor
     if eager and getattr(ctx, "scaled", False):
         raise RuntimeError("linear_tic_loss: backward ran twice through one forward; its "
@@ -134,7 +192,7 @@ def _loss_backward(ctx, g_loss, *_unused):
     ctx.scaled = True
 
     def scaled(t, need):
-        return None if not need else t.mul_(g_loss) if eager else t * g_loss
+        return None if not need else scale_in_place(t, g_loss) if eager else t * g_loss
     dh, dw, db = (scaled(t, need) for t, need in zip(ctx.saved_tensors, ctx.needs))
     return grads_by_name(linear_loss, hidden=dh, weight=dw, bias=db)
 
@@ -143,7 +201,7 @@ linear_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=None,
-                    cu_seqlens=None, mask=None, chunk_size=None, fp32_accumulation=True,
+                    cu_seqlens=None, mask=None, chunk_size=None, fp32_accumulation=False,
                     ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                     dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,

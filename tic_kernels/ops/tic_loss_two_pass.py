@@ -27,10 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import (BLOCK_TOKENS, as_f32, cast_for_store, emulate_rne, first_order_only,
+from ..backend import (BLOCK_TOKENS, as_f32, emulate_rne, first_order_only,
                        flat, kernel_segments, launch, segment_bounds)
 from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
+from .scale import scale_in_place
 from .ratio_loss_kernels import (AGG_CODE, RATIO_CODE, normaliser, rollout_code,
                                  token_coefficient)
 from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
@@ -38,7 +39,6 @@ from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_lay
 
 # The switch: tic_loss takes this path for the ratios and options it serves when True.
 ENABLED = False
-BLOCK_SCALE = 4096
 
 
 def serves(config, logits, inplace_backward, shard) -> bool:
@@ -146,17 +146,6 @@ def _rows_with_gradient_kernel(
                  BLOCK_V, "evict_first")
 
 
-@triton.jit
-def _scale_kernel(grad_ptr, g_ptr, n, EMULATE_RNE: tl.constexpr, BLOCK: tl.constexpr):
-    """grad *= g (a device scalar), reading and writing nothing when g is exactly 1."""
-    g = tl.load(g_ptr).to(tl.float32)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = (offs < n) & (tl.zeros([BLOCK], dtype=tl.float32) + g != 1.0)
-    x = tl.load(grad_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, cast_for_store(x * g, grad_ptr.dtype.element_ty, EMULATE_RNE),
-             mask=keep)
-
-
 def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens, mask,
                           ref_logprobs, rollout, config):
     """(loss, stats, grad): three kernels (the sequence weights, the rows with their
@@ -200,13 +189,6 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
                                         ref_logprobs, entropy if c.with_entropy else None,
                                         rollout, config, counter)
     return loss, stats, grad
-
-
-def scale_in_place(grad, g):
-    """grad *= g on the device (g a 0-d tensor), nothing touched when g is 1."""
-    n = grad.numel()
-    launch(_scale_kernel, (-(-n // BLOCK_SCALE),), grad, g.reshape(1), n,
-           EMULATE_RNE=emulate_rne(grad.dtype), BLOCK=BLOCK_SCALE)
 
 
 class TICLossTwoPass(torch.autograd.Function):
