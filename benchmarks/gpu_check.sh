@@ -109,7 +109,7 @@ step headline 150 python3 benchmarks/headline.py --device $device --shape $hshap
 say "headline: exit $? in $took ($(grep -h '^targets:' "$logs/headline.log" | tail -n 1))"
 step linear 200 python3 benchmarks/bench_linear.py --device $device --shapes $lshape \
     --long-seqlen $long --name linear --out "$out" --providers \
-    tic_kernels_linear,tic_kernels_linear_fp32acc,unfused_tic_kernels,cce+tic_loss,liger_fused_linear_grpo \
+    tic_kernels_linear,tic_kernels_linear_bf16acc,unfused_tic_kernels,cce+tic_loss,liger_fused_linear_grpo \
     ${reps[@]+"${reps[@]}"}
 say "linear: exit $? in $took ($(grep -h '^targets:' "$logs/linear.log" | tail -n 1))"
 step sweep 100 python3 benchmarks/sweep.py --device $device --shape $shape --out "$out" \

@@ -110,7 +110,8 @@ def test_gemms_and_row_kernels_per_chunk(ratio, lengths, chunk, pieces, padded):
     """Three GEMMs and two row kernels per chunk (one GEMM more for each piece of a long
     sequence but the last, whose logits are still in the buffer), one ratio kernel per chunk
     and one to finish, no zero-fill of the gradients (packed; padded: d hidden's masked rows,
-    once), a backward of three scaling launches and no allocation."""
+    once; the token ratio's (N,) coefficients, once), a backward of three scaling launches
+    and no allocation."""
     batch = head_batch(lengths, 41, 8, padded=padded, seed=random.randrange(1 << 30))
     fwd, bwd = _counted(_leaves(batch, torch.float32), batch, ratio=ratio, chunk_size=chunk)
     k = len(pieces)
@@ -126,7 +127,9 @@ def test_gemms_and_row_kernels_per_chunk(ratio, lengths, chunk, pieces, padded):
     assert ratio_kernels == (k + 1 if ratio == "token" else runs), fwd.kernels
     assert fwd.kernels.count("_ratio_loss_finalize_kernel") == 1
     fills = [n for n in fwd.kernels if n in ZERO_FILLS]
-    assert len(fills) == (1 if padded else 0), fills
+    # rows-equal chunks: the (N,) coefficients (rows of no sequence get none); padded: d
+    # hidden, whose masked rows are never multiplied
+    assert len(fills) == (ratio == "token") + padded, fills
     assert fwd.host_reads == (1 if ratio == "token" else 2) + (1 if padded else 0), \
         "value checks, cu_seqlens planned on the host for whole sequences, the mask's rows"
     assert bwd.kernels == ["aten.ones_like"] + ["_scale_kernel"] * 3, bwd.kernels
@@ -136,21 +139,29 @@ def test_gemms_and_row_kernels_per_chunk(ratio, lengths, chunk, pieces, padded):
 @pytest.mark.usefixtures("requires_triton")
 @pytest.mark.parametrize("fp32_accumulation", [False, True])
 @pytest.mark.parametrize("ratio", ["token", "trajectory"])
-def test_memory_within_the_chunk_and_the_outputs(fp32_accumulation, ratio, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_memory_within_the_chunk_and_the_outputs(fp32_accumulation, ratio, padded,
+                                                  monkeypatch):
     """The storages alive at once in the forward (where the gradient is formed) add up to at
     most the chunk buffer, the outputs and O(N) floats; with an fp32 accumulator the buffer
     is freed before the accumulator is converted (the two are never alive with the converted
     copy); the backward allocates nothing. (On the CPU the fp32 accumulation forms each
     chunk's product in fp32 block by block, 16 rows of d weight at a time here: small
-    temporaries, and the chunk's hidden rows in fp32.)"""
+    temporaries, and the chunk's hidden rows in fp32. Padded: the chunk's hidden rows are
+    gathered, and its d hidden rows scattered.) H = 64, so that a leaked (N, H) fp32 copy
+    would not fit in the O(N) allowance."""
     monkeypatch.setattr(lm_head, "_FALLBACK_ROWS", 16)
-    N, V, H, chunk = 48, 401, 16, 24
-    batch = head_batch([12, 12, 12, 12], V, H, seed=random.randrange(1 << 30))
+    V, H, chunk = 401, 64, 24
+    lengths = [12, 10, 12, 14] if padded else [12, 12, 12, 12]  # padded: 8 masked rows
+    batch = head_batch(lengths, V, H, padded=padded, seed=random.randrange(1 << 30))
+    N = batch.hidden.numel() // H
     leaves = _leaves(batch, torch.bfloat16)
     fwd, bwd = _counted(leaves, batch, ratio=ratio, chunk_size=chunk,
                         fp32_accumulation=fp32_accumulation)
     buffer, dh, dw, db = chunk * V * 2, N * H * 2, V * H * 2, V * 2
     small = 24 * 4 * N + 1024  # O(N) floats: log-probs, their (max, log-sum), coefficients...
+    if padded:  # a chunk's gathered hidden rows and its d hidden rows before the scatter
+        small += 2 * chunk * H * 2
     acc = 2 * dw + 2 * db  # fp32 accumulators of d weight and d bias
     if fp32_accumulation:
         block = chunk * H * 4 + 16 * chunk * 4 + 16 * H * 4

@@ -14,13 +14,15 @@ row's (max, log-sum) pair and recomputes each chunk in the backward (four GEMMs 
 forward (three GEMMs per chunk, like the unfused path).
 
 Memory beyond inputs and outputs: one chunk of logits (``chunk_size`` rows; by default k
-equal chunks of at most options.LM_HEAD_CHUNK_BYTES = 1.2 GiB), O(N) floats, and the fp32
-accumulator of d bias. d weight accumulates across chunks in the weight's dtype (one rounding
-per chunk); ``fp32_accumulation=True`` accumulates it in an fp32 (V, H) buffer instead (one
-rounding in all, as the unfused path's single GEMM; the buffer is freed before it is
-converted). On a GPU each chunk's d weight GEMM accumulates into the fp32 buffer directly; on
-the CPU it is formed in fp32 block by block (the same single rounding), and on a GPU whose
-torch has no mixed-dtype GEMM each block is rounded to the weight's dtype before it is added.
+equal chunks of at most options.LM_HEAD_CHUNK_BYTES = 1.2 GiB), O(N) floats, the fp32
+accumulator of d bias, and (k > 1) that of d weight: an fp32 (V, H) buffer, one rounding in
+all as in the unfused path's single GEMM, freed after its conversion (the logits buffer is
+freed before it). With one chunk d weight is written in the weight's dtype at once (the same
+single rounding, no buffer). ``fp32_accumulation=False`` accumulates it in the weight's dtype
+(a rounding per chunk, no buffer). On a GPU each chunk's d weight GEMM accumulates into the
+fp32 buffer directly; on the CPU it is formed in fp32 block by block (the same single
+rounding), and on a GPU whose torch has no mixed-dtype GEMM each block is rounded to the
+weight's dtype before it is added.
 
 The ops are opaque torch.library custom ops, so torch.compile calls them as they are and
 traces around them. Their host reads: the rows to multiply where some are masked or ignored
@@ -81,19 +83,20 @@ def _accumulate_mm(acc, a, b, first):
 class ChunkedHead:
     """The LM head over ``rows`` of hidden (None: all, in order): a chunk's logits into the
     reused buffer of ``buffer_rows`` rows (the largest chunk), and a chunk's logits gradient
-    (written over them) into d hidden, d weight and d bias. The first chunk's GEMMs write
-    the gradients, the later ones accumulate: nothing is zero-filled first (d hidden's rows
-    outside ``rows`` excepted: zero is their gradient)."""
+    (written over them) into d hidden, d weight and d bias (``chunks`` of them in all). The
+    first chunk's GEMMs write the gradients, the later ones accumulate: nothing is zero-filled
+    first (d hidden's rows outside ``rows`` excepted: zero is their gradient)."""
 
     def __init__(self, hidden, weight, bias, rows, buffer_rows, temperature, ignore_index,
-                 fp32_accumulation, need_dh, need_dw, need_db, shard=None):
+                 fp32_accumulation, need_dh, need_dw, need_db, shard=None, chunks=2):
         V = weight.shape[0]
         self.hidden, self.weight, self.bias, self.rows = hidden, weight, bias, rows
         self.shard, self.vocab_start = shard, 0 if shard is None else shard.start
         self.temperature, self.ignore_index = temperature, ignore_index
         self.buf = torch.empty(buffer_rows, V, dtype=weight.dtype, device=weight.device)
         self.written = False  # whether a chunk's gradient has been written (then: accumulate)
-        acc = torch.float32 if fp32_accumulation else weight.dtype
+        # one chunk: its GEMM's one rounding is the whole accumulation, no fp32 buffer
+        acc = torch.float32 if fp32_accumulation and chunks > 1 else weight.dtype
         self.dh = (torch.empty_like(hidden) if rows is None else torch.zeros_like(hidden)) \
             if need_dh else hidden.new_empty(0)
         self.dw = torch.empty(weight.shape, dtype=acc, device=weight.device) if need_dw \
@@ -243,7 +246,7 @@ def linear_logprobs_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     chunks = row_chunks(0, t.numel(), chunk_rows)
     head = ChunkedHead(hidden, weight, bias, rows, largest(chunks), temperature, ignore_index,
                        fp32_accumulation, need_dh, need_dw, need_db,
-                       vocab_parallel.from_name(group_name, weight.shape[0]))
+                       vocab_parallel.from_name(group_name, weight.shape[0]), len(chunks))
     for a, b in chunks:
         z, x = head.logits(a, b)
         head.backward(z, x, a, b, t, max_logsum, entropy, g[a:b],
@@ -315,7 +318,7 @@ def grads_needed(hidden, weight, bias):
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0,
                           ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
-                          fp32_accumulation=False, process_group=None):
+                          fp32_accumulation=True, process_group=None):
     """Log-probability of each target under softmax((hidden @ weight.T + bias) / temperature),
     without materialising the logits.
 
@@ -329,9 +332,10 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         chunk_size: rows of logits held at most at once; None: the rows whose logits fit
             options.LM_HEAD_CHUNK_BYTES (1.2 GiB) in the weight's dtype. The rows are split
             into the fewest equal chunks of at most that many.
-        fp32_accumulation: False (default): d weight accumulates across chunks in the
-            weight's dtype, one rounding per chunk; True: in an fp32 (V, H) buffer, one
-            rounding in all, at 4 V H bytes more (docs/spec.md, op 6, has the measured cost).
+        fp32_accumulation: True (default): d weight accumulates across chunks in an fp32
+            (V, H) buffer, one rounding in all, at 4 V H bytes more (none with one chunk);
+            False: in the weight's dtype, one rounding per chunk (docs/spec.md, op 6, has the
+            measured cost of each).
         process_group: the vocabulary is split over this torch.distributed group (op 7):
             ``weight`` (and ``bias``) hold this rank's rows [rank V_local, (rank + 1) V_local)
             of the head, a column-parallel LM head's shard; hidden and targets (global ids)

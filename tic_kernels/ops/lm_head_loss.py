@@ -37,9 +37,9 @@ from .scale import scale_in_place
 
 def by_rows(config) -> bool:
     """Whether each token's gradient coefficient follows from its own row and its sequence's
-    advantage and length alone: the token-level ratios ("token", "none") weighted per token
-    (no seq-mean-token-mean, no sampler weight per sequence). Their chunks are rows-equal and
-    may cut sequences; the other ratios' chunks hold whole sequences."""
+    advantage alone: the token-level ratios ("token", "none") weighted per token (no
+    seq-mean-token-mean, no sampler weight per sequence). Their chunks are rows-equal and may
+    cut sequences; the other ratios' chunks hold whole sequences."""
     return (config.ratio in ("token", "none") and config.aggregation != "seq-mean-token-mean"
             and not config.rollout_per_sequence)
 
@@ -117,7 +117,12 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     with_entropy = cfg.with_entropy
     logp, max_logsum = torch.empty(n, **f32), torch.empty(2 * n, **f32)
     entropy = torch.empty(n if with_entropy else 0, **f32)
-    coef, coef_ent = torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
+    # rows-equal chunks: zeros, for rows outside every sequence (cu_seqlens not covering the
+    # batch, its value check off) are in a chunk but no sequence's, and get no gradient
+    rows_equal = by_rows(cfg)
+    new = torch.zeros if rows_equal else torch.empty
+    coef = new(n, **f32)
+    coef_ent = new(n, **f32) if with_entropy else torch.empty(0, **f32)
     part, loss, stats, norm_out = new_partials(B, dev)
     advantages = advantages.float().contiguous()
     grad = need_dh or need_dw or need_db
@@ -128,9 +133,14 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                          advantages[s0:s1], cu_rows, None, rollout, coef, coef_ent, part_rows,
                          cfg)
 
-    head = ChunkedHead(hidden, weight, bias, rows, largest(c for _, cs in plan for c in cs),
-                       cfg.temperature, IGNORE_INDEX, fp32_accumulation, need_dh, need_dw,
-                       need_db, vocab_parallel.from_name(group_name, weight.shape[0]))
+    pieces = [c for _, cs in plan for c in cs]
+    head = ChunkedHead(hidden, weight, bias, rows, largest(pieces), cfg.temperature,
+                       IGNORE_INDEX, fp32_accumulation, need_dh, need_dw, need_db,
+                       vocab_parallel.from_name(group_name, weight.shape[0]), len(pieces))
+    if head.dh.numel() and rows is None and pieces and (pieces[0][0] > 0 or pieces[-1][1] < n):
+        # rows outside every sequence (cu_seqlens not covering the batch, its value check
+        # off): no chunk writes them, and zero is their gradient
+        head.dh.zero_()
     for seqs, chunks in plan:
         for a, b in chunks:
             z, x = head.forward(a, b, t, logp, max_logsum, entropy)
@@ -151,7 +161,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
                           coef_ent[a:b] * (cfg.entropy_coef * norm) if with_entropy
                           else coef_ent)
     z = x = None  # no view of the logits buffer outlives the loop
-    if by_rows(cfg):  # the loss and its statistics over whole sequences
+    if rows_equal:  # the loss and its statistics over whole sequences
         ratio_pass(0, B, cu, part)
     launch_finalize(part, loss, stats, norm_out, cfg)
     return (loss, stats) + head.grads()
@@ -201,7 +211,7 @@ linear_loss.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=None,
-                    cu_seqlens=None, mask=None, chunk_size=None, fp32_accumulation=False,
+                    cu_seqlens=None, mask=None, chunk_size=None, fp32_accumulation=True,
                     ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                     dual_clip=None, max_log_ratio=20.0, aggregation=None, temperature=1.0,
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,

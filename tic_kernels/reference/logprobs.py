@@ -320,7 +320,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
 def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0,
                           ignore_index=IGNORE_INDEX, return_entropy=False, chunk_size=None,
-                          fp32_accumulation=False, shard=None):
+                          fp32_accumulation=True, shard=None):
     """token_logprobs(F.linear(hidden, weight, bias), targets, ...) without the logits: at most
     ``chunk_size`` rows of them at a time (default: CHUNK_ELEMENTS elements, as the other
     chunked ops here); see docs/spec.md, op 6. ``shard`` = (group, start): the weight holds

@@ -306,7 +306,7 @@ def tic_loss(logits, targets, old_logprobs, advantages, cu_seqlens=None, mask=No
 
 def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, bias=None,
                     cu_seqlens=None, mask=None, temperature=1.0, entropy_coef=0.0,
-                    chunk_size=None, fp32_accumulation=False, shard=None, **loss_options):
+                    chunk_size=None, fp32_accumulation=True, shard=None, **loss_options):
     """tic_loss(F.linear(hidden, weight, bias), ...) through linear_token_logprobs (op 6;
     ``shard`` as there, op 7)."""
     def logprobs_of(t, with_entropy):
