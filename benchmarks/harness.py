@@ -60,11 +60,16 @@ SAMPLER_SUFFIX = "+sampler"
 
 def loss_keywords(mode, batch):
     """The loss keywords of a benchmark mode: a ratio, optionally with SAMPLER_SUFFIX (op 4b,
-    the sampler's log-probs with sequence_mask, the engine's drift of about 0.002 a token)."""
+    the sampler's log-probs with sequence_mask, the engine's drift of about 0.002 a token)
+    and an objective other than the clip ("token+cispo", "trajectory+sapo")."""
+    kw = {}
+    for objective in ("cispo", "sapo"):
+        if mode.endswith("+" + objective):
+            kw["objective"], mode = objective, mode[:-len(objective) - 1]
     if mode.endswith(SAMPLER_SUFFIX):
         return dict(ratio=mode[:-len(SAMPLER_SUFFIX)], rollout_logprobs=batch["sampler"],
-                    rollout_is="sequence_mask")
-    return dict(ratio=mode)
+                    rollout_is="sequence_mask", **kw)
+    return dict(ratio=mode, **kw)
 
 
 def flash_attn_logprobs():

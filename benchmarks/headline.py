@@ -5,7 +5,9 @@ the gradient in the forward: ops/tic_loss_two_pass.py) next to Liger-Kernel's
 Triton GRPO loss, and token_logprobs next to flash-attn's Triton cross-entropy, when they
 import; each end to end and in device time (benchmarks/harness.py). The targets, at both N:
 token tic_loss >= 1.5x Liger's; trajectory >= 0.93 of the copy bandwidth (N = 16384) and
-faster than Liger's token loss; token_logprobs no slower than flash-attn. Writes
+faster than Liger's token loss; token_logprobs no slower than flash-attn; and the token ratio
+under CISPO's objective ("token+cispo") within 1.05x of the token row (a new objective costs
+the kernels nothing). Writes
 OUT/headline.json (records, then one "targets" record).
 
     python benchmarks/headline.py --out OUT
@@ -51,6 +53,11 @@ def targets(records):
             logp, _ = _p50(records, "token_logprobs", "tic_kernels", None, N, key)
             fa, _ = _p50(records, "token_logprobs", "flash_attn_ce", None, N, key)
             at = f"{tag}N{N}_"
+            cispo, _ = _p50(records, "tic_loss", "tic_kernels", "token+cispo", N, key)
+            out[at + "cispo_over_token"] = cispo / tok if cispo and tok else None
+            out[at + "meets_cispo_over_token_1.05"] = \
+                None if out[at + "cispo_over_token"] is None \
+                else out[at + "cispo_over_token"] <= 1.05
             ratios = {"token_speedup_vs_liger": (liger, tok, 1.5),
                       "trajectory_speedup_vs_liger_token": (liger, traj, 1.0),
                       "token_logprobs_speedup_vs_flash_attn": (fa, logp, 1.0)}
@@ -84,7 +91,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     save_as = (args.out, "headline")
     shapes, dtype = harness.parse_shapes(args.shape), [getattr(torch, args.dtype)]
-    records = bench_tic_loss.run(args.device, shapes, dtype, ["token", "trajectory"],
+    records = bench_tic_loss.run(args.device, shapes, dtype,
+                                 ["token", "trajectory", "token+cispo"],
                                  passes=("fwd+bwd",), only=PROVIDERS, save_as=save_as,
                                  compiled=False, reps=args.reps)
     records += bench_token_logprobs.run(args.device, shapes, dtype, only=LOGPROB_PROVIDERS,

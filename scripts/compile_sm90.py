@@ -113,20 +113,28 @@ def variants():
         # the padded layout with the mask; the loss reduced in the same launch (FINALIZE) on
         # every other variant
         finalize = (ratio + rollout) % 2 == 0
+        # the objectives (clip, cispo, sapo; dual_clip only with clip), delta with clip and a
+        # KL, the KL's bias correction on the odd ratios
+        objective = 0 if dual else (ratio + rollout) % 3
+        has_delta = objective == 0 and not dual and ref
+        kl_bias = ref and ratio % 2 == 1
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
-               f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize}]",
+               f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize},"
+               f"objective={objective},delta={has_delta},kl_bias={kl_bias}]",
                ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*bf16", cu_ptr="*i32", mask_ptr="*i1", roll_ptr="*fp32",
                     coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
                     stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32", N="i32", T="i32",
-                    B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", cap="fp32",
-                    beta="fp32", rw_lo="fp32", rw_hi="fp32", num_tokens="fp32",
-                    num_sequences="fp32", max_len="fp32", entropy_coef="fp32"),
+                    B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", delta="fp32",
+                    tau_pos="fp32", tau_neg="fp32", cap="fp32", beta="fp32", rw_lo="fp32",
+                    rw_hi="fp32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
+                    entropy_coef="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
                     HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, ROLLOUT=rollout,
                     RW_MASK=rw_mask, PADDED=mask, FINALIZE=finalize, AGG=ratio % 4,
                     GIVEN_TOKENS=dual, GIVEN_SEQUENCES=per_seq, RW_PER_SEQ=rollout == 2,
+                    OBJECTIVE=objective, HAS_DELTA=has_delta, KL_BIAS=kl_bias,
                     BLOCK=backend.BLOCK_TOKENS, BLOCK_B=ratio_loss.BLOCK_SEQS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",

@@ -159,6 +159,16 @@ CASES = {  # name: (GRPOConfig keywords, accumulation steps)
                   epsilon_high=4e-2), 1),
     "dapo-entropy-bonus": (dict(loss_type="dapo", importance_sampling_level="token",
                                 entropy_coef=0.05), 2),
+    "cispo-token": (dict(loss_type="cispo", importance_sampling_level="token",
+                         epsilon_high=1.3), 2),
+    "cispo-sequence": (dict(loss_type="cispo", importance_sampling_level="sequence",
+                            epsilon_high=1.05), 1),
+    "sapo-token": (dict(loss_type="sapo", importance_sampling_level="token",
+                        sapo_temperature_pos=0.8, sapo_temperature_neg=1.4), 2),
+    "sapo-sequence": (dict(loss_type="sapo", importance_sampling_level="sequence"), 1),
+    "dapo-delta": (dict(loss_type="dapo", importance_sampling_level="token", delta=1.1), 1),
+    "grpo-delta-sequence": (dict(loss_type="grpo", importance_sampling_level="sequence",
+                                 delta=1.05), 2),
 }
 
 
@@ -174,8 +184,13 @@ def test_loss_equals_trl(tmp_path, tokenizer, dataset, case):
         assert ((ratio > 1.28) & (A > 0) & on).any() and ((ratio < 0.8) & (A < 0) & on).any()
         assert ((ratio < 1.28) & (ratio > 0.8) & on).any()
     metrics = ours._metrics["train"]
-    assert metrics["clip_ratio/region_mean"][-1] == pytest.approx(
-        theirs._metrics["train"]["clip_ratio/region_mean"][-1], abs=1e-6)
+    if kw["loss_type"] not in ("cispo", "sapo"):
+        assert metrics["clip_ratio/region_mean"][-1] == pytest.approx(
+            theirs._metrics["train"]["clip_ratio/region_mean"][-1], abs=1e-6)
+    if kw["loss_type"] == "cispo" and kw["importance_sampling_level"] == "token":
+        ratio = (inputs["_logp"] - inputs["old_per_token_logps"]).exp()
+        on = inputs["completion_mask"] > 0
+        assert ((ratio > kw["epsilon_high"]) & on).any() and ((ratio < kw["epsilon_high"]) & on).any()
     if "entropy_coef" in kw:
         for name in ("entropy", "policy_loss"):
             assert metrics[name][-1] == pytest.approx(theirs._metrics["train"][name][-1],
@@ -197,6 +212,24 @@ def test_loss_equals_trl_logits_path_kl_on_policy(tmp_path, tokenizer, dataset):
             theirs._metrics["train"]["kl"][-1], rel=1e-4)
         del inputs["old_per_token_logps"]
         _assert_same(theirs, ours, inputs, accumulation=2)
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"),
+                                              ("sapo", "token"), ("cispo", "token")])
+def test_bias_corrected_kl_equals_trl(tmp_path, tokenizer, dataset, loss_type, level):
+    """TRL 1.16's default use_bias_correction_kl=True with beta != 0: the k3 KL times the
+    importance ratio (not detached), and TRL's kl metric of it."""
+    kw = dict(loss_type=loss_type, importance_sampling_level=level)
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 1.3
+    theirs, ours = _pair(tmp_path, tokenizer, dataset, **kw)
+    assert theirs.args.use_bias_correction_kl
+    theirs.beta = ours.beta = 0.04  # after construction: no reference model to load
+    inputs = _inputs(theirs)
+    inputs["ref_per_token_logps"] = inputs["_logp"] - 0.3 * inputs["completion_mask"]
+    _assert_same(theirs, ours, inputs, accumulation=2)
+    assert ours._metrics["train"]["kl"][-1] == pytest.approx(
+        theirs._metrics["train"]["kl"][-1], rel=1e-4)
 
 
 def test_trajectory_loss_is_tic_loss_on_trl_logprobs(tmp_path, tokenizer, dataset):
@@ -290,16 +323,15 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
 # ---------------------------------------------------------------------------------------------
 # 4. What the adapter refuses, before any model is loaded
 @pytest.mark.parametrize("kw,match", [
-    (dict(loss_type="cispo"),
-     "loss_type='cispo' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo'"),
-    (dict(loss_type="sapo"), "loss_type='sapo'"),
-    (dict(loss_type="vespo"), "loss_type='vespo'"),
+    (dict(loss_type="vespo"),
+     "loss_type='vespo' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'"),
+    (dict(loss_type="luspo"), "loss_type='luspo'"),
     (dict(importance_sampling_level="group"),
      "importance_sampling_level='group' is not supported.*'trajectory', 'sequence', 'token'"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
     (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(delta=2.0), "delta"),
-    (dict(beta=0.04), "use_bias_correction_kl"),
+    (dict(loss_type="sapo", delta=2.0), "delta=2.0 with loss_type='sapo'"),
+    (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high, which must lie in"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
 ])
 def test_refuses_what_it_does_not_implement(tmp_path, kw, match):

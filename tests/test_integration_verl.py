@@ -28,10 +28,12 @@ AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-me
 DTYPES = [torch.float32, torch.float64]
 
 
-def make_config(eps_low=0.2, eps_high=0.28, clip_c=3.0, **global_batch_info):
+def make_config(eps_low=0.2, eps_high=0.28, clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
+                **global_batch_info):
     config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=eps_low,
                          clip_ratio_high=eps_high, clip_ratio_c=clip_c, ppo_mini_batch_size=4,
-                         ppo_micro_batch_size_per_gpu=2, rollout_n=2)
+                         ppo_micro_batch_size_per_gpu=2, rollout_n=2, tau_pos=tau_pos,
+                         tau_neg=tau_neg)
     config.global_batch_info.update(global_batch_info)
     return config
 
@@ -82,7 +84,7 @@ def assert_same(ours, theirs, dtype):
         assert metrics[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
 
 
-def test_registry_serves_the_four_losses():
+def test_registry_serves_every_loss():
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
     # a registry that was reset: register() puts them back, quietly and idempotently
@@ -92,7 +94,8 @@ def test_registry_serves_the_four_losses():
         warnings.simplefilter("error")
         tkv.register()
         tkv.register()
-    assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token"}
+    assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token", "tic_cispo",
+                                   "tic_sapo", "tic_gpg"}
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
 
@@ -132,7 +135,27 @@ def test_equals_verl(ours, theirs, weights, dtype):
             assert (mine[1][~inputs["response_mask"]] == 0).all()
 
 
-@pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo")])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("ours,theirs", [("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
+                                         ("tic_gpg", "gpg")])
+def test_objectives_equal_verl(ours, theirs, weights, dtype):
+    """verl's cispo, sapo (its tau_pos / tau_neg, seq-mean-token-mean whatever the mode) and
+    gpg: loss, gradient and metrics, every loss_agg_mode, with and without weights."""
+    inputs, _ = make_batch(dtype, weights)
+    config = make_config(tau_pos=0.8, tau_neg=1.3)
+    for mode in AGG_MODES:
+        mine = call(core_algos.get_policy_loss_fn(ours), inputs, mode, config)
+        ref = call(core_algos.get_policy_loss_fn(theirs), inputs, mode, config)
+        assert_same(mine, ref, dtype)
+        if ours == "tic_cispo":
+            assert 0 < ref[2]["actor/pg_clipfrac"] < 1
+        assert (mine[1][~inputs["response_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo"),
+                                         ("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
+                                         ("tic_gpg", "gpg")])
 def test_global_batch_normalisers(ours, theirs):
     """verl's gradient-accumulation normalisers (config.global_batch_info, as ppo_loss sets
     them): dp_size, batch_num_tokens, global_batch_size, loss_scale_factor."""

@@ -18,7 +18,7 @@ import math
 from typing import Optional
 
 from . import validation as check
-from .options import ROLLOUT_IS, ROLLOUT_IS_MAX, default_aggregation
+from .options import ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, default_aggregation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,17 @@ class LossConfig:
     rollout: str = ""
     rollout_is_min: float = 0.0
     rollout_is_max: float = math.inf
+    objective: str = "clip"
+    delta: Optional[float] = None
+    sapo_tau_pos: float = SAPO_TAU_POS
+    sapo_tau_neg: float = SAPO_TAU_NEG
+    kl_bias_correction: bool = False
 
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
-           rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask):
+           rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask,
+           objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_correction):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
@@ -63,6 +69,8 @@ class LossConfig:
                            mask is not None, entropy_coef)
         check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
                               rollout_weights)
+        check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg,
+                                kl_bias_correction, ratio, dual_clip)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
 
@@ -83,7 +91,9 @@ class LossConfig:
             entropy_coef=float(entropy_coef), temperature=float(temperature),
             num_tokens=number(num_tokens), num_sequences=number(num_sequences),
             max_len=number(max_len), ref=ref_logprobs is not None, rollout=rollout,
-            rollout_is_min=lo, rollout_is_max=hi)
+            rollout_is_min=lo, rollout_is_max=hi, objective=_text(objective),
+            delta=number(delta), sapo_tau_pos=float(sapo_tau_pos),
+            sapo_tau_neg=float(sapo_tau_neg), kl_bias_correction=bool(kl_bias_correction))
         return config, tensor
 
     # -- what the kernels read ------------------------------------------------------------

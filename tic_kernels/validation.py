@@ -19,8 +19,8 @@ import threading
 
 import torch
 
-from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, RATIOS, ROLLOUT_IS,
-                      ROLLOUT_IS_MAX, default_aggregation)
+from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, OBJECTIVES, RATIOS,
+                      ROLLOUT_IS, ROLLOUT_IS_MAX, default_aggregation)
 from .layout import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -325,6 +325,29 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
     if agg == "seq-mean-token-sum-norm" and max_len is None and not padded:
         raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len with the packed "
                          "layout (with a mask it defaults to T)")
+
+
+def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_correction, ratio,
+                      dual_clip):
+    """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo)."""
+    choice("objective", objective, OBJECTIVES)
+    if objective != "clip" and ratio == "none":
+        raise ValueError(f"objective={objective!r} weighs a ratio; ratio='none' has none (use "
+                         "a ratio, or objective='clip' with ratio='none' for A log pi)")
+    if delta is not None:
+        if not (_real(delta) and delta > 0):
+            raise ValueError(f"delta (the upper bound of the unclipped ratio) must be a finite "
+                             f"number > 0 (or None), got {delta!r}")
+        if objective != "clip":
+            raise ValueError(f"delta bounds the clipped objective's ratio; objective="
+                             f"{objective!r} has no such branch")
+    if dual_clip is not None and objective != "clip":
+        raise ValueError(f"dual_clip applies to objective='clip', not {objective!r}")
+    for name, tau in (("sapo_tau_pos", sapo_tau_pos), ("sapo_tau_neg", sapo_tau_neg)):
+        if not (_real(tau) and tau > 0):
+            raise ValueError(f"{name} (SAPO's gate temperature) must be a finite number > 0, "
+                             f"got {tau!r}")
+    boolean("kl_bias_correction", kl_bias_correction)
 
 
 def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return_entropy):

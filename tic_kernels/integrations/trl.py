@@ -19,7 +19,14 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   steps; "bnpo" -> token-mean over the micro-batch's tokens, / accumulation steps; "dr_grpo" ->
   sum / (B * max_completion_length), / accumulation steps; "dapo" -> sum / (num_items_in_batch /
   num_processes * accumulation steps / steps_per_generation) (num_items_in_batch / num_processes
-  in eval). Other loss types ("cispo", "sapo", "luspo", "vespo") raise a ValueError.
+  in eval). "cispo" -> objective="cispo" (each token's log-probability weighted by its detached
+  ratio capped at ``epsilon_high``: clip_mode="upper", eps_high = epsilon_high - 1), normalised
+  as "dapo"; "sapo" -> objective="sapo" with ``sapo_temperature_pos`` / ``_neg``, normalised as
+  "grpo". Both combine with every importance_sampling_level, "trajectory" included (the
+  sequence's ratio weighs or gates every token). "luspo" and "vespo" raise a ValueError.
+* ``delta`` -> delta (the unclipped ratio bounded above, the two-sided loss types);
+  ``use_bias_correction_kl`` (with ``beta != 0``) -> kl_bias_correction: each token's KL times
+  its unit's ratio, as TRL (TRL's ``kl`` metric is then that weighted KL too).
 * ``epsilon`` / ``epsilon_high`` -> eps_low / eps_high; ``beta`` with the reference log-probs ->
   the k3 KL inside the aggregation (as TRL); ``temperature`` -> the loss's temperature;
   ``entropy_coef`` -> TRL's entropy bonus (the mean entropy of the micro-batch's loss tokens,
@@ -43,17 +50,19 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
 Metrics, under TRL's names where tic_kernels computes the same quantity: ``kl``, ``entropy``
 (when the entropy is computed: with the entropy bonus, or ``log_entropy=True``; the fully
 fused loss does not compute it), ``clip_ratio/region_mean`` (tic's clip_fraction: tokens for
-"token", sequences otherwise), ``policy_loss`` and ``entropy_coef`` (with the entropy bonus).
-TRL's ``clip_ratio/low_mean``, ``high_mean``, ``low_min`` and ``high_max`` need the ratios,
-which the fused loss never returns: they are not logged. Every statistic of the loss is logged
+"token", sequences otherwise; the clipped loss types), ``policy_loss`` and ``entropy_coef``
+(with the entropy bonus). TRL's ``clip_ratio/low_mean``, ``high_mean``, ``low_min``,
+``high_max`` and ``cispo_clip_ratio`` need the ratios and the advantages' signs together,
+which the fused loss never returns: they are not logged (``tic/clip_fraction`` is, for every
+loss type: the units whose ratio the band or the cap moved). Every statistic of the loss is logged
 as ``tic/<name>`` (ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean,
 clip_fraction, and the rollout_* statistics with the sampler correction), averaged over
 processes (``*_max`` / ``*_min``: max / min over processes).
 
-Refused at construction with a ValueError (rather than silently ignored): ``top_entropy_quantile
-< 1``, ``off_policy_mask_threshold``, ``delta``, ``use_adaptive_entropy``, ``beta != 0`` with
-``use_bias_correction_kl=True`` (TRL's default: set it False for the plain k3 KL), and a MoE
-router auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
+Refused at construction with a ValueError (rather than silently ignored): ``loss_type`` "luspo"
+and "vespo", ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+``use_adaptive_entropy``, ``delta`` with cispo or sapo (TRL ignores it there), and a MoE router
+auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
 Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
 ``old_per_token_logps``, ``vllm_importance_sampling_clip_max``, ``epsilon``, ...).
 """
@@ -89,7 +98,13 @@ IMPORTANCE_SAMPLING_LEVELS = {"trajectory": "trajectory", "sequence": "sequence_
                               "token": "token", "none": "none"}
 #: TRL's loss_type -> tic_kernels' aggregation (normalisers: see the module docstring)
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
-              "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean"}
+              "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean",
+              "cispo": "token-mean", "sapo": "seq-mean-token-mean"}
+#: TRL's loss_type -> tic_kernels' objective (the others: "clip")
+OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
+# the loss types normalised as TRL's "dapo" (by the global count of loss tokens) and as "grpo"
+_PER_TOKEN = ("dapo", "cispo")
+_PER_ROW = ("grpo", "sapo")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # config attributes by which a model scales or softcaps its logits (the ones TRL's fused head
 # reads): the fused LM head here would skip them, so such models take the logits path
@@ -119,15 +134,17 @@ def check_config(args) -> None:
     if args.off_policy_mask_threshold is not None:
         refuse("off_policy_mask_threshold (off-policy sequence masking)",
                "set off_policy_mask_threshold=None")
-    if args.delta is not None:
-        refuse(f"delta={args.delta} (INTELLECT-2's upper bound on the ratio)",
-               "set delta=None (the trainer's dual_clip keyword bounds negative advantages)")
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    if args.loss_type == "cispo" and not 1.0 <= eps_high <= 11.0:
+        raise ValueError(f"TICGRPOTrainer: loss_type='cispo' caps the ratio at epsilon_high, "
+                         f"which must lie in [1, 11] here (ScaleRL's 4 or 5; a cap below 1 "
+                         f"would lower every ratio), got {eps_high!r}")
+    if args.delta is not None and args.loss_type in OBJECTIVES:
+        refuse(f"delta={args.delta} with loss_type={args.loss_type!r} (TRL applies delta to "
+               "the two-sided loss types only)", "set delta=None")
     if args.use_adaptive_entropy:
         refuse("use_adaptive_entropy", "set use_adaptive_entropy=False (a fixed entropy_coef "
                "is supported)")
-    if args.beta != 0.0 and args.use_bias_correction_kl:
-        refuse("use_bias_correction_kl=True (the KL weighted by the importance ratio)",
-               "set use_bias_correction_kl=False for the k3 KL to the reference policy")
     if (args.use_vllm and args.vllm_importance_sampling_correction
             and args.vllm_importance_sampling_mode not in ROLLOUT_IS_MODES):
         raise ValueError(f"TICGRPOTrainer: vllm_importance_sampling_mode="
@@ -165,7 +182,8 @@ _in_trl_terms = renamer({
     "rollout_weights": "importance_sampling_ratio", "rollout_is": "vllm_importance_sampling_mode",
     "rollout_is_max": "vllm_importance_sampling_clip_max",
     "rollout_is_min": "vllm_importance_sampling_clip_min", "eps_low": "epsilon",
-    "eps_high": "epsilon_high",
+    "eps_high": "epsilon_high", "sapo_tau_pos": "sapo_temperature_pos",
+    "sapo_tau_neg": "sapo_temperature_neg", "kl_bias_correction": "use_bias_correction_kl",
 })
 
 
@@ -309,6 +327,9 @@ class TICGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("TICGRPOTrainer does not implement the MoE router auxiliary loss; "
                              "set GRPOConfig(router_aux_loss_coef=0.0) (or use trl.GRPOTrainer)")
+        if self.loss_type in OBJECTIVES and dual_clip is not None:
+            raise ValueError(f"TICGRPOTrainer: dual_clip applies to the clipped loss types, not "
+                             f"loss_type={self.loss_type!r}")
         self._tic_ratio = IMPORTANCE_SAMPLING_LEVELS[self.importance_sampling_level]
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         why = fused_head_refusal(target)
@@ -330,15 +351,24 @@ class TICGRPOTrainer(GRPOTrainer):
                   **self._tic_options)
         factor = 1.0
         if self.beta != 0.0:
-            kw.update(ref_logprobs=inputs["ref_per_token_logps"], beta=self.beta)
-        if self.loss_type in ("grpo", "dr_grpo"):
+            kw.update(ref_logprobs=inputs["ref_per_token_logps"], beta=self.beta,
+                      kl_bias_correction=bool(args.use_bias_correction_kl))
+        objective = OBJECTIVES.get(self.loss_type, "clip")
+        if objective == "cispo":  # TRL caps the ratio at epsilon_high itself
+            kw.update(objective="cispo", clip_mode="upper", eps_high=self.epsilon_high - 1.0)
+        elif objective == "sapo":
+            kw.update(objective="sapo", sapo_tau_pos=args.sapo_temperature_pos,
+                      sapo_tau_neg=args.sapo_temperature_neg)
+        if args.delta is not None:
+            kw["delta"] = args.delta
+        if self.loss_type in _PER_ROW + ("dr_grpo",):
             kw["num_sequences"] = B  # TRL averages over every row, empty ones included
         if self.loss_type == "dr_grpo":
             # TRL divides by B * max_completion_length; tic's max_len must cover the longest row
             max_len = max(int(self.max_completion_length), C)
             kw["max_len"] = max_len
             factor = max_len / self.max_completion_length
-        elif self.loss_type == "dapo":
+        elif self.loss_type in _PER_TOKEN:
             normalizer = (inputs["num_items_in_batch"].clamp(min=1.0)
                           / self.accelerator.num_processes)
             if train:
@@ -391,7 +421,7 @@ class TICGRPOTrainer(GRPOTrainer):
 
         accumulation = self.current_gradient_accumulation_steps if train else 1.0
         policy_loss = out.loss * factor if factor != 1.0 else out.loss
-        loss = policy_loss if self.loss_type == "dapo" else policy_loss / accumulation
+        loss = policy_loss if self.loss_type in _PER_TOKEN else policy_loss / accumulation
         if entropy_bonus:
             # TRL's bonus: the mean entropy of the loss tokens, / accumulation steps only
             entropy_mean = (out.entropy * mask).sum() / mask.sum().clamp(min=1.0)
@@ -410,7 +440,7 @@ class TICGRPOTrainer(GRPOTrainer):
         if out.entropy is not None:
             names.append("entropy"), sums.append((out.entropy.detach() * mask).sum())
             counts.append(n_tok)
-        if self._tic_ratio != "none":
+        if self._tic_ratio != "none" and self.loss_type not in OBJECTIVES:  # TRL's clip band
             units = n_tok if self._tic_ratio == "token" else (mask.sum(-1) > 0).sum().float()
             names.append("clip_ratio/region_mean")
             sums.append(stats["clip_fraction"] * units), counts.append(units)

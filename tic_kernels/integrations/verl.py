@@ -1,6 +1,6 @@
 """tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
 
-Importing this module registers four losses with verl's ``register_policy_loss``
+Importing this module registers seven losses with verl's ``register_policy_loss``
 (``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
 that was reset. ``import tic_kernels`` never imports verl; only this module does.
 
@@ -17,6 +17,12 @@ loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
                as verl's is, no dual clip (verl's gspo has none).
 ``tic_token``  the per-token ratio (GRPO / DAPO / PPO): equals verl's ``vanilla``
                (``compute_policy_loss_vanilla``) in value and gradient, dual clip included.
+``tic_cispo``  CISPO: each token's log-probability weighted by its detached token ratio
+               clamped to [1 - clip_ratio_low, 1 + clip_ratio_high]; equals verl's ``cispo``.
+``tic_sapo``   SAPO: the soft gate sigmoid(tau (r - 1)) 4 / tau of the token ratio, tau =
+               ``tau_pos`` for A > 0 else ``tau_neg``; equals verl's ``sapo``, which
+               aggregates "seq-mean-token-mean" whatever loss_agg_mode says (so does this).
+``tic_gpg``    GPG: -A log pi (tic_kernels' ratio "none"); equals verl's ``gpg``.
 =============  =================================================================================
 
 Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
@@ -34,7 +40,7 @@ rollout_is_mean, ..., rollout_ess when rollout_is_weights are given; see
 **Advantages.** tic_kernels takes one advantage per sequence. verl passes (B, T) advantages;
 the outcome estimators (grpo, rloo, reinforce_plus_plus, remax, opo, gpg, ...) broadcast one
 value over each response, and these losses take it. Advantages that vary over a sequence's
-response tokens (GAE, or any token-level estimator) raise a ValueError for all four modes,
+response tokens (GAE, or any token-level estimator) raise a ValueError for every mode,
 ``tic_token`` included: use verl's ``vanilla`` there. The check compares each sequence's
 largest and smallest advantage over its response tokens (tolerance 1e-5 * max(1, |A|)) and
 reads one boolean back to the host; like tic_kernels' own value checks it is skipped under
@@ -96,8 +102,9 @@ from ._names import renamer
 from ..ops.ratio_loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
-           "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_token",
-           "compute_policy_loss_tic_upper", "register"]
+           "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_gpg",
+           "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_sapo",
+           "compute_policy_loss_tic_token", "compute_policy_loss_tic_upper", "register"]
 
 # tic_kernels' own statistics are reported as METRIC_PREFIX + their name
 METRIC_PREFIX = "actor/tic_"
@@ -126,12 +133,16 @@ _VERL_NAMES = {
 }
 _in_verl_terms = renamer(_VERL_NAMES)
 
-# loss_mode -> (tic_kernels ratio, clip_mode, dual clip from clip_ratio_c, |log-ratio| cap)
+# loss_mode -> (tic_kernels ratio, clip_mode, dual clip from clip_ratio_c, |log-ratio| cap,
+# objective)
 _MODES = {
-    "tic": ("trajectory", "two_sided", True, _VANILLA_CAP),
-    "tic_upper": ("trajectory", "upper", True, _VANILLA_CAP),
-    "tic_gspo": ("sequence_mean", "two_sided", False, _GSPO_CAP),
-    "tic_token": ("token", "two_sided", True, _VANILLA_CAP),
+    "tic": ("trajectory", "two_sided", True, _VANILLA_CAP, "clip"),
+    "tic_upper": ("trajectory", "upper", True, _VANILLA_CAP, "clip"),
+    "tic_gspo": ("sequence_mean", "two_sided", False, _GSPO_CAP, "clip"),
+    "tic_token": ("token", "two_sided", True, _VANILLA_CAP, "clip"),
+    "tic_cispo": ("token", "two_sided", False, _VANILLA_CAP, "cispo"),
+    "tic_sapo": ("token", "two_sided", False, _VANILLA_CAP, "sapo"),
+    "tic_gpg": ("none", "two_sided", False, _VANILLA_CAP, "clip"),
 }
 
 
@@ -270,10 +281,34 @@ def _verl_metrics(log_ratio, keep, adv, level, eps_low, eps_high, upper, clip_c,
     }
 
 
+@torch.no_grad()
+def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high):
+    """verl's metrics of cispo (pg_clipfrac: the tokens whose ratio the band moved), sapo
+    (no clipping: 0) and gpg (none)."""
+    if loss_mode == "tic_gpg":
+        return {}
+    m = keep.to(log_ratio.dtype)
+    n = m.sum()
+    ppo_kl = -(log_ratio * m).sum() / (n + 1e-8)
+    zero = ppo_kl * 0
+    clipfrac = zero
+    if loss_mode == "tic_cispo":
+        r = torch.exp(log_ratio.clamp(-_VANILLA_CAP, _VANILLA_CAP))
+        moved = r != r.clamp(1.0 - eps_low, 1.0 + eps_high)
+        clipfrac = (moved.to(m.dtype) * m).sum() / (n + 1e-8)
+    return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
+            "actor/pg_clipfrac_lower": zero}
+
+
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                  config, rollout_is_weights):
-    ratio, clip_mode, dual, cap = _MODES[loss_mode]
-    eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode)
+    ratio, clip_mode, dual, cap, objective = _MODES[loss_mode]
+    if loss_mode == "tic_gpg":  # verl's gpg reads no clip ratio
+        eps_low, eps_high, clip_c = 0.2, 0.2, None
+    else:
+        eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode)
+    if loss_mode == "tic_sapo":  # verl's sapo aggregates per sequence whatever the mode says
+        loss_agg_mode = "seq-mean-token-mean"
     _check.float_tensor("log_prob", log_prob)
     if log_prob.dim() != 2:
         raise ValueError(f"log_prob must be (B, T), got shape {tuple(log_prob.shape)}")
@@ -285,6 +320,11 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         adv = _sequence_advantages(advantages, response_mask, loss_mode)
     if rollout_is_weights is not None:
         keywords["rollout_weights"] = rollout_is_weights.detach()
+    if objective != "clip":
+        keywords["objective"] = objective
+    if objective == "sapo":
+        keywords.update(sapo_tau_pos=float(_get(config, "tau_pos", 1.0)),
+                        sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
@@ -313,6 +353,8 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     if loss_mode == "tic_gspo":
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), "sequence_mean", eps_low,
                                 eps_high, False, None, -math.inf, _GSPO_CAP)
+    elif objective != "clip" or ratio == "none":
+        metrics = _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high)
     else:
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), ratio, eps_low, eps_high,
                                 clip_mode == "upper", clip_c, -_VANILLA_CAP, _VANILLA_CAP)
@@ -324,62 +366,43 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
 
 _DOC = """verl policy loss {name!r} (tic_kernels): see tic_kernels.integrations.verl.
 
-    Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode;
-    config: the actor config (clip_ratio_low/high, clip_ratio_c, global_batch_info);
-    rollout_is_weights: (B, T) or None. Returns (loss, metrics dict of floats)."""
+    Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode
+    (default {default!r}, as verl's counterpart); config: the actor config (clip_ratio_low/high,
+    clip_ratio_c, tau_pos/tau_neg, global_batch_info); rollout_is_weights: (B, T) or None.
+    Returns (loss, metrics dict of floats)."""
 
 
-def compute_policy_loss_tic(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
-                            advantages: torch.Tensor, response_mask: torch.Tensor,
-                            loss_agg_mode: str = "seq-mean-token-mean",
-                            config: Optional[Any] = None,
-                            rollout_is_weights: Optional[torch.Tensor] = None
-                            ) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _policy_loss("tic", old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
-                        config, rollout_is_weights)
+def _loss_function(name, default_agg):
+    """verl's policy-loss function for loss_mode ``name``: verl's signature, keywords
+    included (its ppo_loss calls them by name), and loss_agg_mode's default."""
+    def loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+             response_mask: torch.Tensor, loss_agg_mode: str = default_agg,
+             config: Optional[Any] = None, rollout_is_weights: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, dict[str, Any]]:
+        return _policy_loss(name, old_log_prob, log_prob, advantages, response_mask,
+                            loss_agg_mode, config, rollout_is_weights)
+    loss.__name__ = loss.__qualname__ = f"compute_policy_loss_{name}"
+    loss.__doc__ = _DOC.format(name=name, default=default_agg)
+    return loss
 
 
-def compute_policy_loss_tic_upper(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
-                                  advantages: torch.Tensor, response_mask: torch.Tensor,
-                                  loss_agg_mode: str = "seq-mean-token-mean",
-                                  config: Optional[Any] = None,
-                                  rollout_is_weights: Optional[torch.Tensor] = None
-                                  ) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _policy_loss("tic_upper", old_log_prob, log_prob, advantages, response_mask,
-                        loss_agg_mode, config, rollout_is_weights)
-
-
-def compute_policy_loss_tic_gspo(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
-                                 advantages: torch.Tensor, response_mask: torch.Tensor,
-                                 loss_agg_mode: str = "seq-mean-token-mean",
-                                 config: Optional[Any] = None,
-                                 rollout_is_weights: Optional[torch.Tensor] = None
-                                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _policy_loss("tic_gspo", old_log_prob, log_prob, advantages, response_mask,
-                        loss_agg_mode, config, rollout_is_weights)
-
-
-def compute_policy_loss_tic_token(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
-                                  advantages: torch.Tensor, response_mask: torch.Tensor,
-                                  loss_agg_mode: str = "token-mean", config: Optional[Any] = None,
-                                  rollout_is_weights: Optional[torch.Tensor] = None
-                                  ) -> tuple[torch.Tensor, dict[str, Any]]:
-    return _policy_loss("tic_token", old_log_prob, log_prob, advantages, response_mask,
-                        loss_agg_mode, config, rollout_is_weights)
-
-
-LOSS_MODES = {
-    "tic": compute_policy_loss_tic,
-    "tic_upper": compute_policy_loss_tic_upper,
-    "tic_gspo": compute_policy_loss_tic_gspo,
-    "tic_token": compute_policy_loss_tic_token,
-}
-for _name, _fn in LOSS_MODES.items():
-    _fn.__doc__ = _DOC.format(name=_name)
+# loss_mode -> its function, with verl's counterpart's default aggregation
+LOSS_MODES = {name: _loss_function(name, agg) for name, agg in (
+    ("tic", "seq-mean-token-mean"), ("tic_upper", "seq-mean-token-mean"),
+    ("tic_gspo", "seq-mean-token-mean"), ("tic_token", "token-mean"),
+    ("tic_cispo", "token-mean"), ("tic_sapo", "seq-mean-token-mean"),
+    ("tic_gpg", "token-mean"))}
+compute_policy_loss_tic = LOSS_MODES["tic"]
+compute_policy_loss_tic_upper = LOSS_MODES["tic_upper"]
+compute_policy_loss_tic_gspo = LOSS_MODES["tic_gspo"]
+compute_policy_loss_tic_token = LOSS_MODES["tic_token"]
+compute_policy_loss_tic_cispo = LOSS_MODES["tic_cispo"]
+compute_policy_loss_tic_sapo = LOSS_MODES["tic_sapo"]
+compute_policy_loss_tic_gpg = LOSS_MODES["tic_gpg"]
 
 
 def register() -> None:
-    """Registers the four losses with verl's policy-loss registry (idempotent). A different
+    """Registers the losses of LOSS_MODES with verl's policy-loss registry (idempotent). A different
     loss already registered under one of the names is replaced, with a warning."""
     registry = _core_algos.POLICY_LOSS_REGISTRY
     for name, fn in LOSS_MODES.items():

@@ -217,7 +217,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
                     num_sequences=None, max_len=None, process_group=None,
                     rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
-                    rollout_is_min=None, rollout_weights=None):
+                    rollout_is_min=None, rollout_weights=None, objective="clip", delta=None,
+                    sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_bias_correction=False):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -241,7 +242,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         entropy_coef=entropy_coef, temperature=temperature, num_tokens=num_tokens,
         num_sequences=num_sequences, max_len=max_len, ref_logprobs=ref_logprobs, mask=mask,
         rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_max=rollout_is_max,
-        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights)
+        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights, objective=objective,
+        delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        kl_bias_correction=kl_bias_correction)
 
     def checks(vocab):
         nonlocal hidden, weight, bias

@@ -24,9 +24,9 @@ from ..backend import (BLOCK_TOKENS, first_order_only, flat, grads_by_name, inpu
                        kernel_segments, launch, segments, triton_op, use_triton)
 from ..config import LossConfig
 from ..output import LossOutput
-from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, RATIO_CODE, STAT_KEYS,
-                                 _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
-                                 rollout_code)
+from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, OBJECTIVE_CODE, RATIO_CODE,
+                                 STAT_KEYS, _ratio_loss_finalize_kernel,
+                                 _ratio_loss_fwd_kernel, rollout_code)
 
 
 def _finalize_args(config):
@@ -47,7 +47,7 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
     offsets into the flat per-token tensors, which are indexed globally), or with cu None
     the rows [i T, (i + 1) T) of a padded batch. Writes their tokens' coef and coef_ent and
     their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of the sequences
-    at a time. Optional inputs may be None; ``mask`` flat, of any dtype; ``rollout`` the
+    at a time, or on every sequence clipped to a range of rows. Optional inputs may be None; ``mask`` flat, of any dtype; ``rollout`` the
     sampler correction's tensor (config.rollout says which) over the same flat positions.
     ``finalize`` (loss, stats, norm, counter): the last program also reduces ``part`` into
     them (counter: an int32 holding 0), one launch in all."""
@@ -61,14 +61,16 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
             advantages, logp if cu is None else cu, logp if mask is None else mask,
             logp if rollout is None else rollout, coef, coef_ent, part, loss, stats, norm,
             counter, logp.numel(), T, B, c.eps_low, c.eps_high,
-            0.0 if c.dual_clip is None else c.dual_clip, c.max_log_ratio, c.beta,
-            c.rollout_is_min, c.rollout_is_max, *scalars,
+            0.0 if c.dual_clip is None else c.dual_clip,
+            0.0 if c.delta is None else c.delta, c.sapo_tau_pos, c.sapo_tau_neg,
+            c.max_log_ratio, c.beta, c.rollout_is_min, c.rollout_is_max, *scalars,
             TWO_SIDED=c.clip_mode == "two_sided",
             DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
             HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=c.beta > 0,
             HAS_ENT=entropy is not None, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
-            PADDED=cu is None, FINALIZE=finalize is not None, **switches, BLOCK=BLOCK_TOKENS,
-            BLOCK_B=BLOCK_SEQS)
+            PADDED=cu is None, FINALIZE=finalize is not None, **switches,
+            OBJECTIVE=OBJECTIVE_CODE[c.objective], HAS_DELTA=c.delta is not None,
+            KL_BIAS=c.kl_bias_correction, BLOCK=BLOCK_TOKENS, BLOCK_B=BLOCK_SEQS)
     if finalize is not None and not B:  # no program to finish last: the loss of nothing
         launch_finalize(part, *finalize[:3], config)
 
@@ -184,8 +186,11 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
                            max_len=None, rollout_logprobs=None, rollout_is=None,
-                           rollout_is_max=None, rollout_is_min=None, rollout_weights=None):
-    """The TIC-GRPO / GSPO / GRPO loss from log-probabilities the caller already has.
+                           rollout_is_max=None, rollout_is_min=None, rollout_weights=None,
+                           objective="clip", delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                           kl_bias_correction=False):
+    """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO) loss from log-probabilities the caller
+    already has.
 
     Args:
         logprobs: per-token log-probabilities under the current policy, packed (N,) with
@@ -199,7 +204,17 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         aggregation: None (the mode's default: "token-mean" for token, else
             "seq-mean-token-mean"), "token-mean", "seq-mean-token-sum" or
             "seq-mean-token-sum-norm" (normaliser B * max_len; max_len defaults to T when padded).
-        beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation.
+        objective: what each unit's ratio x (a token's, or its sequence's) makes of the
+            advantage A (docs/spec.md, op 4): "clip" (default), min(x' A, clip(x) A) with x'
+            = min(x, ``delta``) when delta is given (INTELLECT-2's bound, TRL's ``delta``);
+            "cispo", sg(clip(x)) A log pi per token (the clip band of clip_mode, eps_low,
+            eps_high: verl's two-sided clip, or TRL's absolute cap epsilon_high with
+            clip_mode="upper" and eps_high = epsilon_high - 1); "sapo", the soft gate
+            sigmoid(tau (x - 1)) 4 / tau A with tau = ``sapo_tau_pos`` for A > 0 else
+            ``sapo_tau_neg``. cispo and sapo take no dual_clip; "none" has no ratio for them.
+        beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation;
+            ``kl_bias_correction=True`` multiplies each token's KL by its unit's ratio x (not
+            detached), TRL's ``use_bias_correction_kl``.
         num_tokens, num_sequences: global normalisers for gradient accumulation (token-mean and
             the seq-mean aggregations respectively); default: this batch's counts.
         rollout_logprobs: the log-probabilities of the engine that sampled the rollouts
@@ -238,7 +253,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         num_sequences=num_sequences, max_len=max_len,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
         rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min,
-        rollout_weights=rollout_weights, mask=mask)
+        rollout_weights=rollout_weights, mask=mask, objective=objective, delta=delta,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        kl_bias_correction=kl_bias_correction)
     with check.one_read():
         check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
                           ref_logprobs, ("logprobs", logprobs), max_len,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..backend import as_f32, segment_bounds
-from ..options import AGGREGATIONS, RATIOS
+from ..options import AGGREGATIONS, OBJECTIVES, RATIOS
 
 BLOCK_SEQS = 1024
 
@@ -27,6 +27,8 @@ BLOCK_SEQS = 1024
 RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
 TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
     tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
+OBJECTIVE_CODE = {o: i for i, o in enumerate(OBJECTIVES)}
+CLIP, CISPO, SAPO = (tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo"))
 AGG_CODE = {a: i for i, a in enumerate(AGGREGATIONS)}
 TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM = (
     tl.constexpr(AGG_CODE[a]) for a in ("token-mean", "seq-mean-token-sum-norm"))
@@ -65,19 +67,34 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED: tl.constexpr,
-                       DUAL: tl.constexpr):
-    """(J, dJ/dx, clipped) for ratio x and advantage A: scalars or blocks alike."""
+def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg,
+                       TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, OBJECTIVE: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
+    """(J, dJ/dx, clipped, xc) for ratio x and advantage A: scalars or blocks alike. xc is the
+    clipped ratio, CISPO's detached weight (its J and dJ are 0 here: its objective
+    xc A logp is formed per token, see token_coefficient)."""
     hi = 1.0 + eps_high
     if TWO_SIDED:
         xc = _clamp(x, 1.0 - eps_low, hi)
     else:
         xc = tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
-    unclipped = x * A
+    if OBJECTIVE == SAPO:
+        # the soft gate: J = sigmoid(tau (x - 1)) 4 / tau A, tau by the advantage's sign
+        tau = tl.where(A > 0, tau_pos, tau_neg)
+        gate = tl.sigmoid(tau * (x - 1.0))
+        return gate * (4.0 / tau) * A, 4.0 * gate * (1.0 - gate) * A, x * 0.0, xc
+    if OBJECTIVE == CISPO:
+        return x * 0.0, x * 0.0, (xc != x).to(tl.float32), xc
+    xu = x
+    if HAS_DELTA:  # the unclipped branch bounded above by delta (constant beyond it)
+        xu = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
+    unclipped = xu * A
     constant = xc * A
     take = unclipped <= constant  # ties (x inside the band) pass the gradient A
     J = tl.where(take, unclipped, constant)
     dJ = tl.where(take, A, 0.0)
+    if HAS_DELTA:
+        dJ = tl.where(x > delta, 0.0, dJ)
     clipped = (~take).to(tl.float32)
     if DUAL:
         floor = dual_clip * A
@@ -87,7 +104,7 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED: tl.constex
         J = tl.where(lift, floor, J)
         dJ = tl.where(lift, 0.0, dJ)
         clipped = tl.where(lift, 1.0, clipped)
-    return J, dJ, clipped
+    return J, dJ, clipped, xc
 
 
 @triton.jit
@@ -181,55 +198,72 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
 
 
 @triton.jit
-def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, cap,
-                        RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr):
+def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta, tau_pos,
+                        tau_neg, cap, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
+                        DUAL: tl.constexpr, OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr):
     """The sequence ratios (trajectory, sequence_mean): one ratio for the whole sequence.
-    Returns (its objective in the loss, dL/dlogp_t / norm of every token, J, and the
-    statistics' terms: clipped, ratio, capped), zeros for the token-level ratios."""
+    Returns (its objective in the loss, dL/dlogp_t / norm of every token, J, the statistics'
+    terms: clipped, ratio, capped; and for the token pass: CISPO's detached weight xc, the
+    ratio x and dx/dlogp_t), zeros (x: 1) for the token-level ratios."""
     obj = 0.0
     g_seq = 0.0
     J_seq = 0.0
     clipped_units = 0.0
     ratio = 0.0
     capped = 0.0
+    xc = 1.0
+    x_seq = 1.0
+    dx_seq = 0.0
     if RATIO == TRAJECTORY or RATIO == SEQUENCE_MEAN:
         nonempty = L > 0
         unit = nonempty.to(tl.float32)
         log_ratio = Delta if RATIO == TRAJECTORY else Delta / tl.maximum(L, 1.0)
         x, chi = _capped_exp(log_ratio, cap)
-        J_seq, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip, TWO_SIDED,
-                                                DUAL)
-        # an empty sequence adds nothing, not NaN; S_w = L without a sampler correction, else
-        # the sum of the tokens' weights
-        obj = tl.where(nonempty, v * S_w * J_seq, 0.0)
-        # dL/dlogp_t / norm = -W_i dJ/dx x chi (/ L_i for GSPO), W_i / norm = v S_w
-        g_seq = -v * S_w * dJ * x * chi
+        J_seq, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
+                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
+                                                    OBJECTIVE, HAS_DELTA)
+        # dx/dlogp_t: the same for every token (/ L_i for GSPO)
+        dx_seq = x * chi
         if RATIO == SEQUENCE_MEAN:
-            g_seq = g_seq / tl.maximum(L, 1.0)
+            dx_seq = dx_seq / tl.maximum(L, 1.0)
+        x_seq = x
+        # an empty sequence adds nothing, not NaN; S_w = L without a sampler correction, else
+        # the sum of the tokens' weights (CISPO's objective is summed per token instead)
+        obj = tl.where(nonempty, v * S_w * J_seq, 0.0)
+        # dL/dlogp_t / norm = -W_i dJ/dx dx/dlogp_t, W_i / norm = v S_w
+        g_seq = -v * S_w * dJ * dx_seq
         clipped_units = clipped * unit
         ratio = x * unit
         capped = (1.0 - chi) * unit
-    return obj, g_seq, J_seq, clipped_units, ratio, capped
+    return obj, g_seq, J_seq, clipped_units, ratio, capped, xc, x_seq, dx_seq
 
 
 @triton.jit
 def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
-                       W_seq, eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi,
-                       RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
-                       KL_IN_LOSS: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr):
+                       W_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip,
+                       delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
+                       TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+                       ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
+                       HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
     """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
     log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
-    objective's sum (0 where not kept), and for the token ratio x, chi and clipped). The
-    sequence ratios give their sequence's g_seq and J_seq; the NaN rule: a token whose
-    objective is NaN gets a NaN coefficient, whichever branch NaN fell through."""
+    objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
+    term's k3 as it enters the loss: times the ratio with KL_BIAS, 0 without KL_IN_LOSS). The
+    sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq, the ratio
+    x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq (for KL_BIAS, the KL term
+    times the ratio); the NaN rule: a token whose objective is NaN gets a NaN coefficient,
+    whichever branch NaN fell through."""
     c = zero + g_seq
     J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
-    wt = zero + W_seq  # the token's sampler weight (the token-level ratios read it)
+    wt = zero + W_seq  # the token's sampler weight (the objectives formed per token read it)
     obj = zero
     x = zero
     chi = zero
     clipped = zero
-    if RATIO == TOKEN or RATIO == NO_RATIO:
+    kx = zero + x_seq  # the ratio KL_BIAS weighs the KL with, and its derivative
+    kdx = zero + dx_seq
+    kl_term = zero
+    if RATIO == TOKEN or RATIO == NO_RATIO or OBJECTIVE == CISPO:
         old = lp  # read only by the token ratio and the sampler's token weights
         if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
             old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
@@ -238,38 +272,59 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
                                             ROLLOUT, RW_MASK)
     if RATIO == TOKEN:
         x, chi = _capped_exp(lp - old, cap)
-        J_tok, dJ, clipped = _clipped_objective(x, A, eps_low, eps_high, dual_clip,
-                                                TWO_SIDED, DUAL)
+        J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
+                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
+                                                    OBJECTIVE, HAS_DELTA)
+        if OBJECTIVE == CISPO:  # J = sg(xc) A logp
+            J_tok = xc * A * lp
+            c = -v * wt * xc * A
+        else:
+            c = -v * wt * dJ * x * chi
         obj = tl.where(keep, v * wt * J_tok, 0.0)
-        c = -v * wt * dJ * x * chi
+        kx = x
+        kdx = x * chi
     elif RATIO == NO_RATIO:
         J_tok = A * lp
         obj = tl.where(keep, v * wt * J_tok, 0.0)
         c = -v * wt * A
+    elif OBJECTIVE == CISPO:  # a sequence ratio's detached weight on each token's logp
+        J_tok = xc_seq * A * lp
+        obj = tl.where(keep, v * wt * J_tok, 0.0)
+        c = -v * wt * xc_seq * A
     if KL_IN_LOSS:
         u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
         uc = _clamp(u, -cap, cap)
         kl = tl.exp(uc) - uc - 1.0
+        dkl = (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
+        if KL_BIAS:  # beta x kl: the ratio's derivative times the unit's KL sum, too
+            kl_unit = kl if RATIO == TOKEN else zero + kl_seq
+            c += v * beta * (kx * dkl + kdx * kl_unit)
+            kl = kx * kl
+        else:
+            c += v * beta * dkl
         J_tok -= beta * kl
         obj -= tl.where(keep, v * beta * kl, 0.0)
-        c += v * beta * (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
+        kl_term = tl.where(keep, kl, 0.0)
     c = tl.where(J_tok != J_tok, float("nan"), c)
-    return c, obj, x, chi, clipped
+    return c, obj, x, chi, clipped, kl_term
 
 
 @triton.jit
 def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
-                coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, eps_low, eps_high,
-                dual_clip, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
-                TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                KL_IN_LOSS: tl.constexpr, HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr,
-                RW_MASK: tl.constexpr, BLOCK: tl.constexpr):
+                coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq,
+                kl_seq, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg, cap, beta,
+                rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
+                DUAL: tl.constexpr, HAS_MASK: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+                HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
+                OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Pass 2: each token's objective and gradient coefficient (written to coef, and coef_ent
-    for the entropy bonus). Returns the sums of the objective and of the entropy bonus's, and
-    for the token ratio its statistics' terms (clipped tokens, ratio sum, max, capped)."""
+    for the entropy bonus). Returns the sums of the objective and of the entropy bonus's, for
+    the token ratio its statistics' terms (clipped tokens, ratio sum, max, capped), and the
+    sum of the KL terms as they enter the loss (KL_IN_LOSS)."""
     cols = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
-    obj_acc, ent_obj_acc = zero, zero
+    obj_acc, ent_obj_acc, kl_acc = zero, zero, zero
     clip_acc, rsum_acc, rmax_acc, cap_acc = zero, zero, zero, zero
     for off in range(start, end, BLOCK):
         idx = off + cols
@@ -278,11 +333,13 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
         if HAS_MASK:
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
-        c, obj, x, chi, clipped = token_coefficient(
+        c, obj, x, chi, clipped, kl_term = token_coefficient(
             lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
-            eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
-            KL_IN_LOSS, ROLLOUT, RW_MASK)
+            xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, tau_pos,
+            tau_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
+            RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
         obj_acc += obj
+        kl_acc += kl_term
         if RATIO == TOKEN:
             k = keep.to(tl.float32)
             clip_acc += clipped * k
@@ -295,20 +352,21 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
             ent_obj_acc += v * H
             tl.store(coef_ent_ptr + idx, tl.where(keep, -v, 0.0), mask=inside)
     return (tl.sum(obj_acc, 0), tl.sum(ent_obj_acc, 0), tl.sum(clip_acc, 0),
-            tl.sum(rsum_acc, 0), tl.max(rmax_acc, 0), tl.max(cap_acc, 0))
+            tl.sum(rsum_acc, 0), tl.max(rmax_acc, 0), tl.max(cap_acc, 0), tl.sum(kl_acc, 0))
 
 
 @triton.jit
 def _ratio_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr,
     coef_ptr, coef_ent_ptr, part_ptr, loss_ptr, stats_ptr, norm_ptr, counter_ptr, N, T, B,
-    eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi,
+    eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi,
     num_tokens, num_sequences, max_len, entropy_coef,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
     HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, PADDED: tl.constexpr,
     FINALIZE: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
-    GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+    GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, OBJECTIVE: tl.constexpr,
+    HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     """One program per sequence: pass 1 (_sequence_sums), the sampler correction's sequence
@@ -318,6 +376,7 @@ def _ratio_loss_fwd_kernel(
     finishes last (counted in counter_ptr, which must hold 0) reduces every row into the
     loss (_reduce_partials): one launch in all; without, the finalize kernel does."""
     eps_low, eps_high, dual_clip = as_f32(eps_low), as_f32(eps_high), as_f32(dual_clip)
+    delta, tau_pos, tau_neg = as_f32(delta), as_f32(tau_pos), as_f32(tau_neg)
     cap, beta, rw_lo, rw_hi = as_f32(cap), as_f32(beta), as_f32(rw_lo), as_f32(rw_hi)
     i = tl.program_id(0)
     if PADDED:
@@ -349,13 +408,17 @@ def _ratio_loss_fwd_kernel(
         if ROLLOUT != 0:
             S_w = rw_sum
 
-    obj, g_seq, J_seq, clipped_units, ratio_sum, capped_any = _sequence_objective(
-        Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, cap, RATIO, TWO_SIDED, DUAL)
+    (obj, g_seq, J_seq, clipped_units, ratio_sum, capped_any, xc_seq, x_seq,
+     dx_seq) = _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta,
+                                   tau_pos, tau_neg, cap, RATIO, TWO_SIDED, DUAL, OBJECTIVE,
+                                   HAS_DELTA)
     ratio_max = ratio_sum  # one ratio per sequence
-    tok_obj, ent_obj, tok_clipped, tok_ratio_sum, tok_ratio_max, tok_capped = _token_pass(
+    (tok_obj, ent_obj, tok_clipped, tok_ratio_sum, tok_ratio_max, tok_capped,
+     kl_in_loss) = _token_pass(
         logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr, coef_ent_ptr, start,
-        end, A, v, g_seq, J_seq, W_seq, eps_low, eps_high, dual_clip, cap, beta, rw_lo, rw_hi,
-        RATIO, TWO_SIDED, DUAL, HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, BLOCK)
+        end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low, eps_high,
+        dual_clip, delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
+        HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS, BLOCK)
     if RATIO == TOKEN:
         clipped_units, ratio_sum = tok_clipped, tok_ratio_sum
         ratio_max, capped_any = tok_ratio_max, tok_capped
@@ -370,7 +433,8 @@ def _ratio_loss_fwd_kernel(
     tl.store(row + COL_DELTA_ABS, tl.abs(Delta) * unit)
     tl.store(row + COL_CAPPED, capped_any)
     tl.store(row + COL_LOGP, logp_sum)
-    tl.store(row + COL_KL, kl_sum)
+    # the KL statistic: of the term in the loss (times the ratio with KL_BIAS), else k3's
+    tl.store(row + COL_KL, kl_in_loss if KL_BIAS and KL_IN_LOSS else kl_sum)
     tl.store(row + COL_ENT, ent_sum)
     tl.store(row + COL_RW_SUM, rw_sum)
     tl.store(row + COL_RW_SQ, rw_sq)

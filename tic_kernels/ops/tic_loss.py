@@ -131,8 +131,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
              ref_logprobs=None, beta=0.0, entropy_coef=0.0, num_tokens=None,
              num_sequences=None, max_len=None, inplace_backward=False, process_group=None,
              rollout_logprobs=None, rollout_is=None, rollout_is_max=None, rollout_is_min=None,
-             rollout_weights=None):
-    """TIC-GRPO (and GSPO / GRPO / DAPO) loss straight from the policy's logits.
+             rollout_weights=None, objective="clip", delta=None, sapo_tau_pos=1.0,
+             sapo_tau_neg=1.05, kl_bias_correction=False):
+    """TIC-GRPO (and GSPO / GRPO / DAPO / CISPO / SAPO) loss straight from the policy's logits.
 
     Args:
         logits: packed (N, V) with ``cu_seqlens`` (B+1,) int32 or int64, or padded (B, T, V) with
@@ -166,7 +167,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         entropy_coef=entropy_coef, temperature=temperature, num_tokens=num_tokens,
         num_sequences=num_sequences, max_len=max_len, ref_logprobs=ref_logprobs, mask=mask,
         rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_max=rollout_is_max,
-        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights)
+        rollout_is_min=rollout_is_min, rollout_weights=rollout_weights, objective=objective,
+        delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        kl_bias_correction=kl_bias_correction)
 
     def checks(vocab):
         check.float_tensor("logits", logits)

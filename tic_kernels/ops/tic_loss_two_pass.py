@@ -32,7 +32,7 @@ from ..backend import (BLOCK_TOKENS, as_f32, emulate_rne, first_order_only,
 from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
 from .scale import scale_in_place
-from .ratio_loss_kernels import (AGG_CODE, RATIO_CODE, normaliser, rollout_code,
+from .ratio_loss_kernels import (AGG_CODE, CLIP, RATIO_CODE, normaliser, rollout_code,
                                  token_coefficient)
 from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
                              new_row_buffers, row_gradient, row_logsumexp, store_row_values)
@@ -43,8 +43,11 @@ ENABLED = False
 
 def serves(config, logits, inplace_backward, shard) -> bool:
     """Whether a tic_loss call takes this path: the switch on, the token-level ratios with no
-    per-sequence sampler weight, a gradient wanted and allocated, no vocabulary split."""
+    per-sequence sampler weight under the plain clipped objective, a gradient wanted and
+    allocated, no vocabulary split."""
     return (ENABLED and config.ratio in ("token", "none") and not config.rollout_per_sequence
+            and config.objective == "clip" and config.delta is None
+            and not config.kl_bias_correction
             and logits.requires_grad and not inplace_backward and shard is None
             and logits.shape[:-1].numel() > 0)
 
@@ -132,10 +135,10 @@ def _rows_with_gradient_kernel(
     i = _sequence_of(row, cu_ptr, T_seq, B, PADDED, BLOCK_B)
     A = tl.load(adv_ptr + i).to(tl.float32)
     v = tl.load(v_ptr + i)
-    c, _obj, _x, _chi, _clipped = token_coefficient(
-        logp, 0.0, old_ptr, ref_ptr, roll_ptr, row, active, A, v, 0.0, 0.0, 1.0, eps_low,
-        eps_high, dual_clip, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS,
-        ROLLOUT, RW_MASK)
+    c, _obj, _x, _chi, _clipped, _kl = token_coefficient(
+        logp, 0.0, old_ptr, ref_ptr, roll_ptr, row, active, A, v, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0,
+        0.0, eps_low, eps_high, dual_clip, 0.0, 1.0, 1.0, cap, beta, rw_lo, rw_hi, RATIO,
+        TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT, RW_MASK, CLIP, False, False)
     scale = inv_temperature * tl.load(norm_ptr)  # as op 1's backward for a gradient of 1
     g = tl.where(active, c, 0.0) * scale
     gH = 0.0

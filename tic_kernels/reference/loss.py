@@ -85,15 +85,23 @@ def group_advantages(rewards, group_size=None, group_ids=None, scale="group", st
 # --------------------------------------------------------------------------------------------
 # Op 4: the clipped ratio loss
 # --------------------------------------------------------------------------------------------
-def clipped_objective(x, A, clip_mode="two_sided", eps_low=0.2, eps_high=0.28, dual_clip=None):
-    """J = min(x A, clip(x) A) [, max(J, c A) for A < 0]; returns J and the clipped mask.
+def clip_band(x, clip_mode="two_sided", eps_low=0.2, eps_high=0.28):
+    """x clamped to [1 - eps_low, 1 + eps_high] (two_sided) or to at most 1 + eps_high."""
+    hi = 1.0 + eps_high
+    return x.clamp(1.0 - eps_low, hi) if clip_mode == "two_sided" else x.clamp(max=hi)
+
+
+def clipped_objective(x, A, clip_mode="two_sided", eps_low=0.2, eps_high=0.28, dual_clip=None,
+                      delta=None):
+    """J = min(x' A, clip(x) A) [, max(J, c A) for A < 0], x' = min(x, delta) when delta is
+    given; returns J and the clipped mask.
 
     dJ/dx is A where the unclipped branch is selected (ties included) and 0 where the constant
     branch is: the constant branch is detached rather than left to min()'s tie rule.
     """
-    hi = 1.0 + eps_high
-    xc = x.clamp(1.0 - eps_low, hi) if clip_mode == "two_sided" else x.clamp(max=hi)
-    unclipped, constant = x * A, xc * A
+    xc = clip_band(x, clip_mode, eps_low, eps_high)
+    xu = x if delta is None else x.clamp(max=delta)
+    unclipped, constant = xu * A, xc * A
     take = unclipped <= constant
     J = torch.where(take, unclipped, constant.detach())
     clipped = ~take
@@ -190,12 +198,23 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
     return w, stats
 
 
+def sapo_objective(x, A, tau_pos=1.0, tau_neg=1.05):
+    """SAPO's soft gate: sigmoid(tau (x - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg."""
+    tau = torch.where(A > 0, tau_pos, tau_neg).to(x.dtype)
+    return torch.sigmoid(tau * (x - 1.0)) * (4.0 / tau) * A
+
+
 def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, mask=None,
                            ratio="trajectory", clip_mode="two_sided", eps_low=0.2, eps_high=0.28,
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
-                           max_len=None, entropy=None, entropy_coef=0.0, **rollout):
+                           max_len=None, entropy=None, entropy_coef=0.0, objective="clip",
+                           delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
+                           kl_bias_correction=False, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
+
+    ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token) or
+    "sapo" (sapo_objective); ``kl_bias_correction``: the KL term times its unit's ratio.
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
     ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
@@ -225,9 +244,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     L = lengths.to(dt)
     nonempty = (lengths > 0).to(dt)
     n_seq = nonempty.sum()
-    delta = segment_sum(d, lengths)
+    Delta = segment_sum(d, lengths)  # per sequence (``delta`` is the objective's bound)
 
     stats = {}
+    x_tok = None  # each token's unit ratio, not detached (the KL's bias correction)
     if ratio == "none":
         J_tok = A[seg] * logp
         zero = logp.new_zeros(())
@@ -236,12 +256,23 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         if ratio == "token":
             log_ratio, A_unit, n_units, unit_ok = d, A[seg], d.new_tensor(d.numel()), None
         else:
-            log_ratio = delta if ratio == "trajectory" else delta / L.clamp(min=1)
+            log_ratio = Delta if ratio == "trajectory" else Delta / L.clamp(min=1)
             A_unit, n_units, unit_ok = A, n_seq, nonempty.bool()
         capped = log_ratio.abs() > cap
         x = log_ratio.clamp(-cap, cap).exp()  # clamp's gradient is 0 beyond the cap
-        J_unit, clipped = clipped_objective(x, A_unit, clip_mode, eps_low, eps_high, dual_clip)
-        J_tok = J_unit if ratio == "token" else J_unit[seg]
+        x_tok = x if ratio == "token" else x[seg]
+        if objective == "cispo":  # a detached weight on each token's log-probability
+            xc = clip_band(x, clip_mode, eps_low, eps_high).detach()
+            clipped = xc != x.detach()
+            J_tok = (xc if ratio == "token" else xc[seg]) * A[seg] * logp
+        else:
+            if objective == "sapo":
+                J_unit = sapo_objective(x, A_unit, sapo_tau_pos, sapo_tau_neg)
+                clipped = torch.zeros_like(x, dtype=torch.bool)
+            else:
+                J_unit, clipped = clipped_objective(x, A_unit, clip_mode, eps_low, eps_high,
+                                                    dual_clip, delta)
+            J_tok = J_unit if ratio == "token" else J_unit[seg]
         xd = x.detach()
         if unit_ok is not None:  # empty sequences are not units
             clipped, capped, xd = clipped & unit_ok, capped & unit_ok, xd * unit_ok
@@ -262,8 +293,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         # k3 estimator; the cap keeps exp finite, gradient 0 beyond it
         kl = _k3((ref_logprobs.to(dt) - logp).clamp(-cap, cap))
         if beta:
+            if kl_bias_correction and x_tok is not None:  # the KL term times its unit's ratio
+                kl = kl * x_tok
             J_tok = J_tok - beta * kl
-        stats["kl_mean"] = _mean(kl.detach(), n_tok)
+        stats["kl_mean"] = _mean(kl.detach(), n_tok)  # the KL as it enters the loss
 
     norm = aggregation_norm(aggregation, n_seq, n_tok, num_sequences, num_tokens, max_len)
     w = norm / L[seg] if aggregation == "seq-mean-token-mean" else norm.expand(logp.shape)
@@ -274,7 +307,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
             loss = loss - entropy_coef * (w * H).sum()
         stats["entropy_mean"] = _mean(H.detach(), n_tok)
 
-    stats["delta_abs_mean"] = _mean(delta.detach().abs(), n_seq)
+    stats["delta_abs_mean"] = _mean(Delta.detach().abs(), n_seq)
     stats["logp_mean"] = _mean(logp.detach(), n_tok)
     out_dt = torch.float64 if dt == torch.float64 else torch.float32
     return LossOutput(loss.to(out_dt), {k: stats[k].to(out_dt) for k in sorted(stats)})

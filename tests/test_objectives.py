@@ -1,0 +1,193 @@
+"""The objectives of op 4 beyond the clipped surrogate (docs/spec.md, op 4): CISPO, SAPO, the
+clipped objective's upper bound delta, and the KL's bias correction, on every entry point
+(logits, log-probabilities, the fused LM head), against the reference and against formulas
+written here from TRL's and verl's definitions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tic_kernels as tk
+from tic_kernels import reference as ref
+from tic_kernels.testing import (GRAD_TOL, HEAD_GRAD_TOL, LOSS_TOL, assert_close_to_scale,
+                                 head_batch, loss_batch, rollout_keywords, tolerance)
+
+LENGTHS = [3, 0, 6, 1, 5, 4]
+OBJECTIVES = {
+    "cispo": dict(objective="cispo"),
+    "cispo_upper": dict(objective="cispo", clip_mode="upper", eps_high=1.5),
+    "sapo": dict(objective="sapo", sapo_tau_pos=0.7, sapo_tau_neg=1.3),
+    "delta": dict(objective="clip", delta=1.05),
+    "kl_bias": dict(objective="clip", beta=0.2, kl_bias_correction=True),
+    "sapo_kl_bias": dict(objective="sapo", beta=0.1, kl_bias_correction=True,
+                         entropy_coef=0.03),
+    "cispo_kl_entropy": dict(objective="cispo", beta=0.1, entropy_coef=0.02),
+}
+
+
+def _run(fn, batch, **kw):
+    x = batch.logits.clone().requires_grad_(True)
+    out = fn(x, batch.targets, batch.old_logprobs, batch.advantages, **batch.layout_kw, **kw)
+    out.loss.backward()
+    return out, x.grad
+
+
+def _with_ref(batch, kw):
+    kw = dict(kw)
+    if kw.get("beta"):
+        kw["ref_logprobs"] = batch.ref_logprobs
+    return kw
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("ratio", ["trajectory", "sequence_mean", "token"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_kernels_match_the_reference(name, ratio, padded, device):
+    """tic_loss on the kernels against the reference: loss, statistics, gradient; the batch
+    drifts far enough that ratios fall on both sides of every bound (a sequence's ratio sums
+    its tokens' drifts: less drift per token there)."""
+    seed = list(OBJECTIVES).index(name) * 10 + ["trajectory", "sequence_mean",
+                                                 "token"].index(ratio) * 2 + padded
+    batch = loss_batch(LENGTHS, 61, padded=padded, device=device,
+                       drift=0.4 if ratio == "token" else 0.1, seed=seed)
+    kw = _with_ref(batch, dict(ratio=ratio, **OBJECTIVES[name]))
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    atol, rtol = LOSS_TOL
+    torch.testing.assert_close(out.loss, want.loss, atol=atol, rtol=rtol)
+    assert set(out.stats) == set(want.stats)
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], atol=atol, rtol=rtol, msg=k)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("objective", ["cispo", "sapo"])
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", "weights"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampler_correction_and_dtypes(objective, mode, dtype, device):
+    batch = loss_batch(LENGTHS, 97, dtype=dtype, device=device, drift=0.3, seed=7)
+    kw = dict(ratio="trajectory", objective=objective,
+              **rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=8))
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, dtype))
+
+
+def _token_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 4, 6
+    logp = (-torch.rand(B, T, generator=g) * 3).double()
+    old = logp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    refp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[:, 0] = True
+    return logp, old, refp, adv, mask
+
+
+def _grpo_mean(per_token, mask):
+    """TRL's grpo / sapo normaliser: mean over rows of each row's masked token mean."""
+    m = mask.to(per_token.dtype)
+    return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+
+
+@pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias"])
+def test_token_level_formulas(case, device, path):
+    """The token ratio's objectives against formulas written from TRL's and verl's losses
+    (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
+    path under test (kernels or reference)."""
+    logp, old, refp, adv, mask = _token_tensors(seed=11)
+    x = logp.clone().requires_grad_()
+    r = torch.exp(x - old)
+    A = adv[:, None]
+    kw = dict(ratio="token", aggregation="seq-mean-token-mean")
+    if case == "trl_cispo":  # TRL: clamp(r, max=epsilon_high).detach() * A * logp
+        per_token = -torch.clamp(r, max=5.0).detach() * A * x
+        kw.update(objective="cispo", clip_mode="upper", eps_high=4.0)
+    elif case == "verl_cispo":  # verl: clamp(r, 1 - low, 1 + high).detach() * A * logp
+        per_token = -torch.clamp(r, 0.8, 1.28).detach() * A * x
+        kw.update(objective="cispo")
+    elif case == "sapo":  # sigmoid(tau (r - 1)) * 4 / tau * A, tau by the sign of A
+        tau = torch.where(A > 0, 1.0, 1.05)
+        per_token = -torch.sigmoid(tau * (r - 1)) * 4 / tau * A
+        kw.update(objective="sapo")
+    elif case == "delta":  # TRL: coef_1 clamped above by delta in the unclipped branch
+        coef_2 = torch.clamp(r, 0.8, 1.28)
+        per_token = -torch.min(torch.clamp(r, max=1.1) * A, coef_2 * A)
+        kw.update(delta=1.1)
+    else:  # TRL: per_token_kl * coef_1, then + beta * kl
+        coef_2 = torch.clamp(r, 0.8, 1.28)
+        kl = torch.exp(refp - x) - (refp - x) - 1
+        per_token = -torch.min(r * A, coef_2 * A) + 0.3 * kl * r
+        kw.update(beta=0.3, kl_bias_correction=True, ref_logprobs=refp.float())
+    want = _grpo_mean(per_token, mask)
+    want_grad, = torch.autograd.grad(want, x)
+    lp = logp.float().to(device).requires_grad_()
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    out = tk.tic_loss_from_logprobs(lp, old.float().to(device), adv.float().to(device),
+                                    mask=mask.to(device), **kw)
+    grad, = torch.autograd.grad(out.loss, lp)
+    torch.testing.assert_close(out.loss.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), want_grad * mask, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("name, ratio", [("cispo", "token"), ("sapo", "trajectory"),
+                                         ("kl_bias", "sequence_mean"), ("delta", "token")])
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_fused_lm_head(name, ratio, chunk_size, device):
+    """linear_tic_loss with the objectives (chunks of 4 rows cut sequences: rows-equal for
+    the token ratio, whole sequences in pieces for the others) against float64 logits."""
+    batch = head_batch(LENGTHS, 53, device=device, seed=21)
+    kw = dict(ratio=ratio, **OBJECTIVES[name])
+    if kw.get("beta"):
+        kw["ref_logprobs"] = batch.ref_logprobs
+    leaves = [t.clone().requires_grad_() for t in (batch.hidden, batch.weight)]
+    out = tk.linear_tic_loss(leaves[0], leaves[1], batch.targets, batch.old_logprobs,
+                             batch.advantages, chunk_size=chunk_size, **batch.layout_kw, **kw)
+    grads = torch.autograd.grad(out.loss, leaves)
+    h64, w64 = (t.detach().double().requires_grad_() for t in (batch.hidden, batch.weight))
+    want = ref.tic_loss(F.linear(h64, w64), batch.targets, batch.old_logprobs.double(),
+                        batch.advantages.double(), **batch.layout_kw,
+                        **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    want_grads = torch.autograd.grad(want.loss, (h64, w64))
+    torch.testing.assert_close(out.loss.double(), want.loss, **tolerance(LOSS_TOL))
+    for name_, g, w in zip(("hidden", "weight"), grads, want_grads):
+        assert_close_to_scale(g, w, HEAD_GRAD_TOL[torch.float32], name_)
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("objective", ["cispo", "sapo"])
+def test_nan_rule(objective, device):
+    """A NaN log-probability gives its own token (token ratio) or sequence (trajectory) a
+    NaN gradient, and no other token one."""
+    batch = loss_batch([4, 5], 11, device=device, seed=31)
+    lp = torch.randn(9, device=device).clamp(max=-0.1)
+    lp[6] = float("nan")
+    for ratio, bad in (("token", [6]), ("trajectory", list(range(4, 9)))):
+        x = lp.clone().requires_grad_()
+        out = tk.tic_loss_from_logprobs(x, batch.old_logprobs, batch.advantages,
+                                        ratio=ratio, objective=objective, **batch.layout_kw)
+        g, = torch.autograd.grad(out.loss, x)
+        assert torch.isnan(g[bad]).all() and not torch.isnan(g[[i for i in range(9)
+                                                                 if i not in bad]]).any()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(objective="bogus"), "objective='bogus' is not supported"),
+    (dict(objective="cispo", ratio="none"), "ratio='none' has none"),
+    (dict(objective="sapo", delta=1.5), "delta bounds the clipped objective"),
+    (dict(delta=0.0), "delta .* must be a finite number > 0"),
+    (dict(delta=float("nan")), "delta .* must be a finite number > 0"),
+    (dict(objective="cispo", dual_clip=3.0), "dual_clip applies to objective='clip'"),
+    (dict(objective="sapo", sapo_tau_neg=0.0), "sapo_tau_neg .* must be a finite number > 0"),
+    (dict(kl_bias_correction=1), "kl_bias_correction must be True or False"),
+])
+def test_errors(kw, match):
+    lp = torch.tensor([-1.0, -2.0, -0.5])
+    with pytest.raises((ValueError, TypeError), match=match):
+        tk.tic_loss_from_logprobs(lp, lp - 0.1, torch.ones(1),
+                                  cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), **kw)
