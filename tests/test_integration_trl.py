@@ -169,6 +169,10 @@ CASES = {  # name: (GRPOConfig keywords, accumulation steps)
     "dapo-delta": (dict(loss_type="dapo", importance_sampling_level="token", delta=1.1), 1),
     "grpo-delta-sequence": (dict(loss_type="grpo", importance_sampling_level="sequence",
                                  delta=1.05), 2),
+    "luspo-sequence": (dict(loss_type="luspo", importance_sampling_level="sequence",
+                            epsilon=3e-2, epsilon_high=4e-2), 2),
+    "luspo-token-delta": (dict(loss_type="luspo", importance_sampling_level="token",
+                               delta=1.1), 1),
 }
 
 
@@ -324,8 +328,8 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
 # 4. What the adapter refuses, before any model is loaded
 @pytest.mark.parametrize("kw,match", [
     (dict(loss_type="vespo"),
-     "loss_type='vespo' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo'"),
-    (dict(loss_type="luspo"), "loss_type='luspo'"),
+     "loss_type='vespo' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', "
+     "'luspo'"),
     (dict(importance_sampling_level="group"),
      "importance_sampling_level='group' is not supported.*'trajectory', 'sequence', 'token'"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),

@@ -23,7 +23,10 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   ratio capped at ``epsilon_high``: clip_mode="upper", eps_high = epsilon_high - 1), normalised
   as "dapo"; "sapo" -> objective="sapo" with ``sapo_temperature_pos`` / ``_neg``, normalised as
   "grpo". Both combine with every importance_sampling_level, "trajectory" included (the
-  sequence's ratio weighs or gates every token). "luspo" and "vespo" raise a ValueError.
+  sequence's ratio weighs or gates every token). "luspo" -> seq-mean-token-sum over all B rows
+  (TRL's sum over a row's tokens, mean over rows), / accumulation steps: the clipped
+  objective, meant with importance_sampling_level "sequence" (or "trajectory"). "vespo" raises
+  a ValueError.
 * ``delta`` -> delta (the unclipped ratio bounded above, the two-sided loss types);
   ``use_bias_correction_kl`` (with ``beta != 0``) -> kl_bias_correction: each token's KL times
   its unit's ratio, as TRL (TRL's ``kl`` metric is then that weighted KL too).
@@ -59,8 +62,8 @@ as ``tic/<name>`` (ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mea
 clip_fraction, and the rollout_* statistics with the sampler correction), averaged over
 processes (``*_max`` / ``*_min``: max / min over processes).
 
-Refused at construction with a ValueError (rather than silently ignored): ``loss_type`` "luspo"
-and "vespo", ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+Refused at construction with a ValueError (rather than silently ignored): ``loss_type``
+"vespo", ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
 ``use_adaptive_entropy``, ``delta`` with cispo or sapo (TRL ignores it there), and a MoE router
 auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
 Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
@@ -99,12 +102,13 @@ IMPORTANCE_SAMPLING_LEVELS = {"trajectory": "trajectory", "sequence": "sequence_
 #: TRL's loss_type -> tic_kernels' aggregation (normalisers: see the module docstring)
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
               "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean",
-              "cispo": "token-mean", "sapo": "seq-mean-token-mean"}
+              "cispo": "token-mean", "sapo": "seq-mean-token-mean",
+              "luspo": "seq-mean-token-sum"}
 #: TRL's loss_type -> tic_kernels' objective (the others: "clip")
 OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
 # the loss types normalised as TRL's "dapo" (by the global count of loss tokens) and as "grpo"
 _PER_TOKEN = ("dapo", "cispo")
-_PER_ROW = ("grpo", "sapo")
+_PER_ROW = ("grpo", "sapo", "luspo")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # config attributes by which a model scales or softcaps its logits (the ones TRL's fused head
 # reads): the fused LM head here would skip them, so such models take the logits path
