@@ -116,7 +116,9 @@ def variants():
         # the objectives (clip, cispo, sapo; dual_clip only with clip), delta with clip and a
         # KL, the KL's bias correction on the odd ratios
         objective = 0 if dual else (ratio + rollout) % 3
-        has_delta = objective == 0 and not dual and ref
+        if ratio == 2 and not dual and rollout in (0, 1):  # the token ratio: the DPPOs too
+            objective = 3 + rollout
+        has_delta = (objective == 0 and not dual and ref) or objective == 4
         kl_bias = ref and ratio % 2 == 1
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
                f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize},"

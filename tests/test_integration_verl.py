@@ -95,7 +95,7 @@ def test_registry_serves_every_loss():
         tkv.register()
         tkv.register()
     assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token", "tic_cispo",
-                                   "tic_sapo", "tic_gpg"}
+                                   "tic_sapo", "tic_gpg", "tic_dppo_tv", "tic_dppo_kl"}
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
 
@@ -138,24 +138,29 @@ def test_equals_verl(ours, theirs, weights, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("ours,theirs", [("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
-                                         ("tic_gpg", "gpg")])
+                                         ("tic_gpg", "gpg"), ("tic_dppo_tv", "dppo_tv"),
+                                         ("tic_dppo_kl", "dppo_kl")])
 def test_objectives_equal_verl(ours, theirs, weights, dtype):
     """verl's cispo, sapo (its tau_pos / tau_neg, seq-mean-token-mean whatever the mode) and
     gpg: loss, gradient and metrics, every loss_agg_mode, with and without weights."""
     inputs, _ = make_batch(dtype, weights)
-    config = make_config(tau_pos=0.8, tau_neg=1.3)
+    # DPPO's trust region on probabilities of about e^-1.5: bounds that some tokens pass
+    config = (make_config(0.02, 0.03, clip_c=1.5) if ours.startswith("tic_dppo")
+              else make_config(tau_pos=0.8, tau_neg=1.3))
     for mode in AGG_MODES:
         mine = call(core_algos.get_policy_loss_fn(ours), inputs, mode, config)
         ref = call(core_algos.get_policy_loss_fn(theirs), inputs, mode, config)
         assert_same(mine, ref, dtype)
-        if ours == "tic_cispo":
+        if ours in ("tic_cispo", "tic_dppo_tv", "tic_dppo_kl"):
             assert 0 < ref[2]["actor/pg_clipfrac"] < 1
+        if ours.startswith("tic_dppo"):
+            assert ref[2]["actor/pg_clipfrac_lower"] > 0  # the truncation at clip_ratio_c
         assert (mine[1][~inputs["response_mask"]] == 0).all()
 
 
 @pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo"),
                                          ("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
-                                         ("tic_gpg", "gpg")])
+                                         ("tic_gpg", "gpg"), ("tic_dppo_kl", "dppo_kl")])
 def test_global_batch_normalisers(ours, theirs):
     """verl's gradient-accumulation normalisers (config.global_batch_info, as ppo_loss sets
     them): dp_size, batch_num_tokens, global_batch_size, loss_scale_factor."""

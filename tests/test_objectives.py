@@ -21,6 +21,8 @@ OBJECTIVES = {
     "sapo_kl_bias": dict(objective="sapo", beta=0.1, kl_bias_correction=True,
                          entropy_coef=0.03),
     "cispo_kl_entropy": dict(objective="cispo", beta=0.1, entropy_coef=0.02),
+    "kl_bias_weights": dict(objective="clip", beta=0.2, kl_bias_correction=True,
+                            rollout="weights"),
 }
 
 
@@ -35,6 +37,8 @@ def _with_ref(batch, kw):
     kw = dict(kw)
     if kw.get("beta"):
         kw["ref_logprobs"] = batch.ref_logprobs
+    if kw.pop("rollout", None):  # the sampler's weights, which the KL term never takes
+        kw.update(rollout_keywords(batch.old_logprobs, batch.layout_kw, "weights", seed=5))
     return kw
 
 
@@ -60,6 +64,27 @@ def test_kernels_match_the_reference(name, ratio, padded, device):
         torch.testing.assert_close(out.stats[k], want.stats[k], atol=atol, rtol=rtol, msg=k)
     torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("objective", ["dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("delta", [None, 1.2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_dppo_kernels_match_the_reference(objective, delta, padded, device):
+    """DPPO's trust region (token ratio only), bounds that part of the tokens pass, with and
+    without the weight's cap, the sampler's weights and the KL."""
+    batch = loss_batch(LENGTHS, 7, padded=padded, device=device, drift=0.3, seed=41)
+    lo, hi = (0.02, 0.03) if objective == "dppo_tv" else (0.003, 0.005)
+    kw = dict(ratio="token", objective=objective, eps_low=lo, eps_high=hi, delta=delta,
+              ref_logprobs=batch.ref_logprobs, beta=0.05,
+              **rollout_keywords(batch.old_logprobs, batch.layout_kw, "token_truncate", seed=42))
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the region
 
 
 @pytest.mark.usefixtures("requires_triton")
@@ -94,7 +119,8 @@ def _grpo_mean(per_token, mask):
     return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
 
-@pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias"])
+@pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias",
+                                  "dppo_tv", "dppo_kl"])
 def test_token_level_formulas(case, device, path):
     """The token ratio's objectives against formulas written from TRL's and verl's losses
     (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
@@ -118,6 +144,16 @@ def test_token_level_formulas(case, device, path):
         coef_2 = torch.clamp(r, 0.8, 1.28)
         per_token = -torch.min(torch.clamp(r, max=1.1) * A, coef_2 * A)
         kw.update(delta=1.1)
+    elif case.startswith("dppo"):  # verl: -A sg(min(r, c)) logp inside the trust region
+        p, p_old = x.detach().exp(), old.exp()
+        if case == "dppo_tv":
+            valid = torch.where(A > 0, p - p_old <= 0.28, p - p_old >= -0.2)
+        else:
+            bkl = p_old * (old - x.detach()) + (1 - p_old) * torch.log(
+                (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+            valid = torch.where(A > 0, (bkl <= 0.28) | (p <= p_old), (bkl <= 0.2) | (p >= p_old))
+        per_token = -A * torch.clamp(r, max=1.5).detach() * x * valid
+        kw.update(objective=case, delta=1.5)
     else:  # TRL: per_token_kl * coef_1, then + beta * kl
         coef_2 = torch.clamp(r, 0.8, 1.28)
         kl = torch.exp(refp - x) - (refp - x) - 1
@@ -183,6 +219,11 @@ def test_nan_rule(objective, device):
     (dict(delta=0.0), "delta .* must be a finite number > 0"),
     (dict(delta=float("nan")), "delta .* must be a finite number > 0"),
     (dict(objective="cispo", dual_clip=3.0), "dual_clip applies to objective='clip'"),
+    (dict(objective="dppo_kl"), "it takes ratio='token', not 'trajectory'"),
+    (dict(ratio="none", delta=2.0), "delta bounds a ratio; ratio='none' has none"),
+    (dict(kl_bias_correction=True), "it needs beta > 0"),
+    (dict(ratio="none", kl_bias_correction=True, beta=0.1, ref_logprobs=torch.zeros(3)),
+     "ratio='none' has none"),
     (dict(objective="sapo", sapo_tau_neg=0.0), "sapo_tau_neg .* must be a finite number > 0"),
     (dict(kl_bias_correction=1), "kl_bias_correction must be True or False"),
 ])

@@ -315,6 +315,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
                    "reloads": all(torch.equal(saved[k], v) for k, v in full.items()),
                    "steps": len(log), "world": dist.get_world_size()},
                   open(args.out + "/dist.json", "w"))
+    dist.barrier()  # no rank tears gloo down while another still talks
     dist.destroy_process_group()
 """)
 
@@ -377,6 +378,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     if rank == 0:
         torch.save(state, out)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still talks
         dist.destroy_process_group()
 """)
 

@@ -125,6 +125,7 @@ def main(rank, world, port):
     t, *_, logits, _ = _inputs(rank)
     print("agreed", "OK", float(tk.token_logprobs(logits, t, process_group=group).sum()),
           sep="\t")
+    dist.barrier()  # no rank tears gloo down while another still talks (an abort otherwise)
     dist.destroy_process_group()
 
 

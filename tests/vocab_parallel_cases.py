@@ -112,6 +112,7 @@ def main(rank, world, port, seed, device, path):
                             world_size=world)
     try:
         torch.save(run_cases(seed, device, rank, world, dist.group.WORLD), path)
+        dist.barrier()  # no rank tears gloo down while another still talks
     finally:
         dist.destroy_process_group()
 

@@ -70,7 +70,7 @@ class LossConfig:
         check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
                               rollout_weights)
         check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg,
-                                kl_bias_correction, ratio, dual_clip)
+                                kl_bias_correction, ratio, dual_clip, beta)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
 

@@ -6,9 +6,13 @@ RATIOS = ("trajectory", "sequence_mean", "token", "none")
 CLIP_MODES = ("two_sided", "upper")
 # The per-unit objective of the ratio x (docs/spec.md, op 4): the clipped surrogate of PPO /
 # GRPO ("clip", with its optional upper bound ``delta``), CISPO's detached clipped weight on
-# log pi, SAPO's soft sigmoid gate (its temperatures for positive and negative advantages)
-OBJECTIVES = ("clip", "cispo", "sapo")
-SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05  # TRL's sapo_temperature_pos / _neg, verl's tau_pos / _neg
+# log pi, SAPO's soft sigmoid gate (its temperatures for positive and negative advantages),
+# DPPO's detached ratio on log pi inside a trust region of the token's probability (total
+# variation or binary KL; token ratio only)
+OBJECTIVES = ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl")
+TOKEN_ONLY_OBJECTIVES = ("dppo_tv", "dppo_kl")
+# SAPO's temperatures' defaults: TRL's sapo_temperature_pos / _neg, verl's tau_pos / _neg
+SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REDUCES = ("sum", "mean")
 SCALES = ("group", "batch", "none")

@@ -20,7 +20,7 @@ import threading
 import torch
 
 from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, OBJECTIVES, RATIOS,
-                      ROLLOUT_IS, ROLLOUT_IS_MAX, default_aggregation)
+                      ROLLOUT_IS, ROLLOUT_IS_MAX, TOKEN_ONLY_OBJECTIVES, default_aggregation)
 from .layout import lengths_of
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -328,19 +328,24 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
 
 
 def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_correction, ratio,
-                      dual_clip):
+                      dual_clip, beta):
     """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo)."""
     choice("objective", objective, OBJECTIVES)
     if objective != "clip" and ratio == "none":
         raise ValueError(f"objective={objective!r} weighs a ratio; ratio='none' has none (use "
                          "a ratio, or objective='clip' with ratio='none' for A log pi)")
+    if objective in TOKEN_ONLY_OBJECTIVES and ratio != "token":
+        raise ValueError(f"objective={objective!r} bounds each token's probability change: it "
+                         f"takes ratio='token', not {ratio!r}")
     if delta is not None:
         if not (_real(delta) and delta > 0):
             raise ValueError(f"delta (the upper bound of the unclipped ratio) must be a finite "
                              f"number > 0 (or None), got {delta!r}")
-        if objective != "clip":
-            raise ValueError(f"delta bounds the clipped objective's ratio; objective="
-                             f"{objective!r} has no such branch")
+        if objective not in ("clip",) + TOKEN_ONLY_OBJECTIVES:
+            raise ValueError(f"delta bounds the clipped objective's ratio (and DPPO's weight); "
+                             f"objective={objective!r} has no such branch")
+        if ratio == "none":
+            raise ValueError("delta bounds a ratio; ratio='none' has none")
     if dual_clip is not None and objective != "clip":
         raise ValueError(f"dual_clip applies to objective='clip', not {objective!r}")
     for name, tau in (("sapo_tau_pos", sapo_tau_pos), ("sapo_tau_neg", sapo_tau_neg)):
@@ -348,6 +353,12 @@ def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_corr
             raise ValueError(f"{name} (SAPO's gate temperature) must be a finite number > 0, "
                              f"got {tau!r}")
     boolean("kl_bias_correction", kl_bias_correction)
+    if kl_bias_correction and not beta > 0:
+        raise ValueError("kl_bias_correction weighs the KL term by the ratio: it needs beta > 0 "
+                         "(and ref_logprobs)")
+    if kl_bias_correction and ratio == "none":
+        raise ValueError("kl_bias_correction weighs the KL term by the ratio; ratio='none' has "
+                         "none")
 
 
 def gather_call(name, x, last, vocab, targets, temperature, ignore_index, return_entropy):

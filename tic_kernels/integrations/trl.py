@@ -53,19 +53,22 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
 Metrics, under TRL's names where tic_kernels computes the same quantity: ``kl``, ``entropy``
 (when the entropy is computed: with the entropy bonus, or ``log_entropy=True``; the fully
 fused loss does not compute it), ``clip_ratio/region_mean`` (tic's clip_fraction: tokens for
-"token", sequences otherwise; the clipped loss types), ``policy_loss`` and ``entropy_coef``
+"token", sequences otherwise; the clipped loss types; with a delta below 1 + epsilon_high it
+also counts the units delta bounds, which TRL's does not), ``policy_loss`` and ``entropy_coef``
 (with the entropy bonus). TRL's ``clip_ratio/low_mean``, ``high_mean``, ``low_min``,
 ``high_max`` and ``cispo_clip_ratio`` need the ratios and the advantages' signs together,
-which the fused loss never returns: they are not logged (``tic/clip_fraction`` is, for every
-loss type: the units whose ratio the band or the cap moved). Every statistic of the loss is logged
+which the fused loss never returns: they are not logged (``tic/clip_fraction`` is: for cispo
+the units whose ratio the cap moved, for sapo 0). Every statistic of the loss is logged
 as ``tic/<name>`` (ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean,
 clip_fraction, and the rollout_* statistics with the sampler correction), averaged over
 processes (``*_max`` / ``*_min``: max / min over processes).
 
 Refused at construction with a ValueError (rather than silently ignored): ``loss_type``
 "vespo", ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-``use_adaptive_entropy``, ``delta`` with cispo or sapo (TRL ignores it there), and a MoE router
-auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
+``use_adaptive_entropy``, ``delta`` with cispo or sapo (TRL ignores it there), cispo with an
+``epsilon_high`` outside [1, 11] (its cap on the ratio; TRL's default 0.28 would cap every
+ratio below 1), the trainer's ``dual_clip`` or ``clip_mode`` with cispo or sapo, and a MoE
+router auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
 Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
 ``old_per_token_logps``, ``vllm_importance_sampling_clip_max``, ``epsilon``, ...).
 """
@@ -331,9 +334,10 @@ class TICGRPOTrainer(GRPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError("TICGRPOTrainer does not implement the MoE router auxiliary loss; "
                              "set GRPOConfig(router_aux_loss_coef=0.0) (or use trl.GRPOTrainer)")
-        if self.loss_type in OBJECTIVES and dual_clip is not None:
-            raise ValueError(f"TICGRPOTrainer: dual_clip applies to the clipped loss types, not "
-                             f"loss_type={self.loss_type!r}")
+        if self.loss_type in OBJECTIVES and (dual_clip is not None or clip_mode != "two_sided"):
+            raise ValueError(f"TICGRPOTrainer: dual_clip and clip_mode apply to the clipped loss "
+                             f"types, not loss_type={self.loss_type!r} (cispo's cap is "
+                             f"epsilon_high)")
         self._tic_ratio = IMPORTANCE_SAMPLING_LEVELS[self.importance_sampling_level]
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         why = fused_head_refusal(target)
@@ -356,7 +360,9 @@ class TICGRPOTrainer(GRPOTrainer):
         factor = 1.0
         if self.beta != 0.0:
             kw.update(ref_logprobs=inputs["ref_per_token_logps"], beta=self.beta,
-                      kl_bias_correction=bool(args.use_bias_correction_kl))
+                      # TRL weighs the KL by its ratio; level "none" has none
+                      kl_bias_correction=bool(args.use_bias_correction_kl)
+                      and self._tic_ratio != "none")
         objective = OBJECTIVES.get(self.loss_type, "clip")
         if objective == "cispo":  # TRL caps the ratio at epsilon_high itself
             kw.update(objective="cispo", clip_mode="upper", eps_high=self.epsilon_high - 1.0)

@@ -1,6 +1,6 @@
 """tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
 
-Importing this module registers seven losses with verl's ``register_policy_loss``
+Importing this module registers nine losses with verl's ``register_policy_loss``
 (``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
 that was reset. ``import tic_kernels`` never imports verl; only this module does.
 
@@ -23,6 +23,10 @@ loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
                ``tau_pos`` for A > 0 else ``tau_neg``; equals verl's ``sapo``, which
                aggregates "seq-mean-token-mean" whatever loss_agg_mode says (so does this).
 ``tic_gpg``    GPG: -A log pi (tic_kernels' ratio "none"); equals verl's ``gpg``.
+``tic_dppo_tv``  DPPO: each token's log-probability weighted by its detached ratio, capped
+``tic_dppo_kl``  at ``clip_ratio_c``, where its probability moved within the trust region
+               (clip_ratio_low / clip_ratio_high on p - p_old, or on the binary KL); equal
+               to verl's ``dppo_tv`` / ``dppo_kl``.
 =============  =================================================================================
 
 Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
@@ -75,9 +79,9 @@ log-ratio], so that each token's ratio is the sequence's s_i); its ``actor/tic_*
 are then per token (clip_fraction, ratio_mean) rather than per sequence. ``tic`` and
 ``tic_upper`` keep tic_kernels' definition.
 
-**Differences from verl that remain** (all at the level of rounding): tic_kernels computes in
-float32 (float64 inputs: in float64, on its reference path), verl in the inputs' dtype; verl's
-"seq-mean-token-mean" divides by L + 1e-8, tic_kernels by L; ``tic_gspo`` caps the mean
+**Differences from verl that remain** (all but the last at the level of rounding): tic_kernels
+computes in float32 (float64 inputs: in float64, on its reference path), verl in the inputs'
+dtype; verl's "seq-mean-token-mean" divides by L + 1e-8, tic_kernels by L; ``tic_gspo`` caps the mean
 log-ratio to [-10, 10] where verl caps it above only, so a sequence with mean log-ratio below
 -10 (ratio < 4.6e-5) contributes exp(-10) * A and no gradient instead of its (smaller) ratio.
 
@@ -85,7 +89,7 @@ Using it in verl: make every worker import this module, e.g.
 ``actor_rollout_ref.model.external_lib=tic_kernels.integrations.verl`` (verl imports it in
 each process that builds the model config) or ``VERL_USE_EXTERNAL_MODULES=
 tic_kernels.integrations.verl`` in the workers' environment, and select
-``actor_rollout_ref.actor.policy_loss.loss_mode=tic`` (or tic_upper, tic_gspo, tic_token).
+``actor_rollout_ref.actor.policy_loss.loss_mode=tic`` (or another name of LOSS_MODES).
 """
 from __future__ import annotations
 
@@ -98,11 +102,13 @@ import torch
 from verl.trainer.ppo import core_algos as _core_algos
 
 from .. import validation as _check
+from ..reference.loss import dppo_weight as _dppo_weight
 from ._names import renamer
 from ..ops.ratio_loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
-           "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_gpg",
+           "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_dppo_kl",
+           "compute_policy_loss_tic_dppo_tv", "compute_policy_loss_tic_gpg",
            "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_sapo",
            "compute_policy_loss_tic_token", "compute_policy_loss_tic_upper", "register"]
 
@@ -129,7 +135,8 @@ _VERL_NAMES = {
     "eps_high": "config.clip_ratio_high", "dual_clip": "config.clip_ratio_c",
     "num_tokens": "config.global_batch_info['batch_num_tokens']",
     "num_sequences": "config.global_batch_info['global_batch_size']",
-    "aggregation": "loss_agg_mode",
+    "aggregation": "loss_agg_mode", "sapo_tau_pos": "config.tau_pos",
+    "sapo_tau_neg": "config.tau_neg", "delta": "config.clip_ratio_c",
 }
 _in_verl_terms = renamer(_VERL_NAMES)
 
@@ -143,6 +150,8 @@ _MODES = {
     "tic_cispo": ("token", "two_sided", False, _VANILLA_CAP, "cispo"),
     "tic_sapo": ("token", "two_sided", False, _VANILLA_CAP, "sapo"),
     "tic_gpg": ("none", "two_sided", False, _VANILLA_CAP, "clip"),
+    "tic_dppo_tv": ("token", "two_sided", False, _VANILLA_CAP, "dppo_tv"),
+    "tic_dppo_kl": ("token", "two_sided", False, _VANILLA_CAP, "dppo_kl"),
 }
 
 
@@ -162,8 +171,9 @@ def _number(name, value):
     return float(value)
 
 
-def _clip_ratios(config, loss_mode):
-    """(eps_low, eps_high, clip_ratio_c) as verl's vanilla reads them."""
+def _clip_ratios(config, loss_mode, dual=True):
+    """(eps_low, eps_high, clip_ratio_c) as verl's vanilla reads them; ``dual``: clip_ratio_c
+    is the dual clip, which must exceed 1 (the DPPOs' cap on their weight need not)."""
     if config is None:
         raise ValueError(f"policy loss {loss_mode!r} needs the actor config (clip ratios)")
     clip_ratio = _get(config, "clip_ratio")
@@ -175,7 +185,7 @@ def _clip_ratios(config, loss_mode):
         raise ValueError(f"policy loss {loss_mode!r}: the config sets neither clip_ratio_low/high "
                          "nor clip_ratio")
     clip_c = float(_get(config, "clip_ratio_c", 3.0))
-    if not clip_c > 1.0:
+    if dual and not clip_c > 1.0:
         raise ValueError(f"config.clip_ratio_c (the dual clip of negative advantages) must be > 1, "
                          f"got {clip_c!r}")
     return float(low), float(high), clip_c
@@ -257,7 +267,9 @@ def _verl_metrics(log_ratio, keep, adv, level, eps_low, eps_high, upper, clip_c,
     m = keep.to(log_ratio.dtype)
     d = log_ratio * m
     n = m.sum()
-    ppo_kl = -d.sum() / (n + 1e-8)
+    # ppo_kl of the log-ratio clamped to +-20 as verl's vanilla has it (its gspo: unclamped)
+    kl_log = d if level == "sequence_mean" else log_ratio.clamp(-_VANILLA_CAP, _VANILLA_CAP) * m
+    ppo_kl = -kl_log.sum() / (n + 1e-8)
     if level == "token":
         x_log, A, weight = d, adv.unsqueeze(-1), m
     else:
@@ -282,31 +294,41 @@ def _verl_metrics(log_ratio, keep, adv, level, eps_low, eps_high, upper, clip_c,
 
 
 @torch.no_grad()
-def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high):
+def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_c, logp, old,
+                            adv):
     """verl's metrics of cispo (pg_clipfrac: the tokens whose ratio the band moved), sapo
-    (no clipping: 0) and gpg (none)."""
+    (no clipping: 0), the DPPOs (pg_clipfrac: the tokens outside the trust region;
+    pg_clipfrac_lower: those inside it whose ratio exceeds clip_ratio_c) and gpg (none)."""
     if loss_mode == "tic_gpg":
         return {}
     m = keep.to(log_ratio.dtype)
     n = m.sum()
-    ppo_kl = -(log_ratio * m).sum() / (n + 1e-8)
-    zero = ppo_kl * 0
-    clipfrac = zero
+
+    def mean(x):
+        return (x.to(m.dtype) * m).sum() / (n + 1e-8)
+    clamped = log_ratio.clamp(-_VANILLA_CAP, _VANILLA_CAP)  # as verl's losses clamp it
+    ppo_kl = -mean(clamped)
+    clipfrac = lower = ppo_kl * 0
+    r = torch.exp(clamped)
     if loss_mode == "tic_cispo":
-        r = torch.exp(log_ratio.clamp(-_VANILLA_CAP, _VANILLA_CAP))
-        moved = r != r.clamp(1.0 - eps_low, 1.0 + eps_high)
-        clipfrac = (moved.to(m.dtype) * m).sum() / (n + 1e-8)
+        clipfrac = mean(r != r.clamp(1.0 - eps_low, 1.0 + eps_high))
+    elif loss_mode.startswith("tic_dppo"):
+        valid = _dppo_weight(logp, old, r, adv[:, None], loss_mode[4:], eps_low,
+                             eps_high) != 0
+        clipfrac, lower = mean(~valid), mean((r > clip_c) & valid)
     return {"actor/pg_clipfrac": clipfrac, "actor/ppo_kl": ppo_kl,
-            "actor/pg_clipfrac_lower": zero}
+            "actor/pg_clipfrac_lower": lower}
 
 
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                  config, rollout_is_weights):
     ratio, clip_mode, dual, cap, objective = _MODES[loss_mode]
-    if loss_mode == "tic_gpg":  # verl's gpg reads no clip ratio
+    if loss_mode in ("tic_gpg", "tic_sapo"):  # verl's gpg and sapo read no clip ratio
+        if config is None:
+            raise ValueError(f"policy loss {loss_mode!r} needs the actor config")
         eps_low, eps_high, clip_c = 0.2, 0.2, None
     else:
-        eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode)
+        eps_low, eps_high, clip_c = _clip_ratios(config, loss_mode, dual)
     if loss_mode == "tic_sapo":  # verl's sapo aggregates per sequence whatever the mode says
         loss_agg_mode = "seq-mean-token-mean"
     _check.float_tensor("log_prob", log_prob)
@@ -325,6 +347,8 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     if objective == "sapo":
         keywords.update(sapo_tau_pos=float(_get(config, "tau_pos", 1.0)),
                         sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
+    if objective.startswith("dppo"):  # verl truncates DPPO's weight at clip_ratio_c
+        keywords["delta"] = clip_c
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
@@ -354,7 +378,9 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), "sequence_mean", eps_low,
                                 eps_high, False, None, -math.inf, _GSPO_CAP)
     elif objective != "clip" or ratio == "none":
-        metrics = _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high)
+        metrics = _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high,
+                                          clip_c, log_prob.detach().to(dtype),
+                                          old_log_prob.detach().to(dtype), adv.to(dtype))
     else:
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), ratio, eps_low, eps_high,
                                 clip_mode == "upper", clip_c, -_VANILLA_CAP, _VANILLA_CAP)
@@ -391,7 +417,7 @@ LOSS_MODES = {name: _loss_function(name, agg) for name, agg in (
     ("tic", "seq-mean-token-mean"), ("tic_upper", "seq-mean-token-mean"),
     ("tic_gspo", "seq-mean-token-mean"), ("tic_token", "token-mean"),
     ("tic_cispo", "token-mean"), ("tic_sapo", "seq-mean-token-mean"),
-    ("tic_gpg", "token-mean"))}
+    ("tic_gpg", "token-mean"), ("tic_dppo_tv", "token-mean"), ("tic_dppo_kl", "token-mean"))}
 compute_policy_loss_tic = LOSS_MODES["tic"]
 compute_policy_loss_tic_upper = LOSS_MODES["tic_upper"]
 compute_policy_loss_tic_gspo = LOSS_MODES["tic_gspo"]
@@ -399,6 +425,8 @@ compute_policy_loss_tic_token = LOSS_MODES["tic_token"]
 compute_policy_loss_tic_cispo = LOSS_MODES["tic_cispo"]
 compute_policy_loss_tic_sapo = LOSS_MODES["tic_sapo"]
 compute_policy_loss_tic_gpg = LOSS_MODES["tic_gpg"]
+compute_policy_loss_tic_dppo_tv = LOSS_MODES["tic_dppo_tv"]
+compute_policy_loss_tic_dppo_kl = LOSS_MODES["tic_dppo_kl"]
 
 
 def register() -> None:

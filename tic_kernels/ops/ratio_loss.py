@@ -47,9 +47,9 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
     offsets into the flat per-token tensors, which are indexed globally), or with cu None
     the rows [i T, (i + 1) T) of a padded batch. Writes their tokens' coef and coef_ent and
     their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of the sequences
-    at a time, or on every sequence clipped to a range of rows. Optional inputs may be None; ``mask`` flat, of any dtype; ``rollout`` the
-    sampler correction's tensor (config.rollout says which) over the same flat positions.
-    ``finalize`` (loss, stats, norm, counter): the last program also reduces ``part`` into
+    at a time, or on every sequence clipped to a range of rows. Optional inputs may be None;
+    ``mask`` flat, of any dtype; ``rollout`` the sampler correction's tensor (config.rollout
+    says which) over the same flat positions. ``finalize`` (loss, stats, norm, counter): the last program also reduces ``part`` into
     them (counter: an int32 holding 0), one launch in all."""
     B = cu.numel() - 1 if B is None else B
     if B:

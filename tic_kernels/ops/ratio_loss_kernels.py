@@ -28,7 +28,8 @@ RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
 TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
     tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
 OBJECTIVE_CODE = {o: i for i, o in enumerate(OBJECTIVES)}
-CLIP, CISPO, SAPO = (tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo"))
+CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL = (
+    tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl"))
 AGG_CODE = {a: i for i, a in enumerate(AGGREGATIONS)}
 TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM = (
     tl.constexpr(AGG_CODE[a]) for a in ("token-mean", "seq-mean-token-sum-norm"))
@@ -105,6 +106,28 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_n
         dJ = tl.where(lift, 0.0, dJ)
         clipped = tl.where(lift, 1.0, clipped)
     return J, dJ, clipped, xc
+
+
+@triton.jit
+def _dppo_weight(lp, old, x, A, eps_low, eps_high, delta, OBJECTIVE: tl.constexpr,
+                 HAS_DELTA: tl.constexpr):
+    """DPPO's detached weight of a token: its ratio x (at most delta), 0 outside the trust
+    region of its probability: p - p_old <= eps_high for A > 0, >= -eps_low otherwise
+    (DPPO_TV), or the binary KL of (p_old, p) within eps_high / eps_low unless p moved against
+    the advantage's push (DPPO_KL)."""
+    p = tl.exp(lp)
+    p_old = tl.exp(old)
+    if OBJECTIVE == DPPO_TV:
+        up = (p - p_old) <= eps_high
+        down = (p - p_old) >= -eps_low
+    else:
+        kl = p_old * (old - lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        up = ((kl <= eps_high).to(tl.float32) + (p <= p_old).to(tl.float32)) > 0
+        down = ((kl <= eps_low).to(tl.float32) + (p >= p_old).to(tl.float32)) > 0
+    w = x
+    if HAS_DELTA:
+        w = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
+    return tl.where(tl.where(A > 0, up, down), w, 0.0)
 
 
 @triton.jit
@@ -275,8 +298,11 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
         J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
                                                     tau_pos, tau_neg, TWO_SIDED, DUAL,
                                                     OBJECTIVE, HAS_DELTA)
-        if OBJECTIVE == CISPO:  # J = sg(xc) A logp
-            J_tok = xc * A * lp
+        if OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
+            xc = _dppo_weight(lp, old, x, A, eps_low, eps_high, delta, OBJECTIVE, HAS_DELTA)
+            clipped = (xc == 0).to(tl.float32)
+        if OBJECTIVE == CISPO or OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
+            J_tok = xc * A * lp  # J = sg(w) A logp
             c = -v * wt * xc * A
         else:
             c = -v * wt * dJ * x * chi

@@ -198,6 +198,22 @@ def rollout_correction(old, lengths, cap, dt, rollout_logprobs=None, rollout_wei
     return w, stats
 
 
+def dppo_weight(logp, old, x, A, objective, eps_low=0.2, eps_high=0.28, delta=None):
+    """DPPO's detached weight of each token: its ratio x (at most delta), 0 outside the trust
+    region of its probability (total variation, "dppo_tv", or binary KL, "dppo_kl", within
+    eps_high for A > 0 and eps_low otherwise; the binary KL's region also keeps a probability
+    that moved against the advantage's push)."""
+    p, p_old = logp.detach().exp(), old.exp()
+    if objective == "dppo_tv":
+        up, down = (p - p_old) <= eps_high, (p - p_old) >= -eps_low
+    else:
+        kl = p_old * (old - logp.detach()) + (1 - p_old) * torch.log(
+            (1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+        up, down = (kl <= eps_high) | (p <= p_old), (kl <= eps_low) | (p >= p_old)
+    w = x.detach() if delta is None else x.detach().clamp(max=delta)
+    return torch.where(torch.where(A > 0, up, down), w, 0.0)
+
+
 def sapo_objective(x, A, tau_pos=1.0, tau_neg=1.05):
     """SAPO's soft gate: sigmoid(tau (x - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg."""
     tau = torch.where(A > 0, tau_pos, tau_neg).to(x.dtype)
@@ -265,6 +281,11 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
             xc = clip_band(x, clip_mode, eps_low, eps_high).detach()
             clipped = xc != x.detach()
             J_tok = (xc if ratio == "token" else xc[seg]) * A[seg] * logp
+        elif objective in ("dppo_tv", "dppo_kl"):  # the token ratio (validation says so)
+            xc = dppo_weight(logp, old_logprobs.to(dt), x, A_unit, objective, eps_low,
+                             eps_high, delta)
+            clipped = xc == 0
+            J_tok = xc * A_unit * logp
         else:
             if objective == "sapo":
                 J_unit = sapo_objective(x, A_unit, sapo_tau_pos, sapo_tau_neg)
