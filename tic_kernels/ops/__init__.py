@@ -7,7 +7,8 @@ around their GEMMs; packing.py's kernels are the C++/CUDA extension's):
     token_logprobs.py     op 1   token_logprobs            (and op 1 over a vocabulary shard)
     sequence_logprobs.py  op 2   sequence_logprobs
     group_advantages.py   op 3   group_advantages
-    ratio_loss.py         op 4   tic_loss_from_logprobs    (its kernels: ratio_loss_kernels.py)
+    ratio_loss.py         op 4   tic_loss_from_logprobs    (its kernels: ratio_loss_kernels.py,
+                                                            their objectives: ratio_objectives.py)
     tic_loss.py           op 4   tic_loss                  (logits -> loss in one node)
     tic_loss_two_pass.py  op 4   tic_loss, token ratios    (the gradient in the forward: a switch)
     packing.py            op 5   pack / unpack             (the C++/CUDA extension)

@@ -24,9 +24,10 @@ from ..backend import (BLOCK_TOKENS, first_order_only, flat, grads_by_name, inpu
                        kernel_segments, launch, segments, triton_op, use_triton)
 from ..config import LossConfig
 from ..output import LossOutput
-from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, OBJECTIVE_CODE, RATIO_CODE,
-                                 STAT_KEYS, _ratio_loss_finalize_kernel,
-                                 _ratio_loss_fwd_kernel, rollout_code)
+from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, STAT_KEYS,
+                                 _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
+                                 rollout_code)
+from .ratio_objectives import OBJECTIVE_CODE, RATIO_CODE
 
 
 def _finalize_args(config):

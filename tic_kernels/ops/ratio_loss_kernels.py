@@ -4,9 +4,9 @@ program per sequence, the last of which to finish reduces the per-sequence parti
 
 The forward kernel makes two passes over a sequence's tokens (O(N) floats in all, next to the
 (N, V) logits). Pass 1 sums Delta_i, L_i and the statistics' sums (and the sampler
-correction's weights); pass 2 evaluates the clipped objective and writes each token's loss
-gradient coefficient c_t, so the backward is dL/dlogp_t = c_t * norm * grad_loss, which the
-logits' backward kernel applies as it reads c_t. The aggregation weight of a token is
+correction's weights); pass 2 evaluates the objective (ops/ratio_objectives.py) and writes
+each token's loss gradient coefficient c_t, so the backward is dL/dlogp_t = c_t * norm *
+grad_loss, which the logits' backward kernel applies as it reads c_t. The aggregation weight of a token is
 norm * v_i with v_i = 1/L_i (seq-mean-token-mean) or 1, and norm = 1/B', 1/N_tok or
 1/(B' max_len) is set once the per-sequence partial sums are reduced, in a fixed order
 whichever program does it (bitwise reproducible; the one atomic only counts the programs
@@ -18,27 +18,17 @@ import triton
 import triton.language as tl
 
 from ..backend import as_f32, segment_bounds
-from ..options import AGGREGATIONS, OBJECTIVES, RATIOS
+from ..options import AGGREGATIONS
+from .ratio_objectives import (NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, TOKEN, _clamp,
+                               _rollout_weight, _sequence_objective, _token_rollout,
+                               token_coefficient)
 
 BLOCK_SEQS = 1024
 
-# The kernels' switches by name: a mode's code is its position in options.RATIOS /
-# AGGREGATIONS (the strings users pass).
-RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
-TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
-    tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
-OBJECTIVE_CODE = {o: i for i, o in enumerate(OBJECTIVES)}
-CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL = (
-    tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl"))
+# The aggregation's switch by name: its position in options.AGGREGATIONS.
 AGG_CODE = {a: i for i, a in enumerate(AGGREGATIONS)}
 TOKEN_MEAN, SEQ_MEAN_TOKEN_SUM_NORM = (
     tl.constexpr(AGG_CODE[a]) for a in ("token-mean", "seq-mean-token-sum-norm"))
-
-# The sampler correction (op 4b): none, a weight per token or per sequence from the sampler's
-# log-probs, or weights given per token.
-ROLLOUT_CODE = {None: 0, "token": 1, "sequence": 2, "weights": 3}
-RW_TOKEN, RW_SEQUENCE, RW_GIVEN = (tl.constexpr(ROLLOUT_CODE[k])
-                                   for k in ("token", "sequence", "weights"))
 
 # Columns of the per-sequence partial sums that the loss kernel writes and the finalize kernel
 # reduces: the objective, the entropy bonus's objective, the length, then the statistics' sums
@@ -57,112 +47,6 @@ STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_
 (STAT_CLIP, STAT_RATIO_MEAN, STAT_RATIO_MAX, STAT_CAP, STAT_DELTA_ABS, STAT_LOGP, STAT_ENT,
  STAT_KL, STAT_RW_MEAN, STAT_RW_MAX, STAT_RW_MIN, STAT_RW_ZERO, STAT_RW_ESS,
  STAT_RKL) = (tl.constexpr(i) for i in range(len(STAT_KEYS)))
-
-
-@triton.jit
-def _clamp(x, lo, hi):
-    """min(max(x, lo), hi) that keeps NaN: plain tl.minimum / tl.maximum compile to PTX min /
-    max, which drop a NaN operand, and the NaN rule would be lost on the GPU."""
-    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
-                      propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg,
-                       TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, OBJECTIVE: tl.constexpr,
-                       HAS_DELTA: tl.constexpr):
-    """(J, dJ/dx, clipped, xc) for ratio x and advantage A: scalars or blocks alike. xc is the
-    clipped ratio, CISPO's detached weight (its J and dJ are 0 here: its objective
-    xc A logp is formed per token, see token_coefficient)."""
-    hi = 1.0 + eps_high
-    if TWO_SIDED:
-        xc = _clamp(x, 1.0 - eps_low, hi)
-    else:
-        xc = tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
-    if OBJECTIVE == SAPO:
-        # the soft gate: J = sigmoid(tau (x - 1)) 4 / tau A, tau by the advantage's sign
-        tau = tl.where(A > 0, tau_pos, tau_neg)
-        gate = tl.sigmoid(tau * (x - 1.0))
-        return gate * (4.0 / tau) * A, 4.0 * gate * (1.0 - gate) * A, x * 0.0, xc
-    if OBJECTIVE == CISPO:
-        return x * 0.0, x * 0.0, (xc != x).to(tl.float32), xc
-    xu = x
-    if HAS_DELTA:  # the unclipped branch bounded above by delta (constant beyond it)
-        xu = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
-    unclipped = xu * A
-    constant = xc * A
-    take = unclipped <= constant  # ties (x inside the band) pass the gradient A
-    J = tl.where(take, unclipped, constant)
-    dJ = tl.where(take, A, 0.0)
-    if HAS_DELTA:
-        dJ = tl.where(x > delta, 0.0, dJ)
-    clipped = (~take).to(tl.float32)
-    if DUAL:
-        floor = dual_clip * A
-        # (A < 0) and (J < floor), as arithmetic: `&` of two scalar compares fails in the
-        # interpreter
-        lift = ((A < 0).to(tl.float32) * (J < floor).to(tl.float32)) > 0
-        J = tl.where(lift, floor, J)
-        dJ = tl.where(lift, 0.0, dJ)
-        clipped = tl.where(lift, 1.0, clipped)
-    return J, dJ, clipped, xc
-
-
-@triton.jit
-def _dppo_weight(lp, old, x, A, eps_low, eps_high, delta, OBJECTIVE: tl.constexpr,
-                 HAS_DELTA: tl.constexpr):
-    """DPPO's detached weight of a token: its ratio x (at most delta), 0 outside the trust
-    region of its probability: p - p_old <= eps_high for A > 0, >= -eps_low otherwise
-    (DPPO_TV), or the binary KL of (p_old, p) within eps_high / eps_low unless p moved against
-    the advantage's push (DPPO_KL)."""
-    p = tl.exp(lp)
-    p_old = tl.exp(old)
-    if OBJECTIVE == DPPO_TV:
-        up = (p - p_old) <= eps_high
-        down = (p - p_old) >= -eps_low
-    else:
-        kl = p_old * (old - lp) + (1.0 - p_old) * tl.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
-        up = ((kl <= eps_high).to(tl.float32) + (p <= p_old).to(tl.float32)) > 0
-        down = ((kl <= eps_low).to(tl.float32) + (p >= p_old).to(tl.float32)) > 0
-    w = x
-    if HAS_DELTA:
-        w = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(tl.where(A > 0, up, down), w, 0.0)
-
-
-@triton.jit
-def _capped_exp(log_ratio, cap):
-    """(exp(clamp(log_ratio)), 1.0 where the cap is not hit else 0.0)."""
-    inside = tl.abs(log_ratio) <= cap
-    return tl.exp(_clamp(log_ratio, -cap, cap)), inside.to(tl.float32)
-
-
-@triton.jit
-def _rollout_weight(log_w, lo, hi, cap, MASK: tl.constexpr):
-    """exp of the capped log-weight, truncated to [lo, hi] or zeroed outside it (MASK)."""
-    w = tl.exp(_clamp(log_w, -cap, cap))
-    if MASK:
-        # an arithmetic `or`: `|` of two scalar compares fails in the interpreter
-        outside = ((w > hi).to(tl.float32) + (w < lo).to(tl.float32)) > 0
-        return tl.where(outside, 0.0, w)
-    return _clamp(w, lo, hi)
-
-
-@triton.jit
-def _token_rollout(roll_ptr, old, idx, keep, lo, hi, cap, ROLLOUT: tl.constexpr,
-                   MASK: tl.constexpr):
-    """(u_t = old_t - rollout_t with NaN -> 0, 1.0 where the sampler's log-prob is a number,
-    the token's weight (RW_TOKEN and RW_GIVEN; else 1)) over a block of tokens."""
-    r = tl.load(roll_ptr + idx, mask=keep, other=0.0).to(tl.float32)
-    if ROLLOUT == RW_GIVEN:
-        return r * 0.0, r * 0.0 + 1.0, r
-    u = old - r
-    valid = u == u
-    u = tl.where(valid, u, 0.0)
-    w = u * 0.0 + 1.0
-    if ROLLOUT == RW_TOKEN:
-        w = _rollout_weight(u, lo, hi, cap, MASK)
-    return u, valid.to(tl.float32), w
 
 
 @triton.jit
@@ -218,121 +102,6 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
     return (tl.sum(delta, 0), tl.sum(count, 0), tl.sum(logp_sum, 0), tl.sum(kl_sum, 0),
             tl.sum(ent_sum, 0), tl.sum(u_sum, 0), tl.sum(w_sum, 0), w_sq, w_max,
             tl.min(w_min, 0), tl.sum(w_zero, 0), tl.sum(rkl_sum, 0), tl.sum(r_valid, 0))
-
-
-@triton.jit
-def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta, tau_pos,
-                        tau_neg, cap, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
-                        DUAL: tl.constexpr, OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """The sequence ratios (trajectory, sequence_mean): one ratio for the whole sequence.
-    Returns (its objective in the loss, dL/dlogp_t / norm of every token, J, the statistics'
-    terms: clipped, ratio, capped; and for the token pass: CISPO's detached weight xc, the
-    ratio x and dx/dlogp_t), zeros (x: 1) for the token-level ratios."""
-    obj = 0.0
-    g_seq = 0.0
-    J_seq = 0.0
-    clipped_units = 0.0
-    ratio = 0.0
-    capped = 0.0
-    xc = 1.0
-    x_seq = 1.0
-    dx_seq = 0.0
-    if RATIO == TRAJECTORY or RATIO == SEQUENCE_MEAN:
-        nonempty = L > 0
-        unit = nonempty.to(tl.float32)
-        log_ratio = Delta if RATIO == TRAJECTORY else Delta / tl.maximum(L, 1.0)
-        x, chi = _capped_exp(log_ratio, cap)
-        J_seq, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
-                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
-                                                    OBJECTIVE, HAS_DELTA)
-        # dx/dlogp_t: the same for every token (/ L_i for GSPO)
-        dx_seq = x * chi
-        if RATIO == SEQUENCE_MEAN:
-            dx_seq = dx_seq / tl.maximum(L, 1.0)
-        x_seq = x
-        # an empty sequence adds nothing, not NaN; S_w = L without a sampler correction, else
-        # the sum of the tokens' weights (CISPO's objective is summed per token instead)
-        obj = tl.where(nonempty, v * S_w * J_seq, 0.0)
-        # dL/dlogp_t / norm = -W_i dJ/dx dx/dlogp_t, W_i / norm = v S_w
-        g_seq = -v * S_w * dJ * dx_seq
-        clipped_units = clipped * unit
-        ratio = x * unit
-        capped = (1.0 - chi) * unit
-    return obj, g_seq, J_seq, clipped_units, ratio, capped, xc, x_seq, dx_seq
-
-
-@triton.jit
-def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
-                       W_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip,
-                       delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
-                       TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
-                       ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
-                       HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
-    """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
-    log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
-    objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
-    term's k3 as it enters the loss: times the ratio with KL_BIAS, 0 without KL_IN_LOSS). The
-    sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq, the ratio
-    x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq (for KL_BIAS, the KL term
-    times the ratio); the NaN rule: a token whose objective is NaN gets a NaN coefficient,
-    whichever branch NaN fell through."""
-    c = zero + g_seq
-    J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
-    wt = zero + W_seq  # the token's sampler weight (the objectives formed per token read it)
-    obj = zero
-    x = zero
-    chi = zero
-    clipped = zero
-    kx = zero + x_seq  # the ratio KL_BIAS weighs the KL with, and its derivative
-    kdx = zero + dx_seq
-    kl_term = zero
-    if RATIO == TOKEN or RATIO == NO_RATIO or OBJECTIVE == CISPO:
-        old = lp  # read only by the token ratio and the sampler's token weights
-        if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
-            old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
-        if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
-            _u, _valid, wt = _token_rollout(roll_ptr, old, idx, keep, rw_lo, rw_hi, cap,
-                                            ROLLOUT, RW_MASK)
-    if RATIO == TOKEN:
-        x, chi = _capped_exp(lp - old, cap)
-        J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
-                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
-                                                    OBJECTIVE, HAS_DELTA)
-        if OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
-            xc = _dppo_weight(lp, old, x, A, eps_low, eps_high, delta, OBJECTIVE, HAS_DELTA)
-            clipped = (xc == 0).to(tl.float32)
-        if OBJECTIVE == CISPO or OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
-            J_tok = xc * A * lp  # J = sg(w) A logp
-            c = -v * wt * xc * A
-        else:
-            c = -v * wt * dJ * x * chi
-        obj = tl.where(keep, v * wt * J_tok, 0.0)
-        kx = x
-        kdx = x * chi
-    elif RATIO == NO_RATIO:
-        J_tok = A * lp
-        obj = tl.where(keep, v * wt * J_tok, 0.0)
-        c = -v * wt * A
-    elif OBJECTIVE == CISPO:  # a sequence ratio's detached weight on each token's logp
-        J_tok = xc_seq * A * lp
-        obj = tl.where(keep, v * wt * J_tok, 0.0)
-        c = -v * wt * xc_seq * A
-    if KL_IN_LOSS:
-        u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
-        uc = _clamp(u, -cap, cap)
-        kl = tl.exp(uc) - uc - 1.0
-        dkl = (1.0 - tl.exp(uc)) * (tl.abs(u) <= cap).to(tl.float32)
-        if KL_BIAS:  # beta x kl: the ratio's derivative times the unit's KL sum, too
-            kl_unit = kl if RATIO == TOKEN else zero + kl_seq
-            c += v * beta * (kx * dkl + kdx * kl_unit)
-            kl = kx * kl
-        else:
-            c += v * beta * dkl
-        J_tok -= beta * kl
-        obj -= tl.where(keep, v * beta * kl, 0.0)
-        kl_term = tl.where(keep, kl, 0.0)
-    c = tl.where(J_tok != J_tok, float("nan"), c)
-    return c, obj, x, chi, clipped, kl_term
 
 
 @triton.jit

@@ -32,8 +32,8 @@ from ..backend import (BLOCK_TOKENS, as_f32, emulate_rne, first_order_only,
 from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
 from .scale import scale_in_place
-from .ratio_loss_kernels import (AGG_CODE, CLIP, RATIO_CODE, normaliser, rollout_code,
-                                 token_coefficient)
+from .ratio_loss_kernels import AGG_CODE, normaliser, rollout_code
+from .ratio_objectives import CLIP, RATIO_CODE, token_coefficient
 from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
                              new_row_buffers, row_gradient, row_logsumexp, store_row_values)
 
