@@ -32,7 +32,7 @@ from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_s
 from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
                          stats_dict)
 from .ratio_loss_kernels import STAT_KEYS
-from .scale import scale_in_place
+from .scale import scale_once
 
 
 def by_rows(config) -> bool:
@@ -187,23 +187,11 @@ def _loss_setup(ctx, inputs, output):
 
 @first_order_only
 def _loss_backward(ctx, g_loss, *_unused):
-    # The forward's gradients are the loss's own: in eager mode they are scaled in place (they
-    # are nobody else's), on the device and only where g_loss is not exactly 1, so d weight
-    # is never held twice and no host reads g_loss; a second backward through the same graph
-    # is refused. A graph being traced (plain tensors are not what it sees) scales them out
-    # of place.
+    # the forward's gradients are the loss's own: scaled by g_loss on the device, once
     if g_loss is None:
         return grads_by_name(linear_loss)
-    eager = type(g_loss) is torch.Tensor
-    if eager and getattr(ctx, "scaled", False):
-        raise RuntimeError("linear_tic_loss: backward ran twice through one forward; its "
-                           "gradient is formed in the forward and scaled once, so run the "
-                           "forward again for each backward")
-    ctx.scaled = True
-
-    def scaled(t, need):
-        return None if not need else scale_in_place(t, g_loss) if eager else t * g_loss
-    dh, dw, db = (scaled(t, need) for t, need in zip(ctx.saved_tensors, ctx.needs))
+    dh, dw, db = scale_once(ctx, g_loss, [t if need else None for t, need in
+                                          zip(ctx.saved_tensors, ctx.needs)], "linear_tic_loss")
     return grads_by_name(linear_loss, hidden=dh, weight=dw, bias=db)
 
 

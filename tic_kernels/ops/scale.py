@@ -3,6 +3,7 @@ its forward), decided on the device: at g == 1 (a plain ``loss.backward()``) eve
 returns without reading or writing, and no host ever reads g."""
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -30,3 +31,17 @@ def scale_in_place(grad, g):
         launch(_scale_kernel, (-(-n // BLOCK_SCALE),), grad, g.reshape(1), n,
                EMULATE_RNE=emulate_rne(grad.dtype), BLOCK=BLOCK_SCALE)
     return grad
+
+
+def scale_once(ctx, g, grads, what):
+    """The gradients a loss formed in its forward (None: not wanted), times its incoming
+    gradient ``g``: in eager mode in place (they are nobody else's, so none is held twice),
+    and only once per forward: a second backward raises, naming ``what``. A graph being
+    traced (compiled autograd; plain tensors are not what it sees) scales them out of place."""
+    eager = type(g) is torch.Tensor
+    if eager and getattr(ctx, "scaled", False):
+        raise RuntimeError(f"{what}: backward ran twice through one forward; its gradient is "
+                           "formed in the forward and scaled once (one backward per forward), "
+                           "so run the forward again for each backward")
+    ctx.scaled = True
+    return [None if t is None else scale_in_place(t, g) if eager else t * g for t in grads]

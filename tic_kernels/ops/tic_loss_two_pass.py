@@ -31,7 +31,7 @@ from ..backend import (BLOCK_TOKENS, as_f32, emulate_rne, first_order_only,
                        flat, kernel_segments, launch, segment_bounds)
 from ..options import IGNORE_INDEX
 from .ratio_loss import kernel_ratio_loss
-from .scale import scale_in_place
+from .scale import scale_once
 from .ratio_loss_kernels import AGG_CODE, normaliser, rollout_code
 from .ratio_objectives import CLIP, RATIO_CODE, token_coefficient
 from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
@@ -204,7 +204,6 @@ class TICLossTwoPass(torch.autograd.Function):
                                                   cu_seqlens, mask, ref_logprobs, rollout,
                                                   config)
         ctx.save_for_backward(grad)
-        ctx.used = False
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
         return loss, stats
@@ -214,10 +213,6 @@ class TICLossTwoPass(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         if g_loss is None:
             return (None,) * 9
-        if ctx.used:
-            raise RuntimeError("tic_loss with the gradient in the forward (tic_kernels.ops."
-                               "tic_loss_two_pass.ENABLED) supports one backward per forward")
-        ctx.used = True
-        grad, = ctx.saved_tensors
-        scale_in_place(grad, g_loss)
+        grad, = scale_once(ctx, g_loss, ctx.saved_tensors, "tic_loss with the gradient in the "
+                           "forward (tic_kernels.ops.tic_loss_two_pass.ENABLED)")
         return (grad,) + (None,) * 8
