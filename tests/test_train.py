@@ -300,6 +300,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from transformers import LlamaForCausalLM
     from tic_kernels import train
+    from tic_kernels.ranks import exit_process_group
     p = train.parser()
     args = p.parse_args(sys.argv[1:])
     log, lm = train.run(args)
@@ -311,12 +312,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
     dist.all_gather(gathered, flat)
     if dist.get_rank() == 0:
         saved = LlamaForCausalLM.from_pretrained(args.out + "/checkpoint").state_dict()
-        json.dump({"same": all(torch.equal(gathered[0], g) for g in gathered),
-                   "reloads": all(torch.equal(saved[k], v) for k, v in full.items()),
-                   "steps": len(log), "world": dist.get_world_size()},
-                  open(args.out + "/dist.json", "w"))
-    dist.barrier()  # no rank tears gloo down while another still talks
-    dist.destroy_process_group()
+        with open(args.out + "/dist.json", "w") as f:
+            json.dump({"same": all(torch.equal(gathered[0], g) for g in gathered),
+                       "reloads": all(torch.equal(saved[k], v) for k, v in full.items()),
+                       "steps": len(log), "world": dist.get_world_size()}, f)
+    exit_process_group()
 """)
 
 
@@ -344,6 +344,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     from tic_kernels import train
     from tic_kernels.layout import ignoring_masked
     from tic_kernels.train.loop import _full_state
+    from tic_kernels.ranks import exit_process_group
     mode, out = sys.argv[1], sys.argv[2]
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -378,8 +379,7 @@ SHARD_SCRIPT = textwrap.dedent("""
     if rank == 0:
         torch.save(state, out)
     if world > 1:
-        dist.barrier()  # no rank tears gloo down while another still talks
-        dist.destroy_process_group()
+        exit_process_group()
 """)
 
 

@@ -13,6 +13,7 @@ import sys
 import torch
 
 import tic_kernels as tk
+from tic_kernels.ranks import exit_process_group
 from tic_kernels.testing import head_batch, loss_batch, rollout_keywords
 
 # Keys of the results that are gradients of the vocabulary-sharded inputs: the logits' last
@@ -112,9 +113,10 @@ def main(rank, world, port, seed, device, path):
                             world_size=world)
     try:
         torch.save(run_cases(seed, device, rank, world, dist.group.WORLD), path)
-        dist.barrier()  # no rank tears gloo down while another still talks
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_process_group()
 
 
 if __name__ == "__main__":

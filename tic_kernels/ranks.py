@@ -185,3 +185,29 @@ def rows_of(t):
 def columns_of(t, dim=-1):
     """t.shape[dim], or 0 when t is not a tensor with that dimension."""
     return t.shape[dim] if isinstance(t, torch.Tensor) and t.dim() else 0
+
+
+def exit_process_group(code=0):
+    """End a process that used a gloo process group: every rank meets at a barrier, the group
+    is torn down and the process exits with ``code`` without the interpreter's finalization.
+
+    With torch's gloo backend a worker thread can still hold the last reference to a finished
+    collective's work object (and through it to tensors owned by Python) after the group is
+    destroyed; when it drops that reference while the interpreter finalizes, the thread cannot
+    take the GIL and the process aborts ("terminate called without an active exception",
+    SIGABRT) after all its work was done. Leaving with ``os._exit`` after the output is
+    flushed skips that race; files the caller opened must be closed first.
+    """
+    import logging
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears gloo down while another still talks
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..ranks import exit_process_group
 from .compare import compare
 from .loop import ALGOS, run
 from .tasks import TASKS
@@ -106,7 +107,10 @@ def main(argv=None):
     check_args(p, args)
     try:
         compare(args) if args.command == "compare" else run(args)
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():  # a distributed run: leave without gloo's teardown race
+        exit_process_group()
 
