@@ -113,11 +113,15 @@ def variants():
         # the padded layout with the mask; the loss reduced in the same launch (FINALIZE) on
         # every other variant
         finalize = (ratio + rollout) % 2 == 0
-        # the objectives (clip, cispo, sapo; dual_clip only with clip), delta with clip and a
-        # KL, the KL's bias correction on the odd ratios
+        # the objectives (clip, cispo, sapo, dppo, dro, gmpo, vespo; dual_clip only with clip),
+        # delta with clip and a KL, the KL's bias correction on the odd ratios
         objective = 0 if dual else (ratio + rollout) % 3
-        if ratio == 2 and not dual and rollout in (0, 1):  # the token ratio: the DPPOs too
-            objective = 3 + rollout
+        if ratio == 2 and not dual and rollout in (0, 1, 3):  # the token ratio: DPPOs, DRO
+            objective = {0: 3, 1: 4, 3: 5}[rollout]
+        if ratio == 1 and not dual and rollout in (1, 3):  # sequence_mean: GMPO too
+            objective = 6
+        if ratio == 0 and not dual and rollout == 1:  # VESPO, the sampler's weights in w
+            objective = 7
         has_delta = (objective == 0 and not dual and ref) or objective == 4
         kl_bias = ref and ratio % 2 == 1
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
@@ -129,7 +133,8 @@ def variants():
                     coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
                     stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32", N="i32", T="i32",
                     B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", delta="fp32",
-                    tau_pos="fp32", tau_neg="fp32", cap="fp32", beta="fp32", rw_lo="fp32",
+                    param_pos="fp32", param_neg="fp32", param2_pos="fp32",
+                    param2_neg="fp32", cap="fp32", beta="fp32", rw_lo="fp32",
                     rw_hi="fp32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
                     entropy_coef="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,

@@ -173,6 +173,11 @@ CASES = {  # name: (GRPOConfig keywords, accumulation steps)
                             epsilon=3e-2, epsilon_high=4e-2), 2),
     "luspo-token-delta": (dict(loss_type="luspo", importance_sampling_level="token",
                                delta=1.1), 1),
+    "vespo-token": (dict(loss_type="vespo", importance_sampling_level="token",
+                         gradient_accumulation_steps=2, steps_per_generation=4), 2),
+    "vespo-sequence": (dict(loss_type="vespo", importance_sampling_level="sequence",
+                            vespo_k_pos=1.5, vespo_lambda_pos=1.0, vespo_k_neg=0.5,
+                            vespo_lambda_neg=4.0), 1),
 }
 
 
@@ -188,7 +193,7 @@ def test_loss_equals_trl(tmp_path, tokenizer, dataset, case):
         assert ((ratio > 1.28) & (A > 0) & on).any() and ((ratio < 0.8) & (A < 0) & on).any()
         assert ((ratio < 1.28) & (ratio > 0.8) & on).any()
     metrics = ours._metrics["train"]
-    if kw["loss_type"] not in ("cispo", "sapo"):
+    if kw["loss_type"] not in ("cispo", "sapo", "vespo"):
         assert metrics["clip_ratio/region_mean"][-1] == pytest.approx(
             theirs._metrics["train"]["clip_ratio/region_mean"][-1], abs=1e-6)
     if kw["loss_type"] == "cispo" and kw["importance_sampling_level"] == "token":
@@ -219,7 +224,8 @@ def test_loss_equals_trl_logits_path_kl_on_policy(tmp_path, tokenizer, dataset):
 
 
 @pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"),
-                                              ("sapo", "token"), ("cispo", "token")])
+                                              ("sapo", "token"), ("cispo", "token"),
+                                              ("vespo", "token")])
 def test_bias_corrected_kl_equals_trl(tmp_path, tokenizer, dataset, loss_type, level):
     """TRL 1.16's default use_bias_correction_kl=True with beta != 0: the k3 KL times the
     importance ratio (not detached), and TRL's kl metric of it."""
@@ -275,14 +281,18 @@ def _trl_importance_sampling_ratio(old, sampler, mask, mode, lo, hi):
     return w.masked_fill((w < lo) | (w > hi), 0.0)
 
 
-@pytest.mark.parametrize("mode,lo,hi", [("token_truncate", None, 1.2),
-                                        ("token_truncate", 0.95, None),  # TRL: no upper bound
-                                        ("sequence_mask", 0.9, None),
-                                        ("token_mask", 0.8, 1.25),
-                                        ("sequence_truncate", 0.9, 1.1),
-                                        ("sequence_mask", None, 1.5)])
-def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, mode, lo, hi):
-    theirs, ours = _pair(tmp_path, tokenizer, dataset, loss_type="dapo",
+@pytest.mark.parametrize("loss_type,mode,lo,hi", [
+    ("dapo", "token_truncate", None, 1.2),
+    ("dapo", "token_truncate", 0.95, None),  # TRL: no upper bound
+    ("dapo", "sequence_mask", 0.9, None),
+    ("dapo", "token_mask", 0.8, 1.25),
+    ("dapo", "sequence_truncate", 0.9, 1.1),
+    ("dapo", "sequence_mask", None, 1.5),
+    # vespo: the weights enter its trajectory weight instead of multiplying the loss
+    ("vespo", "token_truncate", None, 1.2),
+    ("vespo", "token_mask", 0.8, 1.25)])
+def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, loss_type, mode, lo, hi):
+    theirs, ours = _pair(tmp_path, tokenizer, dataset, loss_type=loss_type,
                          importance_sampling_level="token")
     inputs = _inputs(theirs)
     g = torch.Generator().manual_seed(1)
@@ -327,9 +337,10 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
 # ---------------------------------------------------------------------------------------------
 # 4. What the adapter refuses, before any model is loaded
 @pytest.mark.parametrize("kw,match", [
-    (dict(loss_type="vespo"),
-     "loss_type='vespo' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', "
-     "'luspo'"),
+    (dict(loss_type="kl_cov"),
+     "loss_type='kl_cov' is not supported.*'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', "
+     "'luspo', 'vespo'"),
+    (dict(loss_type="vespo", delta=2.0), "delta=2.0 with loss_type='vespo'"),
     (dict(importance_sampling_level="group"),
      "importance_sampling_level='group' is not supported.*'trajectory', 'sequence', 'token'"),
     (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),

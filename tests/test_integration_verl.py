@@ -18,7 +18,7 @@ import torch
 from conftest import require_extra
 
 core_algos = require_extra("verl.trainer.ppo.core_algos", "verl")
-from verl.workers.config import ActorConfig  # noqa: E402
+from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 from tic_kernels.integrations import verl as tkv  # noqa: E402
 
@@ -29,11 +29,11 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def make_config(eps_low=0.2, eps_high=0.28, clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-                **global_batch_info):
+                dro_beta=0.6, **global_batch_info):
     config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=eps_low,
                          clip_ratio_high=eps_high, clip_ratio_c=clip_c, ppo_mini_batch_size=4,
                          ppo_micro_batch_size_per_gpu=2, rollout_n=2, tau_pos=tau_pos,
-                         tau_neg=tau_neg)
+                         tau_neg=tau_neg, policy_loss=PolicyLossConfig(dro_beta=dro_beta))
     config.global_batch_info.update(global_batch_info)
     return config
 
@@ -95,7 +95,8 @@ def test_registry_serves_every_loss():
         tkv.register()
         tkv.register()
     assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token", "tic_cispo",
-                                   "tic_sapo", "tic_gpg", "tic_dppo_tv", "tic_dppo_kl"}
+                                   "tic_sapo", "tic_gpg", "tic_dppo_tv", "tic_dppo_kl",
+                                   "tic_dro", "tic_geo_mean"}
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
 
@@ -139,10 +140,13 @@ def test_equals_verl(ours, theirs, weights, dtype):
 @pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("ours,theirs", [("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
                                          ("tic_gpg", "gpg"), ("tic_dppo_tv", "dppo_tv"),
-                                         ("tic_dppo_kl", "dppo_kl")])
+                                         ("tic_dppo_kl", "dppo_kl"), ("tic_dro", "dro"),
+                                         ("tic_geo_mean", "geo_mean")])
 def test_objectives_equal_verl(ours, theirs, weights, dtype):
-    """verl's cispo, sapo (its tau_pos / tau_neg, seq-mean-token-mean whatever the mode) and
-    gpg: loss, gradient and metrics, every loss_agg_mode, with and without weights."""
+    """verl's cispo, sapo (its tau_pos / tau_neg, seq-mean-token-mean whatever the mode), gpg,
+    the DPPOs, dro (its policy_loss.dro_beta) and geo_mean (the rows' mean whatever the mode,
+    the weights' geometric mean per sequence): loss, gradient and metrics, every
+    loss_agg_mode, with and without weights."""
     inputs, _ = make_batch(dtype, weights)
     # DPPO's trust region on probabilities of about e^-1.5: bounds that some tokens pass
     config = (make_config(0.02, 0.03, clip_c=1.5) if ours.startswith("tic_dppo")
@@ -151,8 +155,10 @@ def test_objectives_equal_verl(ours, theirs, weights, dtype):
         mine = call(core_algos.get_policy_loss_fn(ours), inputs, mode, config)
         ref = call(core_algos.get_policy_loss_fn(theirs), inputs, mode, config)
         assert_same(mine, ref, dtype)
-        if ours in ("tic_cispo", "tic_dppo_tv", "tic_dppo_kl"):
+        if ours in ("tic_cispo", "tic_dppo_tv", "tic_dppo_kl", "tic_geo_mean"):
             assert 0 < ref[2]["actor/pg_clipfrac"] < 1
+        if ours == "tic_geo_mean":
+            assert ref[2]["actor/pg_clipfrac_lower"] > 0
         if ours.startswith("tic_dppo"):
             assert ref[2]["actor/pg_clipfrac_lower"] > 0  # the truncation at clip_ratio_c
         assert (mine[1][~inputs["response_mask"]] == 0).all()
@@ -160,7 +166,8 @@ def test_objectives_equal_verl(ours, theirs, weights, dtype):
 
 @pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo"),
                                          ("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
-                                         ("tic_gpg", "gpg"), ("tic_dppo_kl", "dppo_kl")])
+                                         ("tic_gpg", "gpg"), ("tic_dppo_kl", "dppo_kl"),
+                                         ("tic_dro", "dro"), ("tic_geo_mean", "geo_mean")])
 def test_global_batch_normalisers(ours, theirs):
     """verl's gradient-accumulation normalisers (config.global_batch_info, as ppo_loss sets
     them): dp_size, batch_num_tokens, global_batch_size, loss_scale_factor."""
@@ -281,6 +288,11 @@ def test_unsupported_aggregation_and_missing_normalisers():
         call(fn, inputs, "token-mean", None)
     with pytest.raises(ValueError, match="clip_ratio_c"):
         call(fn, inputs, "token-mean", make_config(clip_c=1.0))
+    for beta in (None, 0.0):  # verl's dro: "policy_loss.dro_beta must be a positive value"
+        with pytest.raises(ValueError, match=r"^config.policy_loss.dro_beta .* must be a finite"
+                                             r" number > 0"):
+            call(tkv.compute_policy_loss_tic_dro, inputs, "token-mean",
+                 make_config(dro_beta=beta))
 
 
 def test_loss_scale_factor_below_the_longest_response():

@@ -1,7 +1,9 @@
-"""The objectives of op 4 beyond the clipped surrogate (docs/spec.md, op 4): CISPO, SAPO, the
-clipped objective's upper bound delta, and the KL's bias correction, on every entry point
-(logits, log-probabilities, the fused LM head), against the reference and against formulas
-written here from TRL's and verl's definitions."""
+"""The objectives of op 4 beyond the clipped surrogate (docs/spec.md, op 4): CISPO, SAPO,
+DPPO, DRO, GMPO, VESPO, the clipped objective's upper bound delta, and the KL's bias
+correction, on every entry point (logits, log-probabilities, the fused LM head), against the
+reference and against formulas written here from TRL's and verl's definitions."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,17 @@ OBJECTIVES = {
     "cispo_kl_entropy": dict(objective="cispo", beta=0.1, entropy_coef=0.02),
     "kl_bias_weights": dict(objective="clip", beta=0.2, kl_bias_correction=True,
                             rollout="weights"),
+    "vespo": dict(objective="vespo"),
+    "vespo_kl_bias_weights": dict(objective="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5,
+                                  beta=0.2, kl_bias_correction=True, rollout="weights"),
+}
+# the objectives of one ratio only (DRO: token, GMPO: sequence_mean)
+ONE_RATIO_OBJECTIVES = {
+    "dro": dict(objective="dro", dro_beta=0.7),
+    "dro_kl_bias": dict(objective="dro", dro_beta=2.5, beta=0.1, kl_bias_correction=True,
+                        entropy_coef=0.02),
+    "gmpo_kl_bias": dict(objective="gmpo", eps_low=0.1, eps_high=0.1, beta=0.1,
+                         kl_bias_correction=True),
 }
 
 
@@ -67,16 +80,21 @@ def test_kernels_match_the_reference(name, ratio, padded, device):
 
 
 @pytest.mark.usefixtures("requires_triton")
-@pytest.mark.parametrize("objective", ["dppo_tv", "dppo_kl"])
-@pytest.mark.parametrize("delta", [None, 1.2])
+@pytest.mark.parametrize("objective, delta", [("dppo_tv", None), ("dppo_tv", 1.2),
+                                              ("dppo_kl", None), ("dppo_kl", 1.2),
+                                              ("dro", None)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_dppo_kernels_match_the_reference(objective, delta, padded, device):
-    """DPPO's trust region (token ratio only), bounds that part of the tokens pass, with and
-    without the weight's cap, the sampler's weights and the KL."""
+def test_token_objectives_match_the_reference(objective, delta, padded, device):
+    """The token ratio's own objectives: DPPO's trust region, bounds that part of the tokens
+    pass, with and without the weight's cap; DRO's penalty; with the sampler's weights and
+    the KL."""
     batch = loss_batch(LENGTHS, 7, padded=padded, device=device, drift=0.3, seed=41)
-    lo, hi = (0.02, 0.03) if objective == "dppo_tv" else (0.003, 0.005)
-    kw = dict(ratio="token", objective=objective, eps_low=lo, eps_high=hi, delta=delta,
-              ref_logprobs=batch.ref_logprobs, beta=0.05,
+    if objective == "dro":
+        kw = dict(dro_beta=1.7)
+    else:
+        lo, hi = (0.02, 0.03) if objective == "dppo_tv" else (0.003, 0.005)
+        kw = dict(eps_low=lo, eps_high=hi, delta=delta)
+    kw.update(ratio="token", objective=objective, ref_logprobs=batch.ref_logprobs, beta=0.05,
               **rollout_keywords(batch.old_logprobs, batch.layout_kw, "token_truncate", seed=42))
     out, grad = _run(tk.tic_loss, batch, **kw)
     want, want_grad = _run(ref.tic_loss, batch, **kw)
@@ -84,17 +102,48 @@ def test_dppo_kernels_match_the_reference(objective, delta, padded, device):
     for k in want.stats:
         torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
     torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
-    assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the region
+    if objective == "dro":
+        assert want.stats["clip_fraction"] == 0  # nothing is clipped
+    else:
+        assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the region
 
 
 @pytest.mark.usefixtures("requires_triton")
-@pytest.mark.parametrize("objective", ["cispo", "sapo"])
+@pytest.mark.parametrize("case", ["two_sided", "upper", "kl_bias_weights", "kl_entropy"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gmpo_matches_the_reference(case, padded, device):
+    """GMPO (sequence_mean of the tokens' log-ratios, each clipped on its advantage's side):
+    log-ratio bounds that part of the tokens pass, the upper-only clip, the KL (with its bias
+    correction and the sampler's weights) and the entropy bonus."""
+    batch = loss_batch(LENGTHS, 29, padded=padded, device=device, drift=0.4, seed=51 + padded)
+    kw = dict(ratio="sequence_mean", objective="gmpo", eps_low=0.3, eps_high=0.25)
+    if case == "upper":
+        kw.update(clip_mode="upper", eps_high=0.05)
+    elif case == "kl_bias_weights":
+        kw.update(beta=0.2, kl_bias_correction=True, rollout="weights")
+    elif case == "kl_entropy":
+        kw.update(beta=0.1, entropy_coef=0.03)
+    kw = _with_ref(batch, kw)
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    assert set(out.stats) == set(want.stats)
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the bounds
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("objective", ["cispo", "sapo", "dro", "vespo"])
 @pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", "weights"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sampler_correction_and_dtypes(objective, mode, dtype, device):
     batch = loss_batch(LENGTHS, 97, dtype=dtype, device=device, drift=0.3, seed=7)
     kw = dict(ratio="trajectory", objective=objective,
               **rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=8))
+    if objective == "dro":
+        kw.update(ratio="token", dro_beta=0.9)
     out, grad = _run(tk.tic_loss, batch, **kw)
     want, want_grad = _run(ref.tic_loss, batch, **kw)
     torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
@@ -120,7 +169,7 @@ def _grpo_mean(per_token, mask):
 
 
 @pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias",
-                                  "dppo_tv", "dppo_kl"])
+                                  "dppo_tv", "dppo_kl", "dro", "vespo"])
 def test_token_level_formulas(case, device, path):
     """The token ratio's objectives against formulas written from TRL's and verl's losses
     (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
@@ -154,6 +203,19 @@ def test_token_level_formulas(case, device, path):
             valid = torch.where(A > 0, (bkl <= 0.28) | (p <= p_old), (bkl <= 0.2) | (p >= p_old))
         per_token = -A * torch.clamp(r, max=1.5).detach() * x * valid
         kw.update(objective=case, delta=1.5)
+    elif case == "dro":  # verl: -(logp A - beta / 2 (logp - old)^2)
+        per_token = -(x * A - 0.5 * 1.3 * (x - old) ** 2)
+        kw.update(objective="dro", dro_beta=1.3)
+    elif case == "vespo":  # TRL: -phi(w) A logp, phi of the sequence's clamped log-weight
+        with torch.no_grad():
+            log_w = ((x - old).clamp(-20, 20) * mask).sum(-1, keepdim=True)
+            log_w = log_w.clamp(math.log(1e-8), 20.0)
+            k = torch.where(A >= 0, 2.5, 1.0)
+            lam = torch.where(A >= 0, 0.5, 4.0)
+            phi = torch.exp(lam + k * log_w - lam * log_w.exp())
+        per_token = -phi * A * x
+        kw.update(objective="vespo", vespo_k_pos=2.5, vespo_lambda_pos=0.5, vespo_k_neg=1.0,
+                  vespo_lambda_neg=4.0)
     else:  # TRL: per_token_kl * coef_1, then + beta * kl
         coef_2 = torch.clamp(r, 0.8, 1.28)
         kl = torch.exp(refp - x) - (refp - x) - 1
@@ -170,15 +232,42 @@ def test_token_level_formulas(case, device, path):
     torch.testing.assert_close(grad.double().cpu(), want_grad * mask, atol=1e-6, rtol=1e-4)
 
 
+def test_gmpo_formula(device, path):
+    """GMPO against the formula written from the paper's and verl's geo_mean: the sign of A
+    picks the side each token's log-ratio is clipped on, exp of their masked mean times A,
+    averaged over the rows; value and gradient on the path under test."""
+    logp, old, _, adv, mask = _token_tensors(seed=13)
+    adv[1] = 0.0  # a zero advantage: sign 0, log-ratios 0, no gradient
+    x = logp.clone().requires_grad_()
+    d = x - old
+    sgn = torch.sign(adv)[:, None]
+    d_min = sgn * torch.min(sgn * d, sgn * d.clamp(-0.3, 0.2))
+    m = mask.double()
+    ratio = torch.exp((d_min * m).sum(-1) / m.sum(-1))
+    want = (-adv * ratio).mean()
+    want_grad, = torch.autograd.grad(want, x)
+    lp = logp.float().to(device).requires_grad_()
+    out = tk.tic_loss_from_logprobs(lp, old.float().to(device), adv.float().to(device),
+                                    mask=mask.to(device), ratio="sequence_mean",
+                                    objective="gmpo", eps_low=0.3, eps_high=0.2,
+                                    aggregation="seq-mean-token-mean", num_sequences=4)
+    grad, = torch.autograd.grad(out.loss, lp)
+    torch.testing.assert_close(out.loss.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), want_grad * mask, atol=1e-6, rtol=1e-4)
+    assert (grad[1] == 0).all() and (want_grad * mask).abs().sum() > 0
+
+
 @pytest.mark.usefixtures("requires_triton")
 @pytest.mark.parametrize("name, ratio", [("cispo", "token"), ("sapo", "trajectory"),
-                                         ("kl_bias", "sequence_mean"), ("delta", "token")])
+                                         ("kl_bias", "sequence_mean"), ("delta", "token"),
+                                         ("dro_kl_bias", "token"),
+                                         ("gmpo_kl_bias", "sequence_mean")])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_fused_lm_head(name, ratio, chunk_size, device):
     """linear_tic_loss with the objectives (chunks of 4 rows cut sequences: rows-equal for
     the token ratio, whole sequences in pieces for the others) against float64 logits."""
     batch = head_batch(LENGTHS, 53, device=device, seed=21)
-    kw = dict(ratio=ratio, **OBJECTIVES[name])
+    kw = dict(ratio=ratio, **{**OBJECTIVES, **ONE_RATIO_OBJECTIVES}[name])
     if kw.get("beta"):
         kw["ref_logprobs"] = batch.ref_logprobs
     leaves = [t.clone().requires_grad_() for t in (batch.hidden, batch.weight)]
@@ -196,17 +285,24 @@ def test_fused_lm_head(name, ratio, chunk_size, device):
 
 
 @pytest.mark.usefixtures("requires_triton")
-@pytest.mark.parametrize("objective", ["cispo", "sapo"])
+@pytest.mark.parametrize("objective", ["cispo", "sapo", "dro", "vespo"])
 def test_nan_rule(objective, device):
     """A NaN log-probability gives its own token (token ratio) or sequence (trajectory) a
-    NaN gradient, and no other token one."""
+    NaN gradient, and no other token one (VESPO: its weight of a NaN log-weight is 0, as
+    TRL's, so only the token itself)."""
     batch = loss_batch([4, 5], 11, device=device, seed=31)
     lp = torch.randn(9, device=device).clamp(max=-0.1)
     lp[6] = float("nan")
+    kw = dict(dro_beta=0.5) if objective == "dro" else {}
     for ratio, bad in (("token", [6]), ("trajectory", list(range(4, 9)))):
+        if objective == "dro" and ratio != "token":
+            continue
+        if objective == "vespo":
+            bad = [6]
         x = lp.clone().requires_grad_()
         out = tk.tic_loss_from_logprobs(x, batch.old_logprobs, batch.advantages,
-                                        ratio=ratio, objective=objective, **batch.layout_kw)
+                                        ratio=ratio, objective=objective, **batch.layout_kw,
+                                        **kw)
         g, = torch.autograd.grad(out.loss, x)
         assert torch.isnan(g[bad]).all() and not torch.isnan(g[[i for i in range(9)
                                                                  if i not in bad]]).any()
@@ -226,6 +322,19 @@ def test_nan_rule(objective, device):
      "ratio='none' has none"),
     (dict(objective="sapo", sapo_tau_neg=0.0), "sapo_tau_neg .* must be a finite number > 0"),
     (dict(kl_bias_correction=1), "kl_bias_correction must be True or False"),
+    (dict(objective="dro", ratio="token"), "dro_beta .* must be a finite number > 0"),
+    (dict(objective="dro", ratio="token", dro_beta=-1.0), "dro_beta .* finite number > 0"),
+    (dict(objective="dro", dro_beta=1.0), "it takes ratio='token', not 'trajectory'"),
+    (dict(dro_beta=1.0), "dro_beta is DRO's penalty: it needs objective='dro'"),
+    (dict(objective="dro", ratio="token", dro_beta=1.0, delta=2.0),
+     "objective='dro' has no such branch"),
+    (dict(objective="gmpo", ratio="token"), "it takes ratio='sequence_mean', not 'token'"),
+    (dict(objective="vespo", vespo_k_neg=-1.0), "vespo_k_neg .* must be a finite number >= 0"),
+    (dict(objective="vespo", vespo_lambda_pos=float("inf")), "vespo_lambda_pos .* finite"),
+    (dict(objective="vespo", ratio="none"), "ratio='none' has none"),
+    (dict(objective="vespo", delta=2.0), "objective='vespo' has no such branch"),
+    (dict(objective="gmpo", ratio="sequence_mean", dual_clip=3.0),
+     "dual_clip applies to objective='clip'"),
 ])
 def test_errors(kw, match):
     lp = torch.tensor([-1.0, -2.0, -0.5])

@@ -18,7 +18,8 @@ import math
 from typing import Optional
 
 from . import validation as check
-from .options import ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, default_aggregation
+from .options import (ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, VESPO_K_NEG,
+                      VESPO_K_POS, VESPO_LAMBDA_NEG, VESPO_LAMBDA_POS, default_aggregation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +52,19 @@ class LossConfig:
     delta: Optional[float] = None
     sapo_tau_pos: float = SAPO_TAU_POS
     sapo_tau_neg: float = SAPO_TAU_NEG
+    dro_beta: Optional[float] = None
+    vespo_k_pos: float = VESPO_K_POS
+    vespo_lambda_pos: float = VESPO_LAMBDA_POS
+    vespo_k_neg: float = VESPO_K_NEG
+    vespo_lambda_neg: float = VESPO_LAMBDA_NEG
     kl_bias_correction: bool = False
 
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
            rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask,
-           objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_correction):
+           objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo_k_pos,
+           vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_bias_correction):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
@@ -69,7 +76,8 @@ class LossConfig:
                            mask is not None, entropy_coef)
         check.rollout_options(rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min,
                               rollout_weights)
-        check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg,
+        vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
+        check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo,
                                 kl_bias_correction, ratio, dual_clip, beta)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
@@ -93,7 +101,10 @@ class LossConfig:
             max_len=number(max_len), ref=ref_logprobs is not None, rollout=rollout,
             rollout_is_min=lo, rollout_is_max=hi, objective=_text(objective),
             delta=number(delta), sapo_tau_pos=float(sapo_tau_pos),
-            sapo_tau_neg=float(sapo_tau_neg), kl_bias_correction=bool(kl_bias_correction))
+            sapo_tau_neg=float(sapo_tau_neg), dro_beta=number(dro_beta),
+            vespo_k_pos=float(vespo_k_pos), vespo_lambda_pos=float(vespo_lambda_pos),
+            vespo_k_neg=float(vespo_k_neg), vespo_lambda_neg=float(vespo_lambda_neg),
+            kl_bias_correction=bool(kl_bias_correction))
         return config, tensor
 
     # -- what the kernels read ------------------------------------------------------------
@@ -110,6 +121,20 @@ class LossConfig:
     def rollout_masks(self) -> bool:
         """Weights outside the bounds are set to 0 (the *_mask modes), not clamped."""
         return self.rollout.endswith("_mask")
+
+    @property
+    def objective_parameters(self) -> tuple:
+        """The objective's parameters as the kernels take them, (param_pos, param_neg,
+        param2_pos, param2_neg) by the advantage's sign: SAPO's temperatures, DRO's dro_beta,
+        VESPO's shapes k and rates lambda; 1.0 where the objective has none."""
+        if self.objective == "dro":
+            return self.dro_beta, self.dro_beta, 1.0, 1.0
+        if self.objective == "sapo":
+            return self.sapo_tau_pos, self.sapo_tau_neg, 1.0, 1.0
+        if self.objective == "vespo":
+            return (self.vespo_k_pos, self.vespo_k_neg, self.vespo_lambda_pos,
+                    self.vespo_lambda_neg)
+        return 1.0, 1.0, 1.0, 1.0
 
     # -- how it travels -------------------------------------------------------------------
     def encode(self) -> str:

@@ -8,11 +8,20 @@ CLIP_MODES = ("two_sided", "upper")
 # GRPO ("clip", with its optional upper bound ``delta``), CISPO's detached clipped weight on
 # log pi, SAPO's soft sigmoid gate (its temperatures for positive and negative advantages),
 # DPPO's detached ratio on log pi inside a trust region of the token's probability (total
-# variation or binary KL; token ratio only)
-OBJECTIVES = ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl")
-TOKEN_ONLY_OBJECTIVES = ("dppo_tv", "dppo_kl")
+# variation or binary KL; token ratio only), DRO's A log pi less a quadratic penalty of the
+# token's log-ratio (its strength ``dro_beta``; token ratio only), GMPO's unclipped x A of the
+# geometric mean of the tokens' ratios, each token's log-ratio clipped on the side the
+# advantage pushes it (sequence_mean only), VESPO's detached gamma weight of the trajectory's
+# ratio on log pi (its shape k and rate lambda by the advantage's sign)
+OBJECTIVES = ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl", "dro", "gmpo", "vespo")
+TOKEN_ONLY_OBJECTIVES = ("dppo_tv", "dppo_kl", "dro")
 # SAPO's temperatures' defaults: TRL's sapo_temperature_pos / _neg, verl's tau_pos / _neg
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
+# VESPO's gamma weight's defaults (TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+# vespo_lambda_neg), its rate's floor and the bounds of its log-weight (TRL's)
+VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG = 2.0, 3.0, 3.0, 2.0
+VESPO_MIN_LAMBDA = 1e-4
+VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = -18.420680743952367, 20.0  # log(1e-8), 20
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REDUCES = ("sum", "mean")
 SCALES = ("group", "batch", "none")

@@ -46,7 +46,7 @@ def _group_size(process_group):
 
 # Slots of the agreement vector: every call sends the same number of integers (a call of one
 # op on one rank and of another op on another must still meet in one all-reduce of one size)
-_SLOTS = 40
+_SLOTS = 64
 _PRIME = 2147483647  # 2^31 - 1: every product below is of two residues under 2^31
 _LIMB_WEIGHTS = (1103515245, 1664525013, 1812433253)
 

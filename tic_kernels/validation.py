@@ -327,21 +327,34 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
                          "layout (with a mask it defaults to T)")
 
 
-def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_correction, ratio,
-                      dual_clip, beta):
-    """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo)."""
+def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo,
+                      kl_bias_correction, ratio, dual_clip, beta):
+    """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo, dppo_tv,
+    dppo_kl, dro, gmpo, vespo; ``vespo`` the four vespo_k_pos, vespo_lambda_pos,
+    vespo_k_neg, vespo_lambda_neg)."""
     choice("objective", objective, OBJECTIVES)
     if objective != "clip" and ratio == "none":
         raise ValueError(f"objective={objective!r} weighs a ratio; ratio='none' has none (use "
                          "a ratio, or objective='clip' with ratio='none' for A log pi)")
     if objective in TOKEN_ONLY_OBJECTIVES and ratio != "token":
-        raise ValueError(f"objective={objective!r} bounds each token's probability change: it "
+        raise ValueError(f"objective={objective!r} acts on each token's own log-ratio: it "
                          f"takes ratio='token', not {ratio!r}")
+    if objective == "gmpo" and ratio != "sequence_mean":
+        raise ValueError(f"objective='gmpo' is the geometric mean of the tokens' clipped "
+                         f"ratios: it takes ratio='sequence_mean', not {ratio!r}")
+    if objective == "dro":
+        if not (_real(dro_beta) and dro_beta > 0):
+            raise ValueError(f"dro_beta (the strength of DRO's quadratic log-ratio penalty) "
+                             f"must be a finite number > 0 with objective='dro', got "
+                             f"{dro_beta!r}")
+    elif dro_beta is not None:
+        raise ValueError(f"dro_beta is DRO's penalty: it needs objective='dro', not "
+                         f"{objective!r}")
     if delta is not None:
         if not (_real(delta) and delta > 0):
             raise ValueError(f"delta (the upper bound of the unclipped ratio) must be a finite "
                              f"number > 0 (or None), got {delta!r}")
-        if objective not in ("clip",) + TOKEN_ONLY_OBJECTIVES:
+        if objective not in ("clip", "dppo_tv", "dppo_kl"):
             raise ValueError(f"delta bounds the clipped objective's ratio (and DPPO's weight); "
                              f"objective={objective!r} has no such branch")
         if ratio == "none":
@@ -352,6 +365,11 @@ def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, kl_bias_corr
         if not (_real(tau) and tau > 0):
             raise ValueError(f"{name} (SAPO's gate temperature) must be a finite number > 0, "
                              f"got {tau!r}")
+    for name, value in zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                            "vespo_lambda_neg"), vespo):
+        if not (_real(value) and value >= 0):
+            raise ValueError(f"{name} (VESPO's gamma weight's {name.split('_')[1]}) must be a "
+                             f"finite number >= 0, got {value!r}")
     boolean("kl_bias_correction", kl_bias_correction)
     if kl_bias_correction and not beta > 0:
         raise ValueError("kl_bias_correction weighs the KL term by the ratio: it needs beta > 0 "

@@ -25,8 +25,12 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   "grpo". Both combine with every importance_sampling_level, "trajectory" included (the
   sequence's ratio weighs or gates every token). "luspo" -> seq-mean-token-sum over all B rows
   (TRL's sum over a row's tokens, mean over rows), / accumulation steps: the clipped
-  objective, meant with importance_sampling_level "sequence" (or "trajectory"). "vespo" raises
-  a ValueError.
+  objective, meant with importance_sampling_level "sequence" (or "trajectory"). "vespo" ->
+  objective="vespo": each token's log-probability weighted by the detached gamma weight
+  phi(w) of its completion's trajectory ratio w (``vespo_k_pos``, ``vespo_lambda_pos``,
+  ``vespo_k_neg``, ``vespo_lambda_neg``), vLLM's token importance weights entering w rather
+  than multiplying the loss, as TRL's; normalised as "dapo". TRL means it with
+  importance_sampling_level "token", whose ratio then only weighs the bias-corrected KL.
 * ``delta`` -> delta (the unclipped ratio bounded above, the two-sided loss types);
   ``use_bias_correction_kl`` (with ``beta != 0``) -> kl_bias_correction: each token's KL times
   its unit's ratio, as TRL (TRL's ``kl`` metric is then that weighted KL too).
@@ -57,17 +61,18 @@ fused loss does not compute it), ``clip_ratio/region_mean`` (tic's clip_fraction
 also counts the units delta bounds, which TRL's does not), ``policy_loss`` and ``entropy_coef``
 (with the entropy bonus). TRL's ``clip_ratio/low_mean``, ``high_mean``, ``low_min``,
 ``high_max`` and ``cispo_clip_ratio`` need the ratios and the advantages' signs together,
-which the fused loss never returns: they are not logged (``tic/clip_fraction`` is: for cispo
-the units whose ratio the cap moved, for sapo 0). Every statistic of the loss is logged
+which the fused loss never returns, and vespo's ``vespo/phi_seq_mean`` its weights: they are
+not logged (``tic/clip_fraction`` is: for cispo the units whose ratio the cap moved, for sapo
+and vespo 0). Every statistic of the loss is logged
 as ``tic/<name>`` (ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mean,
 clip_fraction, and the rollout_* statistics with the sampler correction), averaged over
 processes (``*_max`` / ``*_min``: max / min over processes).
 
 Refused at construction with a ValueError (rather than silently ignored): ``loss_type``
-"vespo", ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-``use_adaptive_entropy``, ``delta`` with cispo or sapo (TRL ignores it there), cispo with an
+``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
+``use_adaptive_entropy``, ``delta`` with cispo, sapo or vespo (TRL ignores it there), cispo with an
 ``epsilon_high`` outside [1, 11] (its cap on the ratio; TRL's default 0.28 would cap every
-ratio below 1), the trainer's ``dual_clip`` or ``clip_mode`` with cispo or sapo, and a MoE
+ratio below 1), the trainer's ``dual_clip`` or ``clip_mode`` with cispo, sapo or vespo, and a MoE
 router auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
 Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
 ``old_per_token_logps``, ``vllm_importance_sampling_clip_max``, ``epsilon``, ...).
@@ -106,11 +111,11 @@ IMPORTANCE_SAMPLING_LEVELS = {"trajectory": "trajectory", "sequence": "sequence_
 LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean",
               "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean",
               "cispo": "token-mean", "sapo": "seq-mean-token-mean",
-              "luspo": "seq-mean-token-sum"}
+              "luspo": "seq-mean-token-sum", "vespo": "token-mean"}
 #: TRL's loss_type -> tic_kernels' objective (the others: "clip")
-OBJECTIVES = {"cispo": "cispo", "sapo": "sapo"}
+OBJECTIVES = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
 # the loss types normalised as TRL's "dapo" (by the global count of loss tokens) and as "grpo"
-_PER_TOKEN = ("dapo", "cispo")
+_PER_TOKEN = ("dapo", "cispo", "vespo")
 _PER_ROW = ("grpo", "sapo", "luspo")
 ROLLOUT_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 # config attributes by which a model scales or softcaps its logits (the ones TRL's fused head
@@ -191,7 +196,7 @@ _in_trl_terms = renamer({
     "rollout_is_min": "vllm_importance_sampling_clip_min", "eps_low": "epsilon",
     "eps_high": "epsilon_high", "sapo_tau_pos": "sapo_temperature_pos",
     "sapo_tau_neg": "sapo_temperature_neg", "kl_bias_correction": "use_bias_correction_kl",
-})
+})  # vespo_k_pos etc. are TRL's names too
 
 
 class _MicroBatchLoss:
@@ -369,6 +374,10 @@ class TICGRPOTrainer(GRPOTrainer):
         elif objective == "sapo":
             kw.update(objective="sapo", sapo_tau_pos=args.sapo_temperature_pos,
                       sapo_tau_neg=args.sapo_temperature_neg)
+        elif objective == "vespo":
+            kw.update(objective="vespo", vespo_k_pos=args.vespo_k_pos,
+                      vespo_lambda_pos=args.vespo_lambda_pos, vespo_k_neg=args.vespo_k_neg,
+                      vespo_lambda_neg=args.vespo_lambda_neg)
         if args.delta is not None:
             kw["delta"] = args.delta
         if self.loss_type in _PER_ROW + ("dr_grpo",):

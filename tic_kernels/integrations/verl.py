@@ -1,6 +1,6 @@
 """tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
 
-Importing this module registers nine losses with verl's ``register_policy_loss``
+Importing this module registers eleven losses with verl's ``register_policy_loss``
 (``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
 that was reset. ``import tic_kernels`` never imports verl; only this module does.
 
@@ -27,6 +27,14 @@ loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
 ``tic_dppo_kl``  at ``clip_ratio_c``, where its probability moved within the trust region
                (clip_ratio_low / clip_ratio_high on p - p_old, or on the binary KL); equal
                to verl's ``dppo_tv`` / ``dppo_kl``.
+``tic_dro``    DRO: A log_prob - dro_beta / 2 (log_prob - old_log_prob)^2 per token,
+               ``config.policy_loss.dro_beta`` > 0; equals verl's ``dro`` (loss, gradient and
+               its one metric, ``actor/ppo_kl``).
+``tic_geo_mean``  GMPO: exp of the mean over the response of each token's log-ratio clipped
+               on its advantage's side (at clip_ratio_high for A > 0, -clip_ratio_low for
+               A < 0), times A, averaged over the micro-batch's rows whatever loss_agg_mode
+               and global_batch_info say, rollout_is_weights entering as each sequence's
+               geometric mean; equals verl's ``geo_mean``.
 =============  =================================================================================
 
 Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
@@ -108,7 +116,8 @@ from ..ops.ratio_loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
            "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_dppo_kl",
-           "compute_policy_loss_tic_dppo_tv", "compute_policy_loss_tic_gpg",
+           "compute_policy_loss_tic_dppo_tv", "compute_policy_loss_tic_dro",
+           "compute_policy_loss_tic_geo_mean", "compute_policy_loss_tic_gpg",
            "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_sapo",
            "compute_policy_loss_tic_token", "compute_policy_loss_tic_upper", "register"]
 
@@ -137,6 +146,7 @@ _VERL_NAMES = {
     "num_sequences": "config.global_batch_info['global_batch_size']",
     "aggregation": "loss_agg_mode", "sapo_tau_pos": "config.tau_pos",
     "sapo_tau_neg": "config.tau_neg", "delta": "config.clip_ratio_c",
+    "dro_beta": "config.policy_loss.dro_beta",
 }
 _in_verl_terms = renamer(_VERL_NAMES)
 
@@ -152,6 +162,8 @@ _MODES = {
     "tic_gpg": ("none", "two_sided", False, _VANILLA_CAP, "clip"),
     "tic_dppo_tv": ("token", "two_sided", False, _VANILLA_CAP, "dppo_tv"),
     "tic_dppo_kl": ("token", "two_sided", False, _VANILLA_CAP, "dppo_kl"),
+    "tic_dro": ("token", "two_sided", False, _VANILLA_CAP, "dro"),
+    "tic_geo_mean": ("sequence_mean", "two_sided", False, _VANILLA_CAP, "gmpo"),
 }
 
 
@@ -298,7 +310,9 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
                             adv):
     """verl's metrics of cispo (pg_clipfrac: the tokens whose ratio the band moved), sapo
     (no clipping: 0), the DPPOs (pg_clipfrac: the tokens outside the trust region;
-    pg_clipfrac_lower: those inside it whose ratio exceeds clip_ratio_c) and gpg (none)."""
+    pg_clipfrac_lower: those inside it whose ratio exceeds clip_ratio_c), dro (ppo_kl of the
+    log-ratio, unclamped, alone), geo_mean (the tokens whose log-ratio lies outside
+    [-clip_ratio_low, clip_ratio_high], for A > 0 and A < 0) and gpg (none)."""
     if loss_mode == "tic_gpg":
         return {}
     m = keep.to(log_ratio.dtype)
@@ -306,6 +320,13 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
 
     def mean(x):
         return (x.to(m.dtype) * m).sum() / (n + 1e-8)
+    if loss_mode == "tic_dro":
+        return {"actor/ppo_kl": -mean(log_ratio)}
+    if loss_mode == "tic_geo_mean":  # the tokens outside the band, by the advantage's sign
+        outside = log_ratio != log_ratio.clamp(-eps_low, eps_high)
+        return {"actor/pg_clipfrac": mean(outside & (adv[:, None] > 0)),
+                "actor/ppo_kl": -mean(log_ratio),
+                "actor/pg_clipfrac_lower": mean(outside & (adv[:, None] < 0))}
     clamped = log_ratio.clamp(-_VANILLA_CAP, _VANILLA_CAP)  # as verl's losses clamp it
     ppo_kl = -mean(clamped)
     clipfrac = lower = ppo_kl * 0
@@ -320,10 +341,20 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
             "actor/pg_clipfrac_lower": lower}
 
 
+def _geometric_mean_weights(weights, response_mask):
+    """verl's geo_mean weighs each sequence by the geometric mean of its tokens' weights,
+    exp(sum_t log(w_t + 1e-10) / (L + 1e-8)): that value on each of its tokens."""
+    _check.float_tensor("rollout_is_weights", weights)
+    _check.shape("rollout_is_weights", weights, response_mask.shape, " (response_mask's shape)")
+    m = response_mask.to(torch.promote_types(weights.dtype, torch.float32))
+    log_mean = (torch.log(weights + 1e-10) * m).sum(-1) / (m.sum(-1) + 1e-8)
+    return torch.exp(log_mean).unsqueeze(-1).expand(weights.shape)
+
+
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                  config, rollout_is_weights):
     ratio, clip_mode, dual, cap, objective = _MODES[loss_mode]
-    if loss_mode in ("tic_gpg", "tic_sapo"):  # verl's gpg and sapo read no clip ratio
+    if loss_mode in ("tic_gpg", "tic_sapo", "tic_dro"):  # these read no clip ratio
         if config is None:
             raise ValueError(f"policy loss {loss_mode!r} needs the actor config")
         eps_low, eps_high, clip_c = 0.2, 0.2, None
@@ -338,10 +369,17 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         _check.mask_ok(response_mask, log_prob.shape, "response_mask")
         _check.float_tensor("old_log_prob", old_log_prob)
         _check.shape("old_log_prob", old_log_prob, log_prob.shape, " (log_prob's shape)")
-        keywords, factor = _aggregation(loss_agg_mode, config, response_mask)
+        if loss_mode == "tic_geo_mean":  # verl's: the mean over the micro-batch's rows
+            keywords, factor = dict(aggregation="seq-mean-token-mean",
+                                    num_sequences=float(max(log_prob.shape[0], 1))), 1.0
+        else:
+            keywords, factor = _aggregation(loss_agg_mode, config, response_mask)
         adv = _sequence_advantages(advantages, response_mask, loss_mode)
     if rollout_is_weights is not None:
-        keywords["rollout_weights"] = rollout_is_weights.detach()
+        weights = rollout_is_weights.detach()
+        if loss_mode == "tic_geo_mean":
+            weights = _geometric_mean_weights(weights, response_mask)
+        keywords["rollout_weights"] = weights
     if objective != "clip":
         keywords["objective"] = objective
     if objective == "sapo":
@@ -349,6 +387,8 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
                         sapo_tau_neg=float(_get(config, "tau_neg", 1.05)))
     if objective.startswith("dppo"):  # verl truncates DPPO's weight at clip_ratio_c
         keywords["delta"] = clip_c
+    if objective == "dro":
+        keywords["dro_beta"] = _get(_get(config, "policy_loss", None) or {}, "dro_beta")
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
@@ -394,7 +434,8 @@ _DOC = """verl policy loss {name!r} (tic_kernels): see tic_kernels.integrations.
 
     Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode
     (default {default!r}, as verl's counterpart); config: the actor config (clip_ratio_low/high,
-    clip_ratio_c, tau_pos/tau_neg, global_batch_info); rollout_is_weights: (B, T) or None.
+    clip_ratio_c, tau_pos/tau_neg, policy_loss.dro_beta, global_batch_info);
+    rollout_is_weights: (B, T) or None.
     Returns (loss, metrics dict of floats)."""
 
 
@@ -417,7 +458,8 @@ LOSS_MODES = {name: _loss_function(name, agg) for name, agg in (
     ("tic", "seq-mean-token-mean"), ("tic_upper", "seq-mean-token-mean"),
     ("tic_gspo", "seq-mean-token-mean"), ("tic_token", "token-mean"),
     ("tic_cispo", "token-mean"), ("tic_sapo", "seq-mean-token-mean"),
-    ("tic_gpg", "token-mean"), ("tic_dppo_tv", "token-mean"), ("tic_dppo_kl", "token-mean"))}
+    ("tic_gpg", "token-mean"), ("tic_dppo_tv", "token-mean"), ("tic_dppo_kl", "token-mean"),
+    ("tic_dro", "token-mean"), ("tic_geo_mean", "token-mean"))}
 compute_policy_loss_tic = LOSS_MODES["tic"]
 compute_policy_loss_tic_upper = LOSS_MODES["tic_upper"]
 compute_policy_loss_tic_gspo = LOSS_MODES["tic_gspo"]
@@ -427,6 +469,8 @@ compute_policy_loss_tic_sapo = LOSS_MODES["tic_sapo"]
 compute_policy_loss_tic_gpg = LOSS_MODES["tic_gpg"]
 compute_policy_loss_tic_dppo_tv = LOSS_MODES["tic_dppo_tv"]
 compute_policy_loss_tic_dppo_kl = LOSS_MODES["tic_dppo_kl"]
+compute_policy_loss_tic_dro = LOSS_MODES["tic_dro"]
+compute_policy_loss_tic_geo_mean = LOSS_MODES["tic_geo_mean"]
 
 
 def register() -> None:

@@ -206,7 +206,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     num_sequences=None, max_len=None, process_group=None,
                     rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
                     rollout_is_min=None, rollout_weights=None, objective="clip", delta=None,
-                    sapo_tau_pos=1.0, sapo_tau_neg=1.05, kl_bias_correction=False):
+                    sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None, vespo_k_pos=2.0,
+                    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+                    kl_bias_correction=False):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -231,7 +233,9 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         num_sequences=num_sequences, max_len=max_len, ref_logprobs=ref_logprobs, mask=mask,
         rollout_logprobs=rollout_logprobs, rollout_is=rollout_is, rollout_is_max=rollout_is_max,
         rollout_is_min=rollout_is_min, rollout_weights=rollout_weights, objective=objective,
-        delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
         kl_bias_correction=kl_bias_correction)
 
     def checks(vocab):

@@ -63,7 +63,7 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
             logp if rollout is None else rollout, coef, coef_ent, part, loss, stats, norm,
             counter, logp.numel(), T, B, c.eps_low, c.eps_high,
             0.0 if c.dual_clip is None else c.dual_clip,
-            0.0 if c.delta is None else c.delta, c.sapo_tau_pos, c.sapo_tau_neg,
+            0.0 if c.delta is None else c.delta, *c.objective_parameters,
             c.max_log_ratio, c.beta, c.rollout_is_min, c.rollout_is_max, *scalars,
             TWO_SIDED=c.clip_mode == "two_sided",
             DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
@@ -189,9 +189,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            max_len=None, rollout_logprobs=None, rollout_is=None,
                            rollout_is_max=None, rollout_is_min=None, rollout_weights=None,
                            objective="clip", delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                           kl_bias_correction=False):
-    """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO) loss from log-probabilities the caller
-    already has.
+                           dro_beta=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_bias_correction=False):
+    """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO, DPPO, DRO, GMPO, VESPO) loss from
+    log-probabilities the caller already has.
 
     Args:
         logprobs: per-token log-probabilities under the current policy, packed (N,) with
@@ -212,7 +213,21 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             eps_high: verl's two-sided clip, or TRL's absolute cap epsilon_high with
             clip_mode="upper" and eps_high = epsilon_high - 1); "sapo", the soft gate
             sigmoid(tau (x - 1)) 4 / tau A with tau = ``sapo_tau_pos`` for A > 0 else
-            ``sapo_tau_neg``. cispo and sapo take no dual_clip; "none" has no ratio for them.
+            ``sapo_tau_neg``; "dppo_tv" / "dppo_kl", DPPO's detached ratio (at most delta)
+            on log pi inside a trust region of the token's probability (eps_low / eps_high
+            bound the change of p, or the binary KL); "dro", A log pi - dro_beta / 2
+            (log pi - log pi_old)^2 per token (verl's DRO; ``dro_beta`` > 0, its log-ratio not
+            capped); "gmpo", x A with x = exp(mean_t d'_t), each token's log-ratio d_t
+            clipped on its advantage's side (min(d_t, eps_high) for A > 0, max(d_t,
+            -eps_low) for A < 0: GMPO, verl's geo_mean); "vespo", phi(w) A log pi per
+            token with the detached gamma weight phi(w) = exp(lambda + k log w - lambda w)
+            of the trajectory's log-weight log w = sum_t clamp(log-ratio_t, +-max_log_ratio)
+            (plus the sampler's log-weights, which then do not multiply the loss), clamped
+            to [log 1e-8, 20]; (k, lambda) = (``vespo_k_pos``, ``vespo_lambda_pos``) for
+            A >= 0, else (``vespo_k_neg``, ``vespo_lambda_neg``), lambda at least 1e-4
+            (TRL's vespo; the unit's ratio serves the KL's bias correction and the
+            statistics). Only clip takes dual_clip; "none" has no ratio for the others; the
+            DPPOs and DRO take the token ratio, gmpo sequence_mean.
         beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation;
             ``kl_bias_correction=True`` multiplies each token's KL by its unit's ratio x (not
             detached), TRL's ``use_bias_correction_kl``.
@@ -255,7 +270,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, rollout_is=rollout_is,
         rollout_is_max=rollout_is_max, rollout_is_min=rollout_is_min,
         rollout_weights=rollout_weights, mask=mask, objective=objective, delta=delta,
-        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
+        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
         kl_bias_correction=kl_bias_correction)
     with check.one_read():
         check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,

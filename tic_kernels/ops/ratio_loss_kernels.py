@@ -19,9 +19,10 @@ import triton.language as tl
 
 from ..backend import as_f32, segment_bounds
 from ..options import AGGREGATIONS
-from .ratio_objectives import (NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, TOKEN, _clamp,
-                               _rollout_weight, _sequence_objective, _token_rollout,
-                               token_coefficient)
+from .ratio_objectives import (GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, TOKEN,
+                               VESPO, _clamp, _rollout_weight, _sequence_objective,
+                               _token_rollout, gmpo_log_ratio, token_coefficient,
+                               vespo_sampler_log_weight, vespo_weight)
 
 BLOCK_SEQS = 1024
 
@@ -51,17 +52,22 @@ STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_
 
 @triton.jit
 def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start, end, cap,
-                   rw_lo, rw_hi, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
-                   HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
+                   rw_lo, rw_hi, A, eps_low, eps_high, HAS_MASK: tl.constexpr,
+                   HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr,
+                   RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr, TWO_SIDED: tl.constexpr,
                    BLOCK: tl.constexpr):
     """Pass 1 over a sequence's tokens: Delta (the sum of logp - old), L, the sums of logp,
     the k3 KL and the entropy, and for the sampler correction the sum of u = old - sampler,
     the weights' sum, sum of squares relative to their max (rescaled as the max grows, so that
     weights of 1e20 or 1e-25 neither overflow nor vanish), max, min, count of zeros, and the
-    sampler's k3 sum with the count of tokens it scored."""
+    sampler's k3 sum with the count of tokens it scored; the sum the objective forms its own
+    sequence weight from (GMPO: the clipped log-ratios, with the count of clipped tokens;
+    VESPO: the log-ratios capped at cap, plus the sampler's token log-weights in [log 1e-8,
+    20]; else 0)."""
     cols = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     delta, count, logp_sum, kl_sum, ent_sum = zero, zero, zero, zero, zero
+    obj_sum, obj_clipped = zero, zero
     u_sum, w_sum, w_zero, rkl_sum, r_valid = zero, zero, zero, zero, zero
     w_min = zero + float("inf")
     w_max = 0.0
@@ -74,6 +80,12 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         delta += lp - old  # the per-token difference, reduced in fp32 (never two sums)
+        if OBJECTIVE == GMPO:
+            dc, clipped, _active = gmpo_log_ratio(lp - old, A, eps_low, eps_high, TWO_SIDED)
+            obj_sum += tl.where(keep, dc, 0.0)
+            obj_clipped += tl.where(keep, clipped, 0.0)
+        if OBJECTIVE == VESPO:
+            obj_sum += tl.where(keep, _clamp(lp - old, -cap, cap), 0.0)
         count += keep.to(tl.float32)
         logp_sum += lp
         if HAS_REF:
@@ -91,6 +103,8 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
                 rkl_sum += valid * (tl.exp(-uc) + uc - 1.0)
                 r_valid += valid
             u_sum += tl.where(keep, u, 0.0)
+            if OBJECTIVE == VESPO and ROLLOUT != RW_SEQUENCE:
+                obj_sum += tl.where(keep, vespo_sampler_log_weight(w), 0.0)
             w = tl.where(keep, w, 0.0)
             w_sum += w
             m_new = tl.maximum(w_max, tl.max(w, 0))
@@ -101,13 +115,14 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
             w_zero += (keep & (w == 0)).to(tl.float32)
     return (tl.sum(delta, 0), tl.sum(count, 0), tl.sum(logp_sum, 0), tl.sum(kl_sum, 0),
             tl.sum(ent_sum, 0), tl.sum(u_sum, 0), tl.sum(w_sum, 0), w_sq, w_max,
-            tl.min(w_min, 0), tl.sum(w_zero, 0), tl.sum(rkl_sum, 0), tl.sum(r_valid, 0))
+            tl.min(w_min, 0), tl.sum(w_zero, 0), tl.sum(rkl_sum, 0), tl.sum(r_valid, 0),
+            tl.sum(obj_sum, 0), tl.sum(obj_clipped, 0))
 
 
 @triton.jit
 def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
                 coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq,
-                kl_seq, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg, cap, beta,
+                kl_seq, eps_low, eps_high, dual_clip, delta, param_pos, param_neg, cap, beta,
                 rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
                 DUAL: tl.constexpr, HAS_MASK: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                 HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
@@ -130,8 +145,8 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c, obj, x, chi, clipped, kl_term = token_coefficient(
             lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
-            xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, tau_pos,
-            tau_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
+            xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos,
+            param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
             RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
         obj_acc += obj
         kl_acc += kl_term
@@ -154,7 +169,8 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
 def _ratio_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr,
     coef_ptr, coef_ent_ptr, part_ptr, loss_ptr, stats_ptr, norm_ptr, counter_ptr, N, T, B,
-    eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi,
+    eps_low, eps_high, dual_clip, delta, param_pos, param_neg, param2_pos, param2_neg, cap,
+    beta, rw_lo, rw_hi,
     num_tokens, num_sequences, max_len, entropy_coef,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
@@ -171,7 +187,8 @@ def _ratio_loss_fwd_kernel(
     finishes last (counted in counter_ptr, which must hold 0) reduces every row into the
     loss (_reduce_partials): one launch in all; without, the finalize kernel does."""
     eps_low, eps_high, dual_clip = as_f32(eps_low), as_f32(eps_high), as_f32(dual_clip)
-    delta, tau_pos, tau_neg = as_f32(delta), as_f32(tau_pos), as_f32(tau_neg)
+    delta, param_pos, param_neg = as_f32(delta), as_f32(param_pos), as_f32(param_neg)
+    param2_pos, param2_neg = as_f32(param2_pos), as_f32(param2_neg)
     cap, beta, rw_lo, rw_hi = as_f32(cap), as_f32(beta), as_f32(rw_lo), as_f32(rw_hi)
     i = tl.program_id(0)
     if PADDED:
@@ -181,9 +198,10 @@ def _ratio_loss_fwd_kernel(
         start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
     (Delta, L, logp_sum, kl_sum, ent_sum, u_sum, w_sum, w_sq, w_max, w_min, w_zero, rkl_sum,
-     r_valid) = _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start,
-                               end, cap, rw_lo, rw_hi, HAS_MASK, HAS_REF, HAS_ENT, ROLLOUT,
-                               RW_MASK, BLOCK)
+     r_valid, obj_sum, obj_clipped) = _sequence_sums(
+        logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start, end, cap, rw_lo, rw_hi,
+        A, eps_low, eps_high, HAS_MASK, HAS_REF, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE,
+        TWO_SIDED, BLOCK)
     nonempty = L > 0
     v = 1.0 / tl.maximum(L, 1.0) if PER_SEQ_MEAN else 1.0
     unit = nonempty.to(tl.float32)
@@ -203,16 +221,28 @@ def _ratio_loss_fwd_kernel(
         if ROLLOUT != 0:
             S_w = rw_sum
 
+    if OBJECTIVE == VESPO:  # its weight: phi of the trajectory's (and sampler's) log-weight
+        log_w = obj_sum
+        if ROLLOUT == RW_SEQUENCE:
+            log_w += vespo_sampler_log_weight(W_seq)
+        phi = vespo_weight(log_w, A, param_pos, param_neg, param2_pos, param2_neg)
+    log_ratio_sum = Delta  # the sum the sequence ratio is formed from (GMPO's: clipped)
+    if OBJECTIVE == GMPO:
+        log_ratio_sum = obj_sum
     (obj, g_seq, J_seq, clipped_units, ratio_sum, capped_any, xc_seq, x_seq,
-     dx_seq) = _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta,
-                                   tau_pos, tau_neg, cap, RATIO, TWO_SIDED, DUAL, OBJECTIVE,
-                                   HAS_DELTA)
+     dx_seq) = _sequence_objective(log_ratio_sum, L, A, v, S_w, eps_low, eps_high, dual_clip,
+                                   delta, param_pos, param_neg, cap, RATIO, TWO_SIDED, DUAL,
+                                   OBJECTIVE, HAS_DELTA)
+    if OBJECTIVE == GMPO:  # per sequence: the fraction of its tokens whose log-ratio was clipped
+        clipped_units = obj_clipped / tl.maximum(L, 1.0)
+    if OBJECTIVE == VESPO:
+        xc_seq = phi
     ratio_max = ratio_sum  # one ratio per sequence
     (tok_obj, ent_obj, tok_clipped, tok_ratio_sum, tok_ratio_max, tok_capped,
      kl_in_loss) = _token_pass(
         logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr, coef_ent_ptr, start,
         end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low, eps_high,
-        dual_clip, delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
+        dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
         HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS, BLOCK)
     if RATIO == TOKEN:
         clipped_units, ratio_sum = tok_clipped, tok_ratio_sum

@@ -1,16 +1,18 @@
 """Op 4's objective, per unit and per token, as the Triton kernels evaluate it: the ratio of
 a token or of its sequence (capped), what each objective makes of it (the clipped surrogate
 with its delta and dual clip, CISPO's detached clipped weight, SAPO's soft gate, DPPO's trust
-region), the sampler correction's weights, the KL term (with its bias correction), and from
-them each token's gradient coefficient. ops/ratio_loss_kernels.py's loss kernel calls them in
-its passes over a sequence, the two-pass loss (ops/tic_loss_two_pass.py) per row.
+region, DRO's quadratic penalty, GMPO's clipped geometric mean, VESPO's gamma weight), the
+sampler correction's weights, the KL term (with its bias correction), and from them each
+token's gradient coefficient. ops/ratio_loss_kernels.py's loss kernel calls them in its passes
+over a sequence, the two-pass loss (ops/tic_loss_two_pass.py) per row.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..options import OBJECTIVES, RATIOS
+from ..options import (OBJECTIVES, RATIOS, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN,
+                       VESPO_MIN_LAMBDA)
 
 # The kernels' switches by name: a mode's code is its position in options.RATIOS /
 # OBJECTIVES (the strings users pass).
@@ -18,8 +20,15 @@ RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
 TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
     tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
 OBJECTIVE_CODE = {o: i for i, o in enumerate(OBJECTIVES)}
-CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL = (
-    tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl"))
+CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL, DRO, GMPO, VESPO = (
+    tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl",
+                                              "dro", "gmpo", "vespo"))
+# param_pos / param_neg (param2_pos / param2_neg), the objective's parameters by the
+# advantage's sign (LossConfig.objective_parameters): SAPO's temperatures, DRO's dro_beta,
+# VESPO's shapes k (and rates lambda)
+_LOG_W_MIN = tl.constexpr(VESPO_LOG_W_MIN)
+_LOG_W_MAX = tl.constexpr(VESPO_LOG_W_MAX)
+_MIN_LAMBDA = tl.constexpr(VESPO_MIN_LAMBDA)
 
 # The sampler correction (op 4b): none, a weight per token or per sequence from the sampler's
 # log-probs, or weights given per token.
@@ -36,12 +45,12 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_neg,
+def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, param_pos, param_neg,
                        TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, OBJECTIVE: tl.constexpr,
                        HAS_DELTA: tl.constexpr):
     """(J, dJ/dx, clipped, xc) for ratio x and advantage A: scalars or blocks alike. xc is the
     clipped ratio, CISPO's detached weight (its J and dJ are 0 here: its objective
-    xc A logp is formed per token, see token_coefficient)."""
+    xc A logp is formed per token, see token_coefficient, as DPPO's and DRO's are)."""
     hi = 1.0 + eps_high
     if TWO_SIDED:
         xc = _clamp(x, 1.0 - eps_low, hi)
@@ -49,11 +58,15 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_n
         xc = tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
     if OBJECTIVE == SAPO:
         # the soft gate: J = sigmoid(tau (x - 1)) 4 / tau A, tau by the advantage's sign
-        tau = tl.where(A > 0, tau_pos, tau_neg)
+        tau = tl.where(A > 0, param_pos, param_neg)
         gate = tl.sigmoid(tau * (x - 1.0))
         return gate * (4.0 / tau) * A, 4.0 * gate * (1.0 - gate) * A, x * 0.0, xc
     if OBJECTIVE == CISPO:
         return x * 0.0, x * 0.0, (xc != x).to(tl.float32), xc
+    if OBJECTIVE == VESPO:  # its weight is formed per sequence (vespo_weight), per token used
+        return x * 0.0, x * 0.0, x * 0.0, xc
+    if OBJECTIVE == GMPO:  # its tokens' log-ratios were clipped (gmpo_log_ratio), not x
+        return x * A, x * 0.0 + A, x * 0.0, x
     xu = x
     if HAS_DELTA:  # the unclipped branch bounded above by delta (constant beyond it)
         xu = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
@@ -74,6 +87,48 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, tau_pos, tau_n
         dJ = tl.where(lift, 0.0, dJ)
         clipped = tl.where(lift, 1.0, clipped)
     return J, dJ, clipped, xc
+
+
+@triton.jit
+def gmpo_log_ratio(d, A, eps_low, eps_high, TWO_SIDED: tl.constexpr):
+    """GMPO's token log-ratio d clipped on the side the advantage pushes it: (min(d, eps_high)
+    for A > 0, max(d, -eps_low) for A < 0 (not clipped with the upper-only clip), 0 for A = 0;
+    1.0 where the bound replaced d; 1.0 where d's gradient passes)."""
+    up = tl.minimum(d, eps_high, propagate_nan=tl.PropagateNan.ALL)
+    down = d
+    down_active = d * 0.0 + 1.0
+    if TWO_SIDED:
+        down = tl.maximum(d, -eps_low, propagate_nan=tl.PropagateNan.ALL)
+        down_active = (d >= -eps_low).to(tl.float32)
+    dc = tl.where(A > 0, up, tl.where(A < 0, down, d * 0.0))
+    active = tl.where(A > 0, (d <= eps_high).to(tl.float32), tl.where(A < 0, down_active, 0.0))
+    clipped = tl.where(A == 0, 0.0, 1.0 - active)
+    return dc, clipped, active
+
+
+@triton.jit
+def vespo_log_weight(log_w):
+    """A term of VESPO's log-weight clamped to [log 1e-8, 20], as TRL's."""
+    return _clamp(log_w, _LOG_W_MIN, _LOG_W_MAX)
+
+
+@triton.jit
+def vespo_sampler_log_weight(w):
+    """The clamped log of a sampler weight w >= 0 (0 gives log 1e-8, as log(0) clamped)."""
+    return vespo_log_weight(tl.log(tl.maximum(w, 1e-30)))
+
+
+@triton.jit
+def vespo_weight(log_w, A, k_pos, k_neg, lambda_pos, lambda_neg):
+    """VESPO's detached gamma weight phi(w) = exp(lambda + k log w - lambda w) (phi(1) = 1) of
+    a sequence's log-weight (clamped by vespo_log_weight), (k, lambda) = (k_pos, lambda_pos)
+    for A >= 0 else the _neg pair, lambda at least 1e-4; a NaN or infinite phi is 0 (TRL's)."""
+    log_w = vespo_log_weight(log_w)
+    k = tl.where(A >= 0, k_pos, k_neg)
+    lam = tl.maximum(tl.where(A >= 0, lambda_pos, lambda_neg), _MIN_LAMBDA)
+    phi = tl.exp(lam + k * log_w - lam * tl.exp(log_w))
+    finite = (phi == phi) & (tl.abs(phi) < float("inf"))
+    return tl.where(finite, phi, 0.0)
 
 
 @triton.jit
@@ -134,8 +189,8 @@ def _token_rollout(roll_ptr, old, idx, keep, lo, hi, cap, ROLLOUT: tl.constexpr,
 
 
 @triton.jit
-def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta, tau_pos,
-                        tau_neg, cap, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
+def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta, param_pos,
+                        param_neg, cap, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
                         DUAL: tl.constexpr, OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr):
     """The sequence ratios (trajectory, sequence_mean): one ratio for the whole sequence.
     Returns (its objective in the loss, dL/dlogp_t / norm of every token, J, the statistics'
@@ -156,7 +211,7 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta
         log_ratio = Delta if RATIO == TRAJECTORY else Delta / tl.maximum(L, 1.0)
         x, chi = _capped_exp(log_ratio, cap)
         J_seq, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
-                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
+                                                    param_pos, param_neg, TWO_SIDED, DUAL,
                                                     OBJECTIVE, HAS_DELTA)
         # dx/dlogp_t: the same for every token (/ L_i for GSPO)
         dx_seq = x * chi
@@ -177,7 +232,7 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta
 @triton.jit
 def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
                        W_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip,
-                       delta, tau_pos, tau_neg, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
+                       delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
                        TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                        ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
                        HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
@@ -185,7 +240,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
     log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
     objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
     term's k3 as it enters the loss: times the ratio with KL_BIAS, 0 without KL_IN_LOSS). The
-    sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq, the ratio
+    sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq (VESPO's, at
+    every ratio), the ratio
     x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq (for KL_BIAS, the KL term
     times the ratio); the NaN rule: a token whose objective is NaN gets a NaN coefficient,
     whichever branch NaN fell through."""
@@ -199,24 +255,35 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
     kx = zero + x_seq  # the ratio KL_BIAS weighs the KL with, and its derivative
     kdx = zero + dx_seq
     kl_term = zero
-    if RATIO == TOKEN or RATIO == NO_RATIO or OBJECTIVE == CISPO:
-        old = lp  # read only by the token ratio and the sampler's token weights
-        if RATIO == TOKEN or ROLLOUT == RW_TOKEN:
+    if RATIO == TOKEN or RATIO == NO_RATIO or OBJECTIVE == CISPO or OBJECTIVE == GMPO:
+        old = lp  # read by the token ratio, GMPO's clip and the sampler's token weights
+        if RATIO == TOKEN or ROLLOUT == RW_TOKEN or OBJECTIVE == GMPO:
             old = tl.load(old_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
             _u, _valid, wt = _token_rollout(roll_ptr, old, idx, keep, rw_lo, rw_hi, cap,
                                             ROLLOUT, RW_MASK)
+    if OBJECTIVE == VESPO:  # the sampler's weights entered the sequence's weight instead
+        wt = zero + 1.0
     if RATIO == TOKEN:
         x, chi = _capped_exp(lp - old, cap)
         J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
-                                                    tau_pos, tau_neg, TWO_SIDED, DUAL,
+                                                    param_pos, param_neg, TWO_SIDED, DUAL,
                                                     OBJECTIVE, HAS_DELTA)
         if OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
             xc = _dppo_weight(lp, old, x, A, eps_low, eps_high, delta, OBJECTIVE, HAS_DELTA)
             clipped = (xc == 0).to(tl.float32)
-        if OBJECTIVE == CISPO or OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL:
+        if OBJECTIVE == VESPO:  # the sequence's weight on each token's logp
+            xc = zero + xc_seq
+            clipped = zero
+        if (OBJECTIVE == CISPO or OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL
+                or OBJECTIVE == VESPO):
             J_tok = xc * A * lp  # J = sg(w) A logp
             c = -v * wt * xc * A
+        elif OBJECTIVE == DRO:  # J = A logp - dro_beta / 2 (logp - old)^2, uncapped
+            d = lp - old
+            J_tok = A * lp - 0.5 * param_pos * d * d
+            c = -v * wt * (A - param_pos * d)
+            clipped = zero
         else:
             c = -v * wt * dJ * x * chi
         obj = tl.where(keep, v * wt * J_tok, 0.0)
@@ -226,10 +293,14 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
         J_tok = A * lp
         obj = tl.where(keep, v * wt * J_tok, 0.0)
         c = -v * wt * A
-    elif OBJECTIVE == CISPO:  # a sequence ratio's detached weight on each token's logp
+    elif OBJECTIVE == CISPO or OBJECTIVE == VESPO:  # a detached weight on each token's logp
         J_tok = xc_seq * A * lp
         obj = tl.where(keep, v * wt * J_tok, 0.0)
         c = -v * wt * xc_seq * A
+    elif OBJECTIVE == GMPO:  # the sequence's gradient where the token's log-ratio was not clipped
+        _dc, _clipped, active = gmpo_log_ratio(lp - old, A, eps_low, eps_high, TWO_SIDED)
+        c = c * active
+        kdx = kdx * active
     if KL_IN_LOSS:
         u = tl.load(ref_ptr + idx, mask=keep, other=0.0).to(tl.float32) - lp
         uc = _clamp(u, -cap, cap)

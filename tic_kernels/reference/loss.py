@@ -9,7 +9,8 @@ import torch
 
 from ..backend import first_order_only
 from ..layout import aggregation_norm, ignoring_masked, lengths_of
-from ..options import IGNORE_INDEX, default_aggregation
+from ..options import (IGNORE_INDEX, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_MIN_LAMBDA,
+                       default_aggregation)
 from ..output import LossOutput
 from .logprobs import compute_dtype, linear_token_logprobs, token_logprobs, vocab_token_logprobs
 
@@ -214,6 +215,30 @@ def dppo_weight(logp, old, x, A, objective, eps_low=0.2, eps_high=0.28, delta=No
     return torch.where(torch.where(A > 0, up, down), w, 0.0)
 
 
+def gmpo_log_ratio(d, A, clip_mode="two_sided", eps_low=0.2, eps_high=0.28):
+    """GMPO's token log-ratios d clipped on the side the advantage pushes them: min(d,
+    eps_high) for A > 0, max(d, -eps_low) for A < 0 (unclipped with clip_mode="upper"), 0 for
+    A = 0; the gradient passes where the bound did not replace d. Returns (clipped d, the
+    tokens where the bound replaced d)."""
+    up = d > eps_high
+    down = (d < -eps_low) if clip_mode == "two_sided" else torch.zeros_like(up)
+    clipped = torch.where(A > 0, up, torch.where(A < 0, down, False))
+    bound = torch.where(A > 0, eps_high, -eps_low).to(d.dtype)
+    d_clip = torch.where(clipped, bound, d)
+    return torch.where(A == 0, d * 0, d_clip), clipped
+
+
+def vespo_weight(log_w, A, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0):
+    """VESPO's gamma weight phi(w) = exp(lambda + k log w - lambda w) of each sequence's
+    log-weight clamped to [log 1e-8, 20], (k, lambda) by A >= 0 or not, lambda at least 1e-4;
+    a NaN or infinite phi is 0 (TRL's get_gamma_weights). Detached."""
+    log_w = log_w.detach().clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+    k = torch.where(A >= 0, k_pos, k_neg).to(log_w.dtype)
+    lam = torch.where(A >= 0, lambda_pos, lambda_neg).to(log_w.dtype).clamp(min=VESPO_MIN_LAMBDA)
+    phi = torch.exp(lam + k * log_w - lam * log_w.exp())
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def sapo_objective(x, A, tau_pos=1.0, tau_neg=1.05):
     """SAPO's soft gate: sigmoid(tau (x - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg."""
     tau = torch.where(A > 0, tau_pos, tau_neg).to(x.dtype)
@@ -225,12 +250,18 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                            dual_clip=None, max_log_ratio=20.0, aggregation=None,
                            ref_logprobs=None, beta=0.0, num_tokens=None, num_sequences=None,
                            max_len=None, entropy=None, entropy_coef=0.0, objective="clip",
-                           delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                           kl_bias_correction=False, **rollout):
+                           delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None,
+                           vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                           vespo_lambda_neg=2.0, kl_bias_correction=False, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
-    ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token) or
-    "sapo" (sapo_objective); ``kl_bias_correction``: the KL term times its unit's ratio.
+    ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token),
+    "sapo" (sapo_objective), "dppo_tv" / "dppo_kl" (dppo_weight), "dro" (A log pi -
+    dro_beta / 2 (log pi - old)^2 per token), "gmpo" (x A, x the geometric mean of the
+    ratios of gmpo_log_ratio) or "vespo" (vespo_weight(log w) A log pi per token, log w the
+    sum of the sequence's capped log-ratios and of its sampler log-weights, which then do
+    not multiply the objective); ``kl_bias_correction``: the KL term times its unit's
+    ratio.
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
     ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
@@ -262,7 +293,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     n_seq = nonempty.sum()
     Delta = segment_sum(d, lengths)  # per sequence (``delta`` is the objective's bound)
 
-    stats = {}
+    stats, stats_of = {}, {}
+    w_rollout = None
+    if rollout.get("rollout_logprobs") is not None or rollout.get("rollout_weights") is not None:
+        w_rollout, stats_of = rollout_correction(old_logprobs, lengths, cap, dt, **rollout)
     x_tok = None  # each token's unit ratio, not detached (the KL's bias correction)
     if ratio == "none":
         J_tok = A[seg] * logp
@@ -271,6 +305,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     else:
         if ratio == "token":
             log_ratio, A_unit, n_units, unit_ok = d, A[seg], d.new_tensor(d.numel()), None
+        elif objective == "gmpo":  # sequence_mean (validation says so) of clipped log-ratios
+            d_clip, clipped_tok = gmpo_log_ratio(d, A[seg], clip_mode, eps_low, eps_high)
+            log_ratio = segment_sum(d_clip, lengths) / L.clamp(min=1)
+            A_unit, n_units, unit_ok = A, n_seq, nonempty.bool()
         else:
             log_ratio = Delta if ratio == "trajectory" else Delta / L.clamp(min=1)
             A_unit, n_units, unit_ok = A, n_seq, nonempty.bool()
@@ -286,6 +324,24 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                              eps_high, delta)
             clipped = xc == 0
             J_tok = xc * A_unit * logp
+        elif objective == "dro":  # the token ratio (validation says so)
+            J_tok = A_unit * logp - 0.5 * dro_beta * d * d
+            clipped = torch.zeros_like(x, dtype=torch.bool)
+        elif objective == "vespo":  # the trajectory's weight on every token's log-probability
+            log_w = segment_sum(d.detach().clamp(-cap, cap), lengths)
+            if w_rollout is not None:  # the sampler's weights enter w, once per sequence
+                log_w_s = torch.log(w_rollout).clamp(VESPO_LOG_W_MIN, VESPO_LOG_W_MAX)
+                once = (rollout.get("rollout_weights") is None
+                        and rollout["rollout_is"].startswith("sequence"))
+                log_w = log_w + segment_sum(log_w_s, lengths) / (L.clamp(min=1) if once else 1)
+            phi = vespo_weight(log_w, A, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                               vespo_lambda_neg)
+            J_tok = phi[seg] * A[seg] * logp
+            clipped = torch.zeros_like(x, dtype=torch.bool)
+        elif objective == "gmpo":  # no clip of x: its tokens' log-ratios were clipped
+            J_tok = (A_unit * x)[seg]
+            # per sequence, the fraction of its tokens whose log-ratio was clipped
+            clipped = segment_sum(clipped_tok.to(dt), lengths) / L.clamp(min=1)
         else:
             if objective == "sapo":
                 J_unit = sapo_objective(x, A_unit, sapo_tau_pos, sapo_tau_neg)
@@ -296,16 +352,14 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
             J_tok = J_unit if ratio == "token" else J_unit[seg]
         xd = x.detach()
         if unit_ok is not None:  # empty sequences are not units
-            clipped, capped, xd = clipped & unit_ok, capped & unit_ok, xd * unit_ok
+            clipped, capped, xd = clipped * unit_ok, capped & unit_ok, xd * unit_ok
         seq_capped = capped if ratio != "token" else segment_sum(capped.to(dt), lengths) > 0
         stats.update(clip_fraction=_mean(clipped.to(dt), n_units),
                      ratio_mean=_mean(xd, n_units),
                      ratio_max=_largest(xd, torch.ones_like(xd, dtype=torch.bool)),
                      cap_fraction=_mean(seq_capped.to(dt), n_seq))
 
-    stats_of = {}
-    if rollout.get("rollout_logprobs") is not None or rollout.get("rollout_weights") is not None:
-        w_rollout, stats_of = rollout_correction(old_logprobs, lengths, cap, dt, **rollout)
+    if w_rollout is not None and objective != "vespo":
         J_tok = J_tok * w_rollout  # a detached weight on the policy objective only
     stats.update(stats_of)
 
