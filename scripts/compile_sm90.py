@@ -124,9 +124,11 @@ def variants():
             objective = 7
         has_delta = (objective == 0 and not dual and ref) or objective == 4
         kl_bias = ref and ratio % 2 == 1
+        # the off-policy mask against the sampler's log-probs, and against the old ones
+        opsm = rollout in (1, 2) or (rollout == 0 and ratio == 0)
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
                f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize},"
-               f"objective={objective},delta={has_delta},kl_bias={kl_bias}]",
+               f"objective={objective},delta={has_delta},kl_bias={kl_bias},opsm={opsm}]",
                ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*bf16", cu_ptr="*i32", mask_ptr="*i1", roll_ptr="*fp32",
@@ -135,13 +137,14 @@ def variants():
                     B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", delta="fp32",
                     param_pos="fp32", param_neg="fp32", param2_pos="fp32",
                     param2_neg="fp32", cap="fp32", beta="fp32", rw_lo="fp32",
-                    rw_hi="fp32", num_tokens="fp32", num_sequences="fp32", max_len="fp32",
-                    entropy_coef="fp32"),
+                    rw_hi="fp32", opsm_threshold="fp32", num_tokens="fp32",
+                    num_sequences="fp32", max_len="fp32", entropy_coef="fp32"),
                dict(RATIO=ratio, TWO_SIDED=two_sided, DUAL=dual, PER_SEQ_MEAN=per_seq,
                     HAS_MASK=mask, HAS_REF=ref, KL_IN_LOSS=ref, HAS_ENT=ent, ROLLOUT=rollout,
                     RW_MASK=rw_mask, PADDED=mask, FINALIZE=finalize, AGG=ratio % 4,
                     GIVEN_TOKENS=dual, GIVEN_SEQUENCES=per_seq, RW_PER_SEQ=rollout == 2,
                     OBJECTIVE=objective, HAS_DELTA=has_delta, KL_BIAS=kl_bias,
+                    OPSM=opsm,
                     BLOCK=backend.BLOCK_TOKENS, BLOCK_B=ratio_loss.BLOCK_SEQS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",

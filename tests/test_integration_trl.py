@@ -319,6 +319,75 @@ def test_sampler_correction_equals_trl(tmp_path, tokenizer, dataset, loss_type, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("loss_type, level, sampler", [("dapo", "token", False),
+                                                       ("grpo", "sequence", False),
+                                                       ("dapo", "token", True)])
+def test_off_policy_mask_equals_trl(tmp_path, tokenizer, dataset, loss_type, level, sampler):
+    """off_policy_mask_threshold (OPSM): a threshold between the two negative-advantage rows'
+    drifts drops one and keeps the other; the drift is against the old log-probs, or the
+    sampler's with vLLM's correction on."""
+    theirs, ours = _pair(tmp_path, tokenizer, dataset, loss_type=loss_type,
+                         importance_sampling_level=level)
+    inputs = _inputs(theirs)
+    mask = inputs["completion_mask"]
+    base = inputs["old_per_token_logps"]
+    if sampler:
+        g = torch.Generator().manual_seed(3)
+        base = base + 0.3 * torch.randn(B, C, generator=g) * mask
+        inputs["sampling_per_token_logps"] = base
+        inputs["importance_sampling_ratio"] = _trl_importance_sampling_ratio(
+            inputs["old_per_token_logps"], base, mask, "token_truncate", None, 2.0)
+        for t in (theirs, ours):
+            t.use_vllm = t.vllm_importance_sampling_correction = True
+            t.vllm_importance_sampling_mode = "token_truncate"
+            t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max = None, 2.0
+    drift = ((base - inputs["_logp"]) * mask).sum(-1) / mask.sum(-1)
+    threshold = float(drift[[1, 3]].mean())  # rows 1 and 3 have A < 0
+    assert (drift[1] - threshold) * (drift[3] - threshold) < 0
+    for t in (theirs, ours):
+        t.off_policy_mask_threshold = t.args.off_policy_mask_threshold = threshold
+    _assert_same(theirs, ours, inputs, accumulation=2)
+    if sampler:  # the sampler's log-probs without the correction: refused, not misread
+        ours.vllm_importance_sampling_correction = False
+        with pytest.raises(ValueError, match="off_policy_mask_threshold against the sampler"):
+            _loss_and_grads(ours, inputs, 1)
+
+
+@pytest.mark.parametrize("case", ["dapo-token", "grpo-sequence-entropy-bonus",
+                                  "dapo-token-vllm", "cispo-token-kl"])
+def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case):
+    """top_entropy_quantile < 1: the policy term on the high-entropy tokens only (TRL's mask),
+    the KL and the normalisers on every token, the entropy bonus over the masked tokens; with
+    vLLM's importance weights too."""
+    loss_type, level = case.split("-")[:2]
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, top_entropy_quantile=0.4)
+    if "entropy-bonus" in case:
+        kw["entropy_coef"] = 0.05
+    if loss_type == "cispo":
+        kw["epsilon_high"] = 1.3
+    theirs, ours = _pair(tmp_path, tokenizer, dataset, **kw)
+    inputs = _inputs(theirs)
+    if case.endswith("vllm"):
+        mask, old = inputs["completion_mask"], inputs["old_per_token_logps"]
+        g = torch.Generator().manual_seed(5)
+        sampler = old + 0.2 * torch.randn(B, C, generator=g) * mask
+        inputs["sampling_per_token_logps"] = sampler
+        inputs["importance_sampling_ratio"] = _trl_importance_sampling_ratio(
+            old, sampler, mask, "token_truncate", None, 1.5)
+        for t in (theirs, ours):
+            t.use_vllm = t.vllm_importance_sampling_correction = True
+            t.vllm_importance_sampling_mode = "token_truncate"
+            t.vllm_importance_sampling_clip_min, t.vllm_importance_sampling_clip_max = None, 1.5
+    if case.endswith("kl"):
+        theirs.beta = ours.beta = 0.04
+        inputs["ref_per_token_logps"] = inputs["_logp"] - 0.3 * inputs["completion_mask"]
+    _assert_same(theirs, ours, inputs, accumulation=2)
+    got, want = ours._metrics["train"], theirs._metrics["train"]
+    for name in ("entropy", "policy_loss") if "entropy-bonus" in case else ("entropy",):
+        assert got[name][-1] == pytest.approx(want[name][-1], rel=1e-4, abs=1e-6), name
+    assert not any(k.startswith("tic/rollout_") for k in got) or case.endswith("vllm")
+
+
 def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
     """tic_kernels' errors raised at the loss speak TRL's names (here its sampler clip
     bounds), not tic_kernels' (rollout_is_min / rollout_is_max)."""
@@ -343,8 +412,8 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
     (dict(loss_type="vespo", delta=2.0), "delta=2.0 with loss_type='vespo'"),
     (dict(importance_sampling_level="group"),
      "importance_sampling_level='group' is not supported.*'trajectory', 'sequence', 'token'"),
-    (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
-    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
+    (dict(loss_type="vespo", top_entropy_quantile=0.2),
+     "top_entropy_quantile=0.2 with loss_type='vespo'"),
     (dict(loss_type="sapo", delta=2.0), "delta=2.0 with loss_type='sapo'"),
     (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high, which must lie in"),
     (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),

@@ -29,13 +29,18 @@ OBJECTIVES = {
     "vespo_kl_bias_weights": dict(objective="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5,
                                   beta=0.2, kl_bias_correction=True, rollout="weights"),
 }
-# the objectives of one ratio only (DRO: token, GMPO: sequence_mean)
+# cases run at one ratio (DRO: token only; GMPO: sequence_mean only; VESPO and the
+# off-policy mask at token-mean, whose chunks must still hold whole sequences)
 ONE_RATIO_OBJECTIVES = {
     "dro": dict(objective="dro", dro_beta=0.7),
     "dro_kl_bias": dict(objective="dro", dro_beta=2.5, beta=0.1, kl_bias_correction=True,
                         entropy_coef=0.02),
     "gmpo_kl_bias": dict(objective="gmpo", eps_low=0.1, eps_high=0.1, beta=0.1,
                          kl_bias_correction=True),
+    # token-mean, as TRL's: the chunks must still hold whole sequences (phi is theirs)
+    "vespo_token": dict(objective="vespo", aggregation="token-mean", vespo_k_pos=1.0,
+                        vespo_lambda_pos=0.5),
+    "opsm_token": dict(aggregation="token-mean", off_policy_mask_threshold=0.0),
 }
 
 
@@ -135,6 +140,41 @@ def test_gmpo_matches_the_reference(case, padded, device):
 
 
 @pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("ratio, objective", [("token", "clip"), ("trajectory", "clip"),
+                                              ("token", "vespo"), ("sequence_mean", "gmpo")])
+@pytest.mark.parametrize("mode", [None, "token_truncate", "sequence_mask", "weights"])
+def test_off_policy_mask_matches_the_reference(ratio, objective, mode, device):
+    """The off-policy sequence mask against the sampler's log-probs (old ones without them, or
+    with given weights), at a threshold that drops some of the negative-advantage sequences
+    and keeps others; padded, with the KL (which the mask leaves alone)."""
+    batch = loss_batch(LENGTHS, 23, padded=True, device=device, drift=0.4, seed=61)
+    kw = dict(ratio=ratio, objective=objective, ref_logprobs=batch.ref_logprobs, beta=0.1)
+    if mode:
+        kw.update(rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=62))
+    if mode == "weights":  # none 0: a dropped sequence must have had an objective
+        kw["rollout_weights"] = kw["rollout_weights"] + 0.1
+    # the threshold: the median drift of the sequences with A < 0
+    rows = batch.layout_kw["mask"]
+    base = kw.get("rollout_logprobs", batch.old_logprobs)
+    with torch.no_grad():
+        logp = ref.token_logprobs(batch.logits, torch.where(rows, batch.targets, -100))
+        t = torch.where(rows, (base - logp).nan_to_num(0.0), 0.0)
+        drift = t.sum(-1) / rows.sum(-1).clamp(min=1)
+    negative = (batch.advantages < 0) & rows.any(-1)
+    threshold = float(drift[negative].median())
+    assert (drift[negative] > threshold).any() and (drift[negative] <= threshold).any()
+    kw["off_policy_mask_threshold"] = threshold
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    unmasked, _ = _run(ref.tic_loss, batch, **{**kw, "off_policy_mask_threshold": None})
+    assert (unmasked.loss - want.loss).abs() > 1e-6  # the mask dropped something
+
+
+@pytest.mark.usefixtures("requires_triton")
 @pytest.mark.parametrize("objective", ["cispo", "sapo", "dro", "vespo"])
 @pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask", "weights"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -169,7 +209,7 @@ def _grpo_mean(per_token, mask):
 
 
 @pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias",
-                                  "dppo_tv", "dppo_kl", "dro", "vespo"])
+                                  "dppo_tv", "dppo_kl", "dro", "vespo", "opsm"])
 def test_token_level_formulas(case, device, path):
     """The token ratio's objectives against formulas written from TRL's and verl's losses
     (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
@@ -216,6 +256,14 @@ def test_token_level_formulas(case, device, path):
         per_token = -phi * A * x
         kw.update(objective="vespo", vespo_k_pos=2.5, vespo_lambda_pos=0.5, vespo_k_neg=1.0,
                   vespo_lambda_neg=4.0)
+    elif case == "opsm":  # TRL: keep = (A >= 0) | (mean_t (old - sg(logp)) <= threshold)
+        m = mask.double()
+        drift = ((old - x.detach()) * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True)
+        adv[0] = -adv[0].abs()  # a negative advantage, dropped at the threshold below
+        threshold = float(drift[0]) - 1e-3
+        keep = (A >= 0) | (drift <= threshold)
+        per_token = -torch.min(r * A, torch.clamp(r, 0.8, 1.28) * A) * keep
+        kw.update(off_policy_mask_threshold=threshold)
     else:  # TRL: per_token_kl * coef_1, then + beta * kl
         coef_2 = torch.clamp(r, 0.8, 1.28)
         kl = torch.exp(refp - x) - (refp - x) - 1
@@ -261,7 +309,8 @@ def test_gmpo_formula(device, path):
 @pytest.mark.parametrize("name, ratio", [("cispo", "token"), ("sapo", "trajectory"),
                                          ("kl_bias", "sequence_mean"), ("delta", "token"),
                                          ("dro_kl_bias", "token"),
-                                         ("gmpo_kl_bias", "sequence_mean")])
+                                         ("gmpo_kl_bias", "sequence_mean"),
+                                         ("vespo_token", "token"), ("opsm_token", "token")])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_fused_lm_head(name, ratio, chunk_size, device):
     """linear_tic_loss with the objectives (chunks of 4 rows cut sequences: rows-equal for
@@ -333,6 +382,8 @@ def test_nan_rule(objective, device):
     (dict(objective="vespo", vespo_lambda_pos=float("inf")), "vespo_lambda_pos .* finite"),
     (dict(objective="vespo", ratio="none"), "ratio='none' has none"),
     (dict(objective="vespo", delta=2.0), "objective='vespo' has no such branch"),
+    (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be a finite"),
+    (dict(off_policy_mask_threshold="0.1"), "off_policy_mask_threshold must be a finite"),
     (dict(objective="gmpo", ratio="sequence_mean", dual_clip=3.0),
      "dual_clip applies to objective='clip'"),
 ])

@@ -58,13 +58,15 @@ class LossConfig:
     vespo_k_neg: float = VESPO_K_NEG
     vespo_lambda_neg: float = VESPO_LAMBDA_NEG
     kl_bias_correction: bool = False
+    off_policy_mask_threshold: Optional[float] = None
 
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
            rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask,
            objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo_k_pos,
-           vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_bias_correction):
+           vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_bias_correction,
+           off_policy_mask_threshold):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
@@ -79,6 +81,7 @@ class LossConfig:
         vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo,
                                 kl_bias_correction, ratio, dual_clip, beta)
+        check.optional_real("off_policy_mask_threshold", off_policy_mask_threshold)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
 
@@ -104,7 +107,8 @@ class LossConfig:
             sapo_tau_neg=float(sapo_tau_neg), dro_beta=number(dro_beta),
             vespo_k_pos=float(vespo_k_pos), vespo_lambda_pos=float(vespo_lambda_pos),
             vespo_k_neg=float(vespo_k_neg), vespo_lambda_neg=float(vespo_lambda_neg),
-            kl_bias_correction=bool(kl_bias_correction))
+            kl_bias_correction=bool(kl_bias_correction),
+            off_policy_mask_threshold=number(off_policy_mask_threshold))
         return config, tensor
 
     # -- what the kernels read ------------------------------------------------------------

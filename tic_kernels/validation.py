@@ -124,6 +124,11 @@ def _real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def optional_real(name, value):
+    if value is not None and not _real(value):
+        raise ValueError(f"{name} must be a finite number or None, got {value!r}")
+
+
 def positive(name, value, allow_zero=False):
     if not _real(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"

@@ -31,7 +31,16 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   ``vespo_k_neg``, ``vespo_lambda_neg``), vLLM's token importance weights entering w rather
   than multiplying the loss, as TRL's; normalised as "dapo". TRL means it with
   importance_sampling_level "token", whose ratio then only weighs the bias-corrected KL.
+* ``top_entropy_quantile`` < 1: TRL's own ``get_high_entropy_mask`` (the quantile over every
+  process's loss tokens) on the entropies the loss computes (it then takes the log-probs
+  route), applied as a per-token weight on the policy term (``rollout_weights``, times TRL's
+  precomputed ``importance_sampling_ratio`` with vLLM's correction); the entropy bonus
+  averages over the masked tokens, as TRL's. The ``tic/rollout_*`` statistics then describe
+  that combined weight (without vLLM's correction they are not logged).
 * ``delta`` -> delta (the unclipped ratio bounded above, the two-sided loss types);
+  ``off_policy_mask_threshold`` -> the off-policy sequence mask (against the sampler's
+  log-probs with vLLM's correction on, else the old ones; with the sampler's log-probs but the
+  correction off it raises at the loss);
   ``use_bias_correction_kl`` (with ``beta != 0``) -> kl_bias_correction: each token's KL times
   its unit's ratio, as TRL (TRL's ``kl`` metric is then that weighted KL too).
 * ``epsilon`` / ``epsilon_high`` -> eps_low / eps_high; ``beta`` with the reference log-probs ->
@@ -68,12 +77,12 @@ as ``tic/<name>`` (ratio_mean, ratio_max, cap_fraction, delta_abs_mean, logp_mea
 clip_fraction, and the rollout_* statistics with the sampler correction), averaged over
 processes (``*_max`` / ``*_min``: max / min over processes).
 
-Refused at construction with a ValueError (rather than silently ignored): ``loss_type``
-``top_entropy_quantile < 1``, ``off_policy_mask_threshold``,
-``use_adaptive_entropy``, ``delta`` with cispo, sapo or vespo (TRL ignores it there), cispo with an
-``epsilon_high`` outside [1, 11] (its cap on the ratio; TRL's default 0.28 would cap every
-ratio below 1), the trainer's ``dual_clip`` or ``clip_mode`` with cispo, sapo or vespo, and a MoE
-router auxiliary loss (set ``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
+Refused at construction with a ValueError (rather than silently ignored):
+``use_adaptive_entropy``, ``top_entropy_quantile < 1`` with vespo, ``delta`` with cispo, sapo
+or vespo (TRL ignores it there), cispo with an ``epsilon_high`` outside [1, 11] (its cap on
+the ratio; TRL's default 0.28 would cap every ratio below 1), the trainer's ``dual_clip`` or
+``clip_mode`` with cispo, sapo or vespo, and a MoE router auxiliary loss (set
+``router_aux_loss_coef=0``). Multimodal inputs raise at the loss.
 Errors that tic_kernels raises at the loss name TRL's arguments (``completion_mask``,
 ``old_per_token_logps``, ``vllm_importance_sampling_clip_max``, ``epsilon``, ...).
 """
@@ -140,12 +149,10 @@ def check_config(args) -> None:
         raise ValueError(f"TICGRPOTrainer: importance_sampling_level="
                          f"{args.importance_sampling_level!r} is not supported; supported: "
                          f"{', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}")
-    if args.top_entropy_quantile < 1.0:
-        refuse(f"top_entropy_quantile={args.top_entropy_quantile} (high-entropy token masking)",
+    if args.top_entropy_quantile < 1.0 and args.loss_type == "vespo":
+        refuse(f"top_entropy_quantile={args.top_entropy_quantile} with loss_type='vespo' (the "
+               "mask would enter vespo's weight as the sampler's weights do)",
                "set top_entropy_quantile=1.0")
-    if args.off_policy_mask_threshold is not None:
-        refuse("off_policy_mask_threshold (off-policy sequence masking)",
-               "set off_policy_mask_threshold=None")
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "cispo" and not 1.0 <= eps_high <= 11.0:
         raise ValueError(f"TICGRPOTrainer: loss_type='cispo' caps the ratio at epsilon_high, "
@@ -184,6 +191,7 @@ class _HeadOutput(NamedTuple):
     loss: torch.Tensor
     stats: dict
     entropy: Optional[torch.Tensor]  # (B, T) per-token entropy, when computed
+    entropy_mask: Optional[torch.Tensor] = None  # (B, T) top_entropy_quantile's tokens
 
 
 # tic_kernels' argument names -> TRL's, in the errors raised through the adapter
@@ -204,10 +212,12 @@ class _MicroBatchLoss:
     from the backbone's last hidden states (fused head) or from the model's logits."""
 
     def __init__(self, fused, completion_length, targets, mask, old_logprobs, advantages,
-                 keywords, with_entropy, head_in_fp32):
+                 keywords, with_entropy, head_in_fp32, entropy_mask_fn=None):
         self.fused, self.C = fused, completion_length
         self.targets, self.mask, self.old, self.advantages = targets, mask, old_logprobs, advantages
         self.keywords, self.with_entropy, self.head_in_fp32 = keywords, with_entropy, head_in_fp32
+        # top_entropy_quantile: (entropy, mask) -> the tokens whose policy term counts
+        self.entropy_mask_fn = entropy_mask_fn
 
     def __call__(self, model, inner_forward, *args, **kwargs):
         kwargs["use_cache"] = False
@@ -243,7 +253,7 @@ class _MicroBatchLoss:
     def _loss(self, x, weight, bias):
         kw = dict(self.keywords)
         temperature = kw.pop("temperature")
-        if self.old is not None and not self.with_entropy:
+        if self.old is not None and not self.with_entropy and self.entropy_mask_fn is None:
             # the whole loss in one fused call
             if weight is not None:
                 out = tk.linear_tic_loss(x, weight, self.targets, self.old, self.advantages,
@@ -263,8 +273,17 @@ class _MicroBatchLoss:
                                     return_entropy=self.with_entropy)
         logp, entropy = res if self.with_entropy else (res, None)
         old = logp.detach() if self.old is None else self.old
+        entropy_mask = None
+        if self.entropy_mask_fn is not None:
+            # TRL's mask multiplies the policy term only, as a per-token weight does (with
+            # vLLM's precomputed importance weights, if any)
+            entropy_mask = self.entropy_mask_fn(entropy.detach(), self.mask)
+            weights = entropy_mask.to(torch.float32)
+            if kw.get("rollout_weights") is not None:
+                weights = weights * kw["rollout_weights"]
+            kw["rollout_weights"] = weights
         out = tk.tic_loss_from_logprobs(logp, old, self.advantages, mask=self.mask, **kw)
-        return _HeadOutput(out.loss, out.stats, entropy)
+        return _HeadOutput(out.loss, out.stats, entropy, entropy_mask)
 
 
 def _is_dtensor(t) -> bool:
@@ -380,6 +399,16 @@ class TICGRPOTrainer(GRPOTrainer):
                       vespo_lambda_neg=args.vespo_lambda_neg)
         if args.delta is not None:
             kw["delta"] = args.delta
+        if args.off_policy_mask_threshold is not None:
+            kw["off_policy_mask_threshold"] = args.off_policy_mask_threshold
+            if (inputs.get("sampling_per_token_logps") is not None
+                    and not (self.use_vllm and self.vllm_importance_sampling_correction)):
+                # TRL then measures the drift against the sampler, which the loss reads only
+                # with the sampler correction on
+                raise ValueError("TICGRPOTrainer does not implement off_policy_mask_threshold "
+                                 "against the sampler's log-probs without "
+                                 "vllm_importance_sampling_correction; turn the correction on "
+                                 "(or use trl.GRPOTrainer)")
         if self.loss_type in _PER_ROW + ("dr_grpo",):
             kw["num_sequences"] = B  # TRL averages over every row, empty ones included
         if self.loss_type == "dr_grpo":
@@ -396,9 +425,16 @@ class TICGRPOTrainer(GRPOTrainer):
             normalizer = float(normalizer)
             kw["num_tokens"] = max(normalizer, 1.0)  # tic clamps its count at 1; TRL does not
             factor = kw["num_tokens"] / normalizer
+        entropy_masked = args.top_entropy_quantile < 1.0
+        if entropy_masked and args.off_policy_mask_threshold is not None and \
+                inputs.get("sampling_per_token_logps") is not None:
+            raise ValueError("TICGRPOTrainer does not implement off_policy_mask_threshold "
+                             "against the sampler's log-probs together with "
+                             "top_entropy_quantile < 1 (or use trl.GRPOTrainer)")
         if self.use_vllm and self.vllm_importance_sampling_correction:
             sampler = inputs.get("sampling_per_token_logps")
-            if sampler is not None:
+            # with the entropy mask the weights are TRL's precomputed ones, times the mask
+            if sampler is not None and not entropy_masked:
                 hi = self.vllm_importance_sampling_clip_max  # None: TRL sets no upper bound
                 kw.update(rollout_logprobs=sampler, rollout_is=self.vllm_importance_sampling_mode,
                           rollout_is_max=math.inf if hi is None else hi,
@@ -425,11 +461,15 @@ class TICGRPOTrainer(GRPOTrainer):
                              f"{tuple(advantages.shape)}")
         keywords, factor = self._tic_keywords(inputs, mask, train)
         entropy_bonus = self._entropy_bonus_enabled
+        quantile = self.args.top_entropy_quantile
+        entropy_mask_fn = None if quantile >= 1.0 else (  # TRL's own mask, gathered as TRL's
+            lambda entropy, m: self.get_high_entropy_mask(entropy, m, 1.0 - quantile))
         loss_fn = _MicroBatchLoss(
             self._tic_fused, completion_ids.size(1), completion_ids, mask,
             inputs.get("old_per_token_logps"), advantages, keywords,
-            with_entropy=entropy_bonus or self._tic_log_entropy,
-            head_in_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)))
+            with_entropy=entropy_bonus or self._tic_log_entropy or entropy_mask_fn is not None,
+            head_in_fp32=bool(getattr(self.args, "cast_lm_head_to_fp32", False)),
+            entropy_mask_fn=entropy_mask_fn)
         model_inputs = dict(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                             attention_mask=torch.cat([prompt_mask, completion_mask], dim=1))
         for key in ("token_type_ids", "mm_token_type_ids"):
@@ -442,8 +482,10 @@ class TICGRPOTrainer(GRPOTrainer):
         policy_loss = out.loss * factor if factor != 1.0 else out.loss
         loss = policy_loss if self.loss_type in _PER_TOKEN else policy_loss / accumulation
         if entropy_bonus:
-            # TRL's bonus: the mean entropy of the loss tokens, / accumulation steps only
-            entropy_mean = (out.entropy * mask).sum() / mask.sum().clamp(min=1.0)
+            # TRL's bonus: the mean entropy of the loss tokens (those of the entropy mask),
+            # / accumulation steps only
+            on = mask if out.entropy_mask is None else mask & out.entropy_mask
+            entropy_mean = (out.entropy * on).sum() / on.sum().clamp(min=1.0)
             loss = loss - self.entropy_coef * entropy_mean / accumulation
         self._tic_log(mode, out, mask, policy_loss.detach() if entropy_bonus else None)
         return loss
@@ -473,6 +515,10 @@ class TICGRPOTrainer(GRPOTrainer):
             if mode == "train" and acc.sync_gradients:
                 metrics["entropy_coef"].append(self.entropy_coef)
         # tic_kernels' own statistics, one gather for all of them
+        if out.entropy_mask is not None and not (self.use_vllm
+                                                 and self.vllm_importance_sampling_correction):
+            # the weights were the entropy mask alone: no sampler to describe
+            stats = {k: v for k, v in stats.items() if not k.startswith("rollout_")}
         keys = sorted(stats)
         gathered = acc.gather(torch.stack([stats[k].detach().float().reshape(()) for k in keys]))
         gathered = gathered.view(-1, len(keys))

@@ -38,10 +38,12 @@ from .scale import scale_once
 def by_rows(config) -> bool:
     """Whether each token's gradient coefficient follows from its own row and its sequence's
     advantage alone: the token-level ratios ("token", "none") weighted per token (no
-    seq-mean-token-mean, no sampler weight per sequence). Their chunks are rows-equal and may
-    cut sequences; the other ratios' chunks hold whole sequences."""
+    seq-mean-token-mean, no sampler weight per sequence, nothing that weighs its tokens by the
+    whole sequence: VESPO, the off-policy mask). Their chunks are rows-equal and may cut sequences; the other
+    ratios' chunks hold whole sequences."""
     return (config.ratio in ("token", "none") and config.aggregation != "seq-mean-token-mean"
-            and not config.rollout_per_sequence)
+            and not config.rollout_per_sequence and config.objective != "vespo"
+            and config.off_policy_mask_threshold is None)
 
 
 def _filled(cu, cap):
@@ -208,7 +210,7 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     rollout_is_min=None, rollout_weights=None, objective="clip", delta=None,
                     sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None, vespo_k_pos=2.0,
                     vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
-                    kl_bias_correction=False):
+                    kl_bias_correction=False, off_policy_mask_threshold=None):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -236,7 +238,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
         vespo_lambda_neg=vespo_lambda_neg,
-        kl_bias_correction=kl_bias_correction)
+        kl_bias_correction=kl_bias_correction,
+        off_policy_mask_threshold=off_policy_mask_threshold)
 
     def checks(vocab):
         nonlocal hidden, weight, bias

@@ -64,14 +64,17 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
             counter, logp.numel(), T, B, c.eps_low, c.eps_high,
             0.0 if c.dual_clip is None else c.dual_clip,
             0.0 if c.delta is None else c.delta, *c.objective_parameters,
-            c.max_log_ratio, c.beta, c.rollout_is_min, c.rollout_is_max, *scalars,
+            c.max_log_ratio, c.beta, c.rollout_is_min, c.rollout_is_max,
+            0.0 if c.off_policy_mask_threshold is None else c.off_policy_mask_threshold,
+            *scalars,
             TWO_SIDED=c.clip_mode == "two_sided",
             DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
             HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=c.beta > 0,
             HAS_ENT=entropy is not None, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
             PADDED=cu is None, FINALIZE=finalize is not None, **switches,
             OBJECTIVE=OBJECTIVE_CODE[c.objective], HAS_DELTA=c.delta is not None,
-            KL_BIAS=c.kl_bias_correction, BLOCK=BLOCK_TOKENS, BLOCK_B=BLOCK_SEQS)
+            KL_BIAS=c.kl_bias_correction, OPSM=c.off_policy_mask_threshold is not None,
+            BLOCK=BLOCK_TOKENS, BLOCK_B=BLOCK_SEQS)
     if finalize is not None and not B:  # no program to finish last: the loss of nothing
         launch_finalize(part, *finalize[:3], config)
 
@@ -190,7 +193,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            rollout_is_max=None, rollout_is_min=None, rollout_weights=None,
                            objective="clip", delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                            dro_beta=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
-                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_bias_correction=False):
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_bias_correction=False,
+                           off_policy_mask_threshold=None):
     """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO, DPPO, DRO, GMPO, VESPO) loss from
     log-probabilities the caller already has.
 
@@ -231,6 +235,12 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation;
             ``kl_bias_correction=True`` multiplies each token's KL by its unit's ratio x (not
             detached), TRL's ``use_bias_correction_kl``.
+        off_policy_mask_threshold: None (default), or a number: the off-policy sequence mask
+            (DeepSeek-V3.2's, TRL's option of the same name) drops the policy objective of a
+            sequence with A < 0 whose mean over its tokens of sg(reference_t - logp_t)
+            exceeds it, the reference being rollout_logprobs when given, else old_logprobs
+            (a NaN difference counts 0). The KL and entropy terms and the normalisers keep
+            the sequence.
         num_tokens, num_sequences: global normalisers for gradient accumulation (token-mean and
             the seq-mean aggregations respectively); default: this batch's counts.
         rollout_logprobs: the log-probabilities of the engine that sampled the rollouts
@@ -273,7 +283,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
         vespo_lambda_neg=vespo_lambda_neg,
-        kl_bias_correction=kl_bias_correction)
+        kl_bias_correction=kl_bias_correction,
+        off_policy_mask_threshold=off_policy_mask_threshold)
     with check.one_read():
         check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
                           ref_logprobs, ("logprobs", logprobs), max_len,

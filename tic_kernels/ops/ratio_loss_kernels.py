@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ..backend import as_f32, segment_bounds
 from ..options import AGGREGATIONS
-from .ratio_objectives import (GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, TOKEN,
+from .ratio_objectives import (GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, RW_TOKEN,
+                               TOKEN,
                                VESPO, _clamp, _rollout_weight, _sequence_objective,
                                _token_rollout, gmpo_log_ratio, token_coefficient,
                                vespo_sampler_log_weight, vespo_weight)
@@ -55,7 +56,7 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
                    rw_lo, rw_hi, A, eps_low, eps_high, HAS_MASK: tl.constexpr,
                    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr,
                    RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr, TWO_SIDED: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   OPSM: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 over a sequence's tokens: Delta (the sum of logp - old), L, the sums of logp,
     the k3 KL and the entropy, and for the sampler correction the sum of u = old - sampler,
     the weights' sum, sum of squares relative to their max (rescaled as the max grows, so that
@@ -63,11 +64,12 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
     sampler's k3 sum with the count of tokens it scored; the sum the objective forms its own
     sequence weight from (GMPO: the clipped log-ratios, with the count of clipped tokens;
     VESPO: the log-ratios capped at cap, plus the sampler's token log-weights in [log 1e-8,
-    20]; else 0)."""
+    20]; else 0); for the off-policy mask (OPSM) the sum of sampler - logp (old - logp without
+    the sampler's log-probs; a NaN difference counts 0)."""
     cols = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     delta, count, logp_sum, kl_sum, ent_sum = zero, zero, zero, zero, zero
-    obj_sum, obj_clipped = zero, zero
+    obj_sum, obj_clipped, drift = zero, zero, zero
     u_sum, w_sum, w_zero, rkl_sum, r_valid = zero, zero, zero, zero, zero
     w_min = zero + float("inf")
     w_max = 0.0
@@ -113,15 +115,21 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
             w_max = m_new
             w_min = tl.minimum(w_min, tl.where(keep, w, float("inf")))
             w_zero += (keep & (w == 0)).to(tl.float32)
+        if OPSM:
+            t = old - lp
+            if ROLLOUT == RW_TOKEN or ROLLOUT == RW_SEQUENCE:  # sampler - lp, u = old - sampler
+                t = tl.where(valid > 0, t - u, 0.0)
+            drift += tl.where(keep & (t == t), t, 0.0)
     return (tl.sum(delta, 0), tl.sum(count, 0), tl.sum(logp_sum, 0), tl.sum(kl_sum, 0),
             tl.sum(ent_sum, 0), tl.sum(u_sum, 0), tl.sum(w_sum, 0), w_sq, w_max,
             tl.min(w_min, 0), tl.sum(w_zero, 0), tl.sum(rkl_sum, 0), tl.sum(r_valid, 0),
-            tl.sum(obj_sum, 0), tl.sum(obj_clipped, 0))
+            tl.sum(obj_sum, 0), tl.sum(obj_clipped, 0), tl.sum(drift, 0))
 
 
 @triton.jit
 def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
-                coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq,
+                coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq,
+                dx_seq,
                 kl_seq, eps_low, eps_high, dual_clip, delta, param_pos, param_neg, cap, beta,
                 rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
                 DUAL: tl.constexpr, HAS_MASK: tl.constexpr, KL_IN_LOSS: tl.constexpr,
@@ -144,7 +152,7 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c, obj, x, chi, clipped, kl_term = token_coefficient(
-            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
+            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq, keep_seq,
             xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos,
             param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
             RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
@@ -170,14 +178,13 @@ def _ratio_loss_fwd_kernel(
     logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr,
     coef_ptr, coef_ent_ptr, part_ptr, loss_ptr, stats_ptr, norm_ptr, counter_ptr, N, T, B,
     eps_low, eps_high, dual_clip, delta, param_pos, param_neg, param2_pos, param2_neg, cap,
-    beta, rw_lo, rw_hi,
-    num_tokens, num_sequences, max_len, entropy_coef,
+    beta, rw_lo, rw_hi, opsm_threshold, num_tokens, num_sequences, max_len, entropy_coef,
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, PER_SEQ_MEAN: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr, KL_IN_LOSS: tl.constexpr,
     HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, PADDED: tl.constexpr,
     FINALIZE: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
     GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, OBJECTIVE: tl.constexpr,
-    HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr, OPSM: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
     """One program per sequence: pass 1 (_sequence_sums), the sampler correction's sequence
@@ -189,6 +196,7 @@ def _ratio_loss_fwd_kernel(
     eps_low, eps_high, dual_clip = as_f32(eps_low), as_f32(eps_high), as_f32(dual_clip)
     delta, param_pos, param_neg = as_f32(delta), as_f32(param_pos), as_f32(param_neg)
     param2_pos, param2_neg = as_f32(param2_pos), as_f32(param2_neg)
+    opsm_threshold = as_f32(opsm_threshold)
     cap, beta, rw_lo, rw_hi = as_f32(cap), as_f32(beta), as_f32(rw_lo), as_f32(rw_hi)
     i = tl.program_id(0)
     if PADDED:
@@ -198,10 +206,10 @@ def _ratio_loss_fwd_kernel(
         start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
     (Delta, L, logp_sum, kl_sum, ent_sum, u_sum, w_sum, w_sq, w_max, w_min, w_zero, rkl_sum,
-     r_valid, obj_sum, obj_clipped) = _sequence_sums(
+     r_valid, obj_sum, obj_clipped, drift) = _sequence_sums(
         logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start, end, cap, rw_lo, rw_hi,
         A, eps_low, eps_high, HAS_MASK, HAS_REF, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE,
-        TWO_SIDED, BLOCK)
+        TWO_SIDED, OPSM, BLOCK)
     nonempty = L > 0
     v = 1.0 / tl.maximum(L, 1.0) if PER_SEQ_MEAN else 1.0
     unit = nonempty.to(tl.float32)
@@ -221,6 +229,11 @@ def _ratio_loss_fwd_kernel(
         if ROLLOUT != 0:
             S_w = rw_sum
 
+    keep_seq = 1.0  # the off-policy mask keeps A >= 0, or a mean drift within the threshold
+    if OPSM:
+        low_drift = drift / tl.maximum(L, 1.0) <= opsm_threshold
+        keep_seq = (((A >= 0).to(tl.float32) + low_drift.to(tl.float32)) > 0).to(tl.float32)
+        S_w = S_w * keep_seq
     if OBJECTIVE == VESPO:  # its weight: phi of the trajectory's (and sampler's) log-weight
         log_w = obj_sum
         if ROLLOUT == RW_SEQUENCE:
@@ -241,7 +254,8 @@ def _ratio_loss_fwd_kernel(
     (tok_obj, ent_obj, tok_clipped, tok_ratio_sum, tok_ratio_max, tok_capped,
      kl_in_loss) = _token_pass(
         logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr, coef_ent_ptr, start,
-        end, A, v, g_seq, J_seq, W_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low, eps_high,
+        end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low,
+        eps_high,
         dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
         HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS, BLOCK)
     if RATIO == TOKEN:

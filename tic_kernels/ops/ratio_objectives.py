@@ -231,8 +231,9 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta
 
 @triton.jit
 def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
-                       W_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip,
-                       delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO: tl.constexpr,
+                       W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high,
+                       dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi,
+                       RATIO: tl.constexpr,
                        TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                        ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
                        HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
@@ -241,10 +242,11 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
     objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
     term's k3 as it enters the loss: times the ratio with KL_BIAS, 0 without KL_IN_LOSS). The
     sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq (VESPO's, at
-    every ratio), the ratio
-    x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq (for KL_BIAS, the KL term
-    times the ratio); the NaN rule: a token whose objective is NaN gets a NaN coefficient,
-    whichever branch NaN fell through."""
+    every ratio), the ratio x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq
+    (for KL_BIAS, the KL term times the ratio); keep_seq, 1.0 or 0.0 where the off-policy
+    mask drops the sequence's policy objective (its g_seq and J_seq already carry it); the NaN
+    rule: a token whose objective is NaN gets a NaN coefficient, whichever branch NaN fell
+    through."""
     c = zero + g_seq
     J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
     wt = zero + W_seq  # the token's sampler weight (the objectives formed per token read it)
@@ -264,6 +266,7 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
                                             ROLLOUT, RW_MASK)
     if OBJECTIVE == VESPO:  # the sampler's weights entered the sequence's weight instead
         wt = zero + 1.0
+    wt = wt * keep_seq  # 0 where the off-policy mask drops the sequence's objective
     if RATIO == TOKEN:
         x, chi = _capped_exp(lp - old, cap)
         J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,

@@ -47,7 +47,7 @@ def serves(config, logits, inplace_backward, shard) -> bool:
     allocated, no vocabulary split."""
     return (ENABLED and config.ratio in ("token", "none") and not config.rollout_per_sequence
             and config.objective == "clip" and config.delta is None
-            and not config.kl_bias_correction
+            and not config.kl_bias_correction and config.off_policy_mask_threshold is None
             and logits.requires_grad and not inplace_backward and shard is None
             and logits.shape[:-1].numel() > 0)
 
@@ -136,8 +136,8 @@ def _rows_with_gradient_kernel(
     A = tl.load(adv_ptr + i).to(tl.float32)
     v = tl.load(v_ptr + i)
     c, _obj, _x, _chi, _clipped, _kl = token_coefficient(
-        logp, 0.0, old_ptr, ref_ptr, roll_ptr, row, active, A, v, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0,
-        0.0, eps_low, eps_high, dual_clip, 0.0, 1.0, 1.0, cap, beta, rw_lo, rw_hi, RATIO,
+        logp, 0.0, old_ptr, ref_ptr, roll_ptr, row, active, A, v, 0.0, 0.0, 1.0, 1.0, 1.0,
+        1.0, 0.0, 0.0, eps_low, eps_high, dual_clip, 0.0, 1.0, 1.0, cap, beta, rw_lo, rw_hi, RATIO,
         TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT, RW_MASK, CLIP, False, False)
     scale = inv_temperature * tl.load(norm_ptr)  # as op 1's backward for a gradient of 1
     g = tl.where(active, c, 0.0) * scale

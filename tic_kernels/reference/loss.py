@@ -252,7 +252,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                            max_len=None, entropy=None, entropy_coef=0.0, objective="clip",
                            delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None,
                            vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                           vespo_lambda_neg=2.0, kl_bias_correction=False, **rollout):
+                           vespo_lambda_neg=2.0, kl_bias_correction=False,
+                           off_policy_mask_threshold=None, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
     ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token),
@@ -261,7 +262,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     ratios of gmpo_log_ratio) or "vespo" (vespo_weight(log w) A log pi per token, log w the
     sum of the sequence's capped log-ratios and of its sampler log-weights, which then do
     not multiply the objective); ``kl_bias_correction``: the KL term times its unit's
-    ratio.
+    ratio; ``off_policy_mask_threshold``: the policy objective of a sequence with A < 0 whose
+    mean sg(sampler or old - logp) (NaN counts 0) exceeds it is dropped.
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
     ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
@@ -361,6 +363,12 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
 
     if w_rollout is not None and objective != "vespo":
         J_tok = J_tok * w_rollout  # a detached weight on the policy objective only
+    if off_policy_mask_threshold is not None:  # the off-policy sequence mask, as TRL's
+        base = rollout.get("rollout_logprobs")
+        base = old_logprobs if base is None else base
+        t = base.detach().to(dt) - logp.detach()
+        drift = segment_sum(torch.where(torch.isnan(t), 0.0, t), lengths) / L.clamp(min=1)
+        J_tok = J_tok * ((A >= 0) | (drift <= off_policy_mask_threshold))[seg]
     stats.update(stats_of)
 
     n_tok = logp.new_tensor(float(logp.numel()))
