@@ -51,6 +51,19 @@ def _run(fn, batch, **kw):
     return out, x.grad
 
 
+def _matches_the_reference(batch, kw):
+    """tic_loss on the kernels equals the reference (loss, statistics, gradient); returns the
+    reference's LossOutput."""
+    out, grad = _run(tk.tic_loss, batch, **kw)
+    want, want_grad = _run(ref.tic_loss, batch, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    assert set(out.stats) == set(want.stats)
+    for k in want.stats:
+        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    return want
+
+
 def _with_ref(batch, kw):
     kw = dict(kw)
     if kw.get("beta"):
@@ -101,12 +114,7 @@ def test_token_objectives_match_the_reference(objective, delta, padded, device):
         kw = dict(eps_low=lo, eps_high=hi, delta=delta)
     kw.update(ratio="token", objective=objective, ref_logprobs=batch.ref_logprobs, beta=0.05,
               **rollout_keywords(batch.old_logprobs, batch.layout_kw, "token_truncate", seed=42))
-    out, grad = _run(tk.tic_loss, batch, **kw)
-    want, want_grad = _run(ref.tic_loss, batch, **kw)
-    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
-    for k in want.stats:
-        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
-    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    want = _matches_the_reference(batch, kw)
     if objective == "dro":
         assert want.stats["clip_fraction"] == 0  # nothing is clipped
     else:
@@ -129,13 +137,7 @@ def test_gmpo_matches_the_reference(case, padded, device):
     elif case == "kl_entropy":
         kw.update(beta=0.1, entropy_coef=0.03)
     kw = _with_ref(batch, kw)
-    out, grad = _run(tk.tic_loss, batch, **kw)
-    want, want_grad = _run(ref.tic_loss, batch, **kw)
-    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
-    assert set(out.stats) == set(want.stats)
-    for k in want.stats:
-        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
-    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    want = _matches_the_reference(batch, kw)
     assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the bounds
 
 
@@ -164,12 +166,7 @@ def test_off_policy_mask_matches_the_reference(ratio, objective, mode, device):
     threshold = float(drift[negative].median())
     assert (drift[negative] > threshold).any() and (drift[negative] <= threshold).any()
     kw["off_policy_mask_threshold"] = threshold
-    out, grad = _run(tk.tic_loss, batch, **kw)
-    want, want_grad = _run(ref.tic_loss, batch, **kw)
-    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
-    for k in want.stats:
-        torch.testing.assert_close(out.stats[k], want.stats[k], **tolerance(LOSS_TOL), msg=k)
-    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+    want = _matches_the_reference(batch, kw)
     unmasked, _ = _run(ref.tic_loss, batch, **{**kw, "off_policy_mask_threshold": None})
     assert (unmasked.loss - want.loss).abs() > 1e-6  # the mask dropped something
 
@@ -355,6 +352,27 @@ def test_nan_rule(objective, device):
         g, = torch.autograd.grad(out.loss, x)
         assert torch.isnan(g[bad]).all() and not torch.isnan(g[[i for i in range(9)
                                                                  if i not in bad]]).any()
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("clip_mode", ["two_sided", "upper"])
+def test_gmpo_nan_rule(clip_mode, device):
+    """GMPO with a NaN log-probability: its sequence's gradient is NaN (one ratio per
+    sequence), no other token's, and the clip statistic stays a number, as the reference's."""
+    batch = loss_batch([4, 5], 11, device=device, seed=33)
+    adv = torch.tensor([0.7, -0.9], device=device)  # both sides of the clip
+    lp = torch.randn(9, device=device).clamp(max=-0.1)
+    lp[6] = float("nan")
+    kw = dict(ratio="sequence_mean", objective="gmpo", clip_mode=clip_mode, **batch.layout_kw)
+    stats = []
+    for fn in (tk.tic_loss_from_logprobs, ref.tic_loss_from_logprobs):
+        x = lp.clone().requires_grad_()
+        out = fn(x, batch.old_logprobs, adv, **kw)
+        g, = torch.autograd.grad(out.loss, x)
+        assert torch.isnan(g[4:]).all() and not torch.isnan(g[:4]).any()
+        stats.append(out.stats["clip_fraction"])
+    assert torch.isfinite(stats[0]) and torch.isfinite(stats[1])
+    torch.testing.assert_close(stats[0], stats[1].to(stats[0].dtype))
 
 
 @pytest.mark.parametrize("kw, match", [

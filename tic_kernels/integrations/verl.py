@@ -87,11 +87,13 @@ log-ratio], so that each token's ratio is the sequence's s_i); its ``actor/tic_*
 are then per token (clip_fraction, ratio_mean) rather than per sequence. ``tic`` and
 ``tic_upper`` keep tic_kernels' definition.
 
-**Differences from verl that remain** (all but the last at the level of rounding): tic_kernels
+**Differences from verl that remain** (all but the last two at the level of rounding): tic_kernels
 computes in float32 (float64 inputs: in float64, on its reference path), verl in the inputs'
 dtype; verl's "seq-mean-token-mean" divides by L + 1e-8, tic_kernels by L; ``tic_gspo`` caps the mean
 log-ratio to [-10, 10] where verl caps it above only, so a sequence with mean log-ratio below
--10 (ratio < 4.6e-5) contributes exp(-10) * A and no gradient instead of its (smaller) ratio.
+-10 (ratio < 4.6e-5) contributes exp(-10) * A and no gradient instead of its (smaller) ratio;
+``tic_geo_mean`` caps GMPO's mean clipped log-ratio at +-20 where verl leaves it uncapped (they
+differ only for a mean beyond 20 in magnitude, A < 0 above or A > 0 below).
 
 Using it in verl: make every worker import this module, e.g.
 ``actor_rollout_ref.model.external_lib=tic_kernels.integrations.verl`` (verl imports it in

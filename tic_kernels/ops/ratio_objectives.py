@@ -94,15 +94,14 @@ def gmpo_log_ratio(d, A, eps_low, eps_high, TWO_SIDED: tl.constexpr):
     """GMPO's token log-ratio d clipped on the side the advantage pushes it: (min(d, eps_high)
     for A > 0, max(d, -eps_low) for A < 0 (not clipped with the upper-only clip), 0 for A = 0;
     1.0 where the bound replaced d; 1.0 where d's gradient passes)."""
-    up = tl.minimum(d, eps_high, propagate_nan=tl.PropagateNan.ALL)
-    down = d
-    down_active = d * 0.0 + 1.0
+    up = (d > eps_high).to(tl.float32)  # a NaN d is not clipped (it stays NaN)
+    down = up * 0.0
     if TWO_SIDED:
-        down = tl.maximum(d, -eps_low, propagate_nan=tl.PropagateNan.ALL)
-        down_active = (d >= -eps_low).to(tl.float32)
-    dc = tl.where(A > 0, up, tl.where(A < 0, down, d * 0.0))
-    active = tl.where(A > 0, (d <= eps_high).to(tl.float32), tl.where(A < 0, down_active, 0.0))
-    clipped = tl.where(A == 0, 0.0, 1.0 - active)
+        down = (d < -eps_low).to(tl.float32)
+    clipped = tl.where(A > 0, up, tl.where(A < 0, down, 0.0))
+    bound = tl.where(A > 0, eps_high, -eps_low)
+    dc = tl.where(A == 0, d * 0.0, tl.where(clipped > 0, bound, d))
+    active = tl.where(A == 0, 0.0, 1.0 - clipped)
     return dc, clipped, active
 
 
