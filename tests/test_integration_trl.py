@@ -388,6 +388,30 @@ def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case):
     assert not any(k.startswith("tic/rollout_") for k in got) or case.endswith("vllm")
 
 
+@pytest.mark.parametrize("target", [10.0, 0.01])
+def test_adaptive_entropy_equals_trl(tmp_path, tokenizer, dataset, target):
+    """use_adaptive_entropy: over micro-batches and optimizer steps (an accumulation window of
+    two), the applied bonus, the coefficient's moves and the logged entropy_coef follow TRL's
+    controller; a target above the entropy raises the coefficient, one below lowers it."""
+    kw = dict(loss_type="dapo", importance_sampling_level="token", use_adaptive_entropy=True,
+              entropy_coef=0.02, entropy_coef_delta=0.01, entropy_target=target,
+              gradient_accumulation_steps=2, steps_per_generation=4)
+    theirs, ours = _pair(tmp_path, tokenizer, dataset, **kw)
+    coefs = []
+    for step in range(3):
+        for micro in range(2):
+            sync = micro == 1
+            for t in (theirs, ours):
+                t.accelerator.gradient_state._set_sync_gradients(sync)
+            _assert_same(theirs, ours, _inputs(theirs, seed=10 * step + micro), accumulation=2)
+            assert ours.entropy_coef == pytest.approx(theirs.entropy_coef)
+            assert ours._last_world_entropy == pytest.approx(theirs._last_world_entropy)
+        coefs.append(ours.entropy_coef)
+    assert coefs == sorted(coefs, reverse=target < 1) and coefs[0] != coefs[-1]
+    assert ours._metrics["train"]["entropy_coef"] == pytest.approx(
+        theirs._metrics["train"]["entropy_coef"])
+
+
 def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
     """tic_kernels' errors raised at the loss speak TRL's names (here its sampler clip
     bounds), not tic_kernels' (rollout_is_min / rollout_is_max)."""
@@ -416,7 +440,6 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
      "top_entropy_quantile=0.2 with loss_type='vespo'"),
     (dict(loss_type="sapo", delta=2.0), "delta=2.0 with loss_type='sapo'"),
     (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high, which must lie in"),
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
 ])
 def test_refuses_what_it_does_not_implement(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -29,11 +29,16 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def make_config(eps_low=0.2, eps_high=0.28, clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-                dro_beta=0.6, **global_batch_info):
+                dro_beta=0.6, clip_cov=(0.05, 0.0, 5.0), **global_batch_info):
+    """verl's ActorConfig; clip_cov = (clip_cov_ratio, clip_cov_lb, clip_cov_ub), wide enough
+    here that clip_cov cuts one of many candidates among the batch's few tokens."""
+    share, lb, ub = clip_cov
+    policy = PolicyLossConfig(dro_beta=dro_beta, clip_cov_ratio=share, clip_cov_lb=lb,
+                              clip_cov_ub=ub)
     config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=eps_low,
                          clip_ratio_high=eps_high, clip_ratio_c=clip_c, ppo_mini_batch_size=4,
                          ppo_micro_batch_size_per_gpu=2, rollout_n=2, tau_pos=tau_pos,
-                         tau_neg=tau_neg, policy_loss=PolicyLossConfig(dro_beta=dro_beta))
+                         tau_neg=tau_neg, policy_loss=policy)
     config.global_batch_info.update(global_batch_info)
     return config
 
@@ -96,7 +101,7 @@ def test_registry_serves_every_loss():
         tkv.register()
     assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token", "tic_cispo",
                                    "tic_sapo", "tic_gpg", "tic_dppo_tv", "tic_dppo_kl",
-                                   "tic_dro", "tic_geo_mean"}
+                                   "tic_dro", "tic_geo_mean", "tic_clip_cov"}
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
 
@@ -162,6 +167,31 @@ def test_objectives_equal_verl(ours, theirs, weights, dtype):
         if ours.startswith("tic_dppo"):
             assert ref[2]["actor/pg_clipfrac_lower"] > 0  # the truncation at clip_ratio_c
         assert (mine[1][~inputs["response_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights", [False, True])
+def test_clip_cov_equals_verl(weights, dtype):
+    """verl's clip_cov under the same torch random state (its draw of the tokens to cut):
+    loss, gradient and metrics for every loss_agg_mode; tokens are cut, and a different
+    random state cuts others."""
+    inputs, _ = make_batch(dtype, weights)
+    config = make_config()
+    for mode in AGG_MODES:
+        torch.manual_seed(7)
+        mine = call(tkv.compute_policy_loss_tic_clip_cov, inputs, mode, config)
+        torch.manual_seed(7)
+        ref = call(core_algos.get_policy_loss_fn("clip_cov"), inputs, mode, config)
+        assert_same(mine, ref, dtype)
+        assert 0 < ref[2]["actor/pg_clipfrac"] < 0.5
+    draws = []
+    for seed in range(7, 13):
+        torch.manual_seed(seed)
+        draws.append(call(tkv.compute_policy_loss_tic_clip_cov, inputs, "token-mean", config)[1])
+    assert not all(torch.equal(draws[0], d) for d in draws[1:])
+    with pytest.raises(ValueError, match="clip_cov_ratio must be > 0"):
+        call(tkv.compute_policy_loss_tic_clip_cov, inputs, "token-mean",
+             make_config(clip_cov=(0.0, 0.0, 5.0)))
 
 
 @pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo"),

@@ -43,6 +43,10 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   correction off it raises at the loss);
   ``use_bias_correction_kl`` (with ``beta != 0``) -> kl_bias_correction: each token's KL times
   its unit's ratio, as TRL (TRL's ``kl`` metric is then that weighted KL too).
+* ``use_adaptive_entropy``: TRL's controller of ``entropy_coef`` (applied only while the
+  previous step's world-mean entropy is at or below ``entropy_target``; moved by
+  ``entropy_coef_delta`` within [``entropy_coef_min``, ``entropy_coef_max``] at each optimizer
+  step from the window's world-mean entropy), on the entropies the loss computes.
 * ``epsilon`` / ``epsilon_high`` -> eps_low / eps_high; ``beta`` with the reference log-probs ->
   the k3 KL inside the aggregation (as TRL); ``temperature`` -> the loss's temperature;
   ``entropy_coef`` -> TRL's entropy bonus (the mean entropy of the micro-batch's loss tokens,
@@ -78,7 +82,7 @@ clip_fraction, and the rollout_* statistics with the sampler correction), averag
 processes (``*_max`` / ``*_min``: max / min over processes).
 
 Refused at construction with a ValueError (rather than silently ignored):
-``use_adaptive_entropy``, ``top_entropy_quantile < 1`` with vespo, ``delta`` with cispo, sapo
+``top_entropy_quantile < 1`` with vespo, ``delta`` with cispo, sapo
 or vespo (TRL ignores it there), cispo with an ``epsilon_high`` outside [1, 11] (its cap on
 the ratio; TRL's default 0.28 would cap every ratio below 1), the trainer's ``dual_clip`` or
 ``clip_mode`` with cispo, sapo or vespo, and a MoE router auxiliary loss (set
@@ -161,9 +165,6 @@ def check_config(args) -> None:
     if args.delta is not None and args.loss_type in OBJECTIVES:
         refuse(f"delta={args.delta} with loss_type={args.loss_type!r} (TRL applies delta to "
                "the two-sided loss types only)", "set delta=None")
-    if args.use_adaptive_entropy:
-        refuse("use_adaptive_entropy", "set use_adaptive_entropy=False (a fixed entropy_coef "
-               "is supported)")
     if (args.use_vllm and args.vllm_importance_sampling_correction
             and args.vllm_importance_sampling_mode not in ROLLOUT_IS_MODES):
         raise ValueError(f"TICGRPOTrainer: vllm_importance_sampling_mode="
@@ -486,9 +487,39 @@ class TICGRPOTrainer(GRPOTrainer):
             # / accumulation steps only
             on = mask if out.entropy_mask is None else mask & out.entropy_mask
             entropy_mean = (out.entropy * on).sum() / on.sum().clamp(min=1.0)
-            loss = loss - self.entropy_coef * entropy_mean / accumulation
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy:
+                coef = self._adaptive_entropy_coef(out.entropy.detach(), on, train)
+            loss = loss - coef * entropy_mean / accumulation
         self._tic_log(mode, out, mask, policy_loss.detach() if entropy_bonus else None)
         return loss
+
+    def _adaptive_entropy_coef(self, entropy, on, train):
+        """use_adaptive_entropy, as TRL's controller: the coefficient applied in this
+        accumulation window is entropy_coef when the previous step's world-mean entropy was at
+        or below entropy_target, else 0; in training the window's entropy sum and token count
+        accumulate, and at the optimizer-step boundary their world totals move entropy_coef
+        by entropy_coef_delta (up to at most entropy_coef_max when at or below the target,
+        else down to at least entropy_coef_min) for the next step."""
+        args = self.args
+        coef = self.entropy_coef if self._last_world_entropy <= args.entropy_target else 0.0
+        if not train:
+            return coef
+        window = torch.stack([(entropy * on).sum(), on.sum().to(entropy.dtype)])
+        if self._entropy_window_stats is not None:
+            window = window + self._entropy_window_stats
+        self._entropy_window_stats = window
+        if self.accelerator.sync_gradients:
+            total = self.accelerator.reduce(window, reduction="sum")
+            world = (total[0] / total[1].clamp(min=1.0)).item()
+            if world <= args.entropy_target:  # too little entropy: push harder
+                self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                        args.entropy_coef_max)
+            else:
+                self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                        args.entropy_coef_min)
+            self._last_world_entropy, self._entropy_window_stats = world, None
+        return coef
 
     def _tic_log(self, mode, out, mask, policy_loss):
         metrics, acc = self._metrics[mode], self.accelerator

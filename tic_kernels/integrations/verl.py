@@ -1,6 +1,6 @@
 """tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
 
-Importing this module registers eleven losses with verl's ``register_policy_loss``
+Importing this module registers twelve losses with verl's ``register_policy_loss``
 (``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
 that was reset. ``import tic_kernels`` never imports verl; only this module does.
 
@@ -35,6 +35,11 @@ loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
                A < 0), times A, averaged over the micro-batch's rows whatever loss_agg_mode
                and global_batch_info say, rollout_is_weights entering as each sequence's
                geometric mean; equals verl's ``geo_mean``.
+``tic_clip_cov``  Clip-Cov: the token ratio's clipped objective (no dual clip) with the
+               gradient cut at a few unclipped tokens of high advantage-logp covariance,
+               drawn at random as verl draws them (``policy_loss.clip_cov_ratio``,
+               ``clip_cov_lb``, ``clip_cov_ub``; one host read for the count); equals verl's
+               ``clip_cov`` under the same torch random state.
 =============  =================================================================================
 
 Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
@@ -117,7 +122,8 @@ from ._names import renamer
 from ..ops.ratio_loss import tic_loss_from_logprobs
 
 __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
-           "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_dppo_kl",
+           "compute_policy_loss_tic_cispo", "compute_policy_loss_tic_clip_cov",
+           "compute_policy_loss_tic_dppo_kl",
            "compute_policy_loss_tic_dppo_tv", "compute_policy_loss_tic_dro",
            "compute_policy_loss_tic_geo_mean", "compute_policy_loss_tic_gpg",
            "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_sapo",
@@ -166,6 +172,7 @@ _MODES = {
     "tic_dppo_kl": ("token", "two_sided", False, _VANILLA_CAP, "dppo_kl"),
     "tic_dro": ("token", "two_sided", False, _VANILLA_CAP, "dro"),
     "tic_geo_mean": ("sequence_mean", "two_sided", False, _VANILLA_CAP, "gmpo"),
+    "tic_clip_cov": ("token", "two_sided", False, _VANILLA_CAP, "clip"),
 }
 
 
@@ -353,6 +360,40 @@ def _geometric_mean_weights(weights, response_mask):
     return torch.exp(log_mean).unsqueeze(-1).expand(weights.shape)
 
 
+@torch.no_grad()
+def _clip_cov_weights(old_log_prob, log_prob, advantages, response_mask, config, eps_low,
+                      eps_high):
+    """verl's clip_cov selection as (B, T) weights: 0 on the tokens whose gradient it cuts,
+    else 1. Candidates: response tokens the clip leaves alone whose covariance term (A_t -
+    mean A)(logp_t - mean logp) (means over the response tokens) lies strictly inside
+    (clip_cov_lb, clip_cov_ub); max(1, int(clip_cov_ratio * tokens)) of them are drawn with
+    torch.randperm, the draw verl makes, so that the same random state cuts the same tokens."""
+    policy = _get(config, "policy_loss", None) or {}
+    share = _get(policy, "clip_cov_ratio", None)
+    share = 0.0002 if share is None else share
+    lb, ub = _get(policy, "clip_cov_lb", None), _get(policy, "clip_cov_ub", None)
+    lb, ub = 1.0 if lb is None else lb, 5.0 if ub is None else ub
+    if not share > 0:
+        raise ValueError(f"config.policy_loss.clip_cov_ratio must be > 0, got {share!r}")
+    _check.float_tensor("advantages", advantages)
+    m = response_mask.to(log_prob.dtype)
+    on = response_mask > 0
+    lp = log_prob.detach()
+    r = torch.exp(lp - old_log_prob)
+    clipped = (-advantages * r.clamp(1 - eps_low, 1 + eps_high) > -advantages * r) & on
+
+    def mean(x):
+        return (x * m).sum() / (m.sum() + 1e-8)
+    cov = (advantages - mean(advantages)) * (lp - mean(lp))
+    candidates = torch.nonzero((cov < ub) & (cov > lb) & on & ~clipped)
+    weights = torch.ones_like(lp)
+    if len(candidates):
+        count = max(int(share * m.sum().item()), 1)
+        picked = candidates[torch.randperm(len(candidates))[:min(count, len(candidates))]]
+        weights[picked[:, 0], picked[:, 1]] = 0.0
+    return weights
+
+
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                  config, rollout_is_weights):
     ratio, clip_mode, dual, cap, objective = _MODES[loss_mode]
@@ -382,6 +423,14 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         if loss_mode == "tic_geo_mean":
             weights = _geometric_mean_weights(weights, response_mask)
         keywords["rollout_weights"] = weights
+    if loss_mode == "tic_clip_cov":  # the cut tokens: a weight 0 on their policy term
+        cut = _clip_cov_weights(old_log_prob, log_prob, advantages, response_mask, config,
+                                eps_low, eps_high)
+        if rollout_is_weights is not None:
+            _check.shape("rollout_is_weights", rollout_is_weights, response_mask.shape,
+                         " (response_mask's shape)")
+            cut = cut * keywords["rollout_weights"]
+        keywords["rollout_weights"] = cut
     if objective != "clip":
         keywords["objective"] = objective
     if objective == "sapo":
@@ -419,6 +468,10 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     if loss_mode == "tic_gspo":
         metrics = _verl_metrics(log_ratio, keep, adv.to(dtype), "sequence_mean", eps_low,
                                 eps_high, False, None, -math.inf, _GSPO_CAP)
+    elif loss_mode == "tic_clip_cov":  # verl's two: the cut tokens' share, the unclamped KL
+        n = keep.sum().to(dtype) + 1e-8
+        metrics = {"actor/pg_clipfrac": ((cut == 0) & keep).sum().to(dtype) / n,
+                   "actor/ppo_kl": -log_ratio.sum() / n}
     elif objective != "clip" or ratio == "none":
         metrics = _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high,
                                           clip_c, log_prob.detach().to(dtype),
@@ -436,7 +489,7 @@ _DOC = """verl policy loss {name!r} (tic_kernels): see tic_kernels.integrations.
 
     Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode
     (default {default!r}, as verl's counterpart); config: the actor config (clip_ratio_low/high,
-    clip_ratio_c, tau_pos/tau_neg, policy_loss.dro_beta, global_batch_info);
+    clip_ratio_c, tau_pos/tau_neg, policy_loss.dro_beta / clip_cov_*, global_batch_info);
     rollout_is_weights: (B, T) or None.
     Returns (loss, metrics dict of floats)."""
 
@@ -461,7 +514,7 @@ LOSS_MODES = {name: _loss_function(name, agg) for name, agg in (
     ("tic_gspo", "seq-mean-token-mean"), ("tic_token", "token-mean"),
     ("tic_cispo", "token-mean"), ("tic_sapo", "seq-mean-token-mean"),
     ("tic_gpg", "token-mean"), ("tic_dppo_tv", "token-mean"), ("tic_dppo_kl", "token-mean"),
-    ("tic_dro", "token-mean"), ("tic_geo_mean", "token-mean"))}
+    ("tic_dro", "token-mean"), ("tic_geo_mean", "token-mean"), ("tic_clip_cov", "token-mean"))}
 compute_policy_loss_tic = LOSS_MODES["tic"]
 compute_policy_loss_tic_upper = LOSS_MODES["tic_upper"]
 compute_policy_loss_tic_gspo = LOSS_MODES["tic_gspo"]
@@ -473,6 +526,7 @@ compute_policy_loss_tic_dppo_tv = LOSS_MODES["tic_dppo_tv"]
 compute_policy_loss_tic_dppo_kl = LOSS_MODES["tic_dppo_kl"]
 compute_policy_loss_tic_dro = LOSS_MODES["tic_dro"]
 compute_policy_loss_tic_geo_mean = LOSS_MODES["tic_geo_mean"]
+compute_policy_loss_tic_clip_cov = LOSS_MODES["tic_clip_cov"]
 
 
 def register() -> None:
