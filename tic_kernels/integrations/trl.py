@@ -400,16 +400,19 @@ class TICGRPOTrainer(GRPOTrainer):
                       vespo_lambda_neg=args.vespo_lambda_neg)
         if args.delta is not None:
             kw["delta"] = args.delta
+        entropy_masked = args.top_entropy_quantile < 1.0
         if args.off_policy_mask_threshold is not None:
             kw["off_policy_mask_threshold"] = args.off_policy_mask_threshold
-            if (inputs.get("sampling_per_token_logps") is not None
-                    and not (self.use_vllm and self.vllm_importance_sampling_correction)):
-                # TRL then measures the drift against the sampler, which the loss reads only
-                # with the sampler correction on
+            if inputs.get("sampling_per_token_logps") is not None and (
+                    entropy_masked
+                    or not (self.use_vllm and self.vllm_importance_sampling_correction)):
+                # TRL then measures the drift against the sampler, whose log-probs the loss
+                # reads only with the sampler correction on and no entropy mask
                 raise ValueError("TICGRPOTrainer does not implement off_policy_mask_threshold "
                                  "against the sampler's log-probs without "
-                                 "vllm_importance_sampling_correction; turn the correction on "
-                                 "(or use trl.GRPOTrainer)")
+                                 "vllm_importance_sampling_correction, or with "
+                                 "top_entropy_quantile < 1; turn the correction on and the "
+                                 "mask off (or use trl.GRPOTrainer)")
         if self.loss_type in _PER_ROW + ("dr_grpo",):
             kw["num_sequences"] = B  # TRL averages over every row, empty ones included
         if self.loss_type == "dr_grpo":
@@ -426,12 +429,6 @@ class TICGRPOTrainer(GRPOTrainer):
             normalizer = float(normalizer)
             kw["num_tokens"] = max(normalizer, 1.0)  # tic clamps its count at 1; TRL does not
             factor = kw["num_tokens"] / normalizer
-        entropy_masked = args.top_entropy_quantile < 1.0
-        if entropy_masked and args.off_policy_mask_threshold is not None and \
-                inputs.get("sampling_per_token_logps") is not None:
-            raise ValueError("TICGRPOTrainer does not implement off_policy_mask_threshold "
-                             "against the sampler's log-probs together with "
-                             "top_entropy_quantile < 1 (or use trl.GRPOTrainer)")
         if self.use_vllm and self.vllm_importance_sampling_correction:
             sampler = inputs.get("sampling_per_token_logps")
             # with the entropy mask the weights are TRL's precomputed ones, times the mask

@@ -192,6 +192,12 @@ def _number(name, value):
     return float(value)
 
 
+def _policy_option(config, key, default=None):
+    """config.policy_loss.<key> (verl's PolicyLossConfig), ``default`` where it is unset."""
+    value = _get(_get(config, "policy_loss", None) or {}, key, None)
+    return default if value is None else value
+
+
 def _clip_ratios(config, loss_mode, dual=True):
     """(eps_low, eps_high, clip_ratio_c) as verl's vanilla reads them; ``dual``: clip_ratio_c
     is the dual clip, which must exceed 1 (the DPPOs' cap on their weight need not)."""
@@ -353,8 +359,6 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
 def _geometric_mean_weights(weights, response_mask):
     """verl's geo_mean weighs each sequence by the geometric mean of its tokens' weights,
     exp(sum_t log(w_t + 1e-10) / (L + 1e-8)): that value on each of its tokens."""
-    _check.float_tensor("rollout_is_weights", weights)
-    _check.shape("rollout_is_weights", weights, response_mask.shape, " (response_mask's shape)")
     m = response_mask.to(torch.promote_types(weights.dtype, torch.float32))
     log_mean = (torch.log(weights + 1e-10) * m).sum(-1) / (m.sum(-1) + 1e-8)
     return torch.exp(log_mean).unsqueeze(-1).expand(weights.shape)
@@ -368,11 +372,9 @@ def _clip_cov_weights(old_log_prob, log_prob, advantages, response_mask, config,
     mean A)(logp_t - mean logp) (means over the response tokens) lies strictly inside
     (clip_cov_lb, clip_cov_ub); max(1, int(clip_cov_ratio * tokens)) of them are drawn with
     torch.randperm, the draw verl makes, so that the same random state cuts the same tokens."""
-    policy = _get(config, "policy_loss", None) or {}
-    share = _get(policy, "clip_cov_ratio", None)
-    share = 0.0002 if share is None else share
-    lb, ub = _get(policy, "clip_cov_lb", None), _get(policy, "clip_cov_ub", None)
-    lb, ub = 1.0 if lb is None else lb, 5.0 if ub is None else ub
+    share = _policy_option(config, "clip_cov_ratio", 0.0002)
+    lb = _policy_option(config, "clip_cov_lb", 1.0)
+    ub = _policy_option(config, "clip_cov_ub", 5.0)
     if not share > 0:
         raise ValueError(f"config.policy_loss.clip_cov_ratio must be > 0, got {share!r}")
     _check.float_tensor("advantages", advantages)
@@ -420,6 +422,10 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         adv = _sequence_advantages(advantages, response_mask, loss_mode)
     if rollout_is_weights is not None:
         weights = rollout_is_weights.detach()
+        if loss_mode in ("tic_geo_mean", "tic_clip_cov"):  # transformed before tic checks them
+            _check.float_tensor("rollout_is_weights", weights)
+            _check.shape("rollout_is_weights", weights, response_mask.shape,
+                         " (response_mask's shape)")
         if loss_mode == "tic_geo_mean":
             weights = _geometric_mean_weights(weights, response_mask)
         keywords["rollout_weights"] = weights
@@ -427,8 +433,6 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         cut = _clip_cov_weights(old_log_prob, log_prob, advantages, response_mask, config,
                                 eps_low, eps_high)
         if rollout_is_weights is not None:
-            _check.shape("rollout_is_weights", rollout_is_weights, response_mask.shape,
-                         " (response_mask's shape)")
             cut = cut * keywords["rollout_weights"]
         keywords["rollout_weights"] = cut
     if objective != "clip":
@@ -439,7 +443,7 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     if objective.startswith("dppo"):  # verl truncates DPPO's weight at clip_ratio_c
         keywords["delta"] = clip_c
     if objective == "dro":
-        keywords["dro_beta"] = _get(_get(config, "policy_loss", None) or {}, "dro_beta")
+        keywords["dro_beta"] = _policy_option(config, "dro_beta")
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)

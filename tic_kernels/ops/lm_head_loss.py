@@ -39,8 +39,8 @@ def by_rows(config) -> bool:
     """Whether each token's gradient coefficient follows from its own row and its sequence's
     advantage alone: the token-level ratios ("token", "none") weighted per token (no
     seq-mean-token-mean, no sampler weight per sequence, nothing that weighs its tokens by the
-    whole sequence: VESPO, the off-policy mask). Their chunks are rows-equal and may cut sequences; the other
-    ratios' chunks hold whole sequences."""
+    whole sequence: VESPO, the off-policy mask). Their chunks are rows-equal and may cut
+    sequences; the other ratios' chunks hold whole sequences."""
     return (config.ratio in ("token", "none") and config.aggregation != "seq-mean-token-mean"
             and not config.rollout_per_sequence and config.objective != "vespo"
             and config.off_policy_mask_threshold is None)

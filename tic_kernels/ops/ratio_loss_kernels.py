@@ -20,8 +20,7 @@ import triton.language as tl
 from ..backend import as_f32, segment_bounds
 from ..options import AGGREGATIONS
 from .ratio_objectives import (GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, RW_TOKEN,
-                               TOKEN,
-                               VESPO, _clamp, _rollout_weight, _sequence_objective,
+                               TOKEN, VESPO, _clamp, _rollout_weight, _sequence_objective,
                                _token_rollout, gmpo_log_ratio, token_coefficient,
                                vespo_sampler_log_weight, vespo_weight)
 
@@ -129,9 +128,8 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
 @triton.jit
 def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
                 coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq,
-                dx_seq,
-                kl_seq, eps_low, eps_high, dual_clip, delta, param_pos, param_neg, cap, beta,
-                rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
+                dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos, param_neg, cap,
+                beta, rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
                 DUAL: tl.constexpr, HAS_MASK: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                 HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
                 OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr,
@@ -152,8 +150,8 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c, obj, x, chi, clipped, kl_term = token_coefficient(
-            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq, keep_seq,
-            xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos,
+            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
+            keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos,
             param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
             RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
         obj_acc += obj
@@ -255,9 +253,9 @@ def _ratio_loss_fwd_kernel(
      kl_in_loss) = _token_pass(
         logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr, coef_ent_ptr, start,
         end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low,
-        eps_high,
-        dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL,
-        HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS, BLOCK)
+        eps_high, dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO,
+        TWO_SIDED, DUAL, HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA,
+        KL_BIAS, BLOCK)
     if RATIO == TOKEN:
         clipped_units, ratio_sum = tok_clipped, tok_ratio_sum
         ratio_max, capped_any = tok_ratio_max, tok_capped

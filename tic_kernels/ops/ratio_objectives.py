@@ -50,7 +50,7 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, param_pos, par
                        HAS_DELTA: tl.constexpr):
     """(J, dJ/dx, clipped, xc) for ratio x and advantage A: scalars or blocks alike. xc is the
     clipped ratio, CISPO's detached weight (its J and dJ are 0 here: its objective
-    xc A logp is formed per token, see token_coefficient, as DPPO's and DRO's are)."""
+    xc A logp is formed per token, see token_coefficient, as DPPO's, DRO's and VESPO's are)."""
     hi = 1.0 + eps_high
     if TWO_SIDED:
         xc = _clamp(x, 1.0 - eps_low, hi)
@@ -63,7 +63,7 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, param_pos, par
         return gate * (4.0 / tau) * A, 4.0 * gate * (1.0 - gate) * A, x * 0.0, xc
     if OBJECTIVE == CISPO:
         return x * 0.0, x * 0.0, (xc != x).to(tl.float32), xc
-    if OBJECTIVE == VESPO:  # its weight is formed per sequence (vespo_weight), per token used
+    if OBJECTIVE == VESPO or OBJECTIVE == DRO:  # formed per token, nothing clipped
         return x * 0.0, x * 0.0, x * 0.0, xc
     if OBJECTIVE == GMPO:  # its tokens' log-ratios were clipped (gmpo_log_ratio), not x
         return x * A, x * 0.0 + A, x * 0.0, x
@@ -232,8 +232,8 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta
 def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
                        W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high,
                        dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi,
-                       RATIO: tl.constexpr,
-                       TWO_SIDED: tl.constexpr, DUAL: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+                       RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
+                       KL_IN_LOSS: tl.constexpr,
                        ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
                        HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
     """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
@@ -276,7 +276,6 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
             clipped = (xc == 0).to(tl.float32)
         if OBJECTIVE == VESPO:  # the sequence's weight on each token's logp
             xc = zero + xc_seq
-            clipped = zero
         if (OBJECTIVE == CISPO or OBJECTIVE == DPPO_TV or OBJECTIVE == DPPO_KL
                 or OBJECTIVE == VESPO):
             J_tok = xc * A * lp  # J = sg(w) A logp
@@ -285,7 +284,6 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
             d = lp - old
             J_tok = A * lp - 0.5 * param_pos * d * d
             c = -v * wt * (A - param_pos * d)
-            clipped = zero
         else:
             c = -v * wt * dJ * x * chi
         obj = tl.where(keep, v * wt * J_tok, 0.0)
