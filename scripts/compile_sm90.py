@@ -108,16 +108,21 @@ def variants():
                (True, False, True, True, True, False, 1, True),
                (False, True, True, False, False, True, 2, False),
                (True, False, False, True, False, False, 3, False)]
-    for ratio, (two_sided, dual, per_seq, mask, ref, ent, rollout, rw_mask) in itertools.product(
-            range(4), options):
+    # and KL-Cov: the token ratio with given weights, the KL and the entropy
+    variants = list(itertools.product(range(4), options)) + [
+        (2, (True, False, False, True, True, True, 3, False))]
+    for ratio, (two_sided, dual, per_seq, mask, ref, ent, rollout, rw_mask) in variants:
         # the padded layout with the mask; the loss reduced in the same launch (FINALIZE) on
         # every other variant
         finalize = (ratio + rollout) % 2 == 0
-        # the objectives (clip, cispo, sapo, dppo, dro, gmpo, vespo; dual_clip only with clip),
+        # the objectives (clip, cispo, sapo, dppo, dro, gmpo, vespo, kl_cov; dual_clip only
+        # with clip),
         # delta with clip and a KL, the KL's bias correction on the odd ratios
         objective = 0 if dual else (ratio + rollout) % 3
         if ratio == 2 and not dual and rollout in (0, 1, 3):  # the token ratio: DPPOs, DRO
             objective = {0: 3, 1: 4, 3: 5}[rollout]
+        if ratio == 2 and not dual and rollout == 3 and ref:
+            objective = 8
         if ratio == 1 and not dual and rollout in (1, 3):  # sequence_mean: GMPO too
             objective = 6
         if ratio == 0 and not dual and rollout == 1:  # VESPO, the sampler's weights in w
@@ -132,7 +137,7 @@ def variants():
                ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*bf16", cu_ptr="*i32", mask_ptr="*i1", roll_ptr="*fp32",
-                    coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
+                    sel_ptr="*u8", coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
                     stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32", N="i32", T="i32",
                     B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", delta="fp32",
                     param_pos="fp32", param_neg="fp32", param2_pos="fp32",

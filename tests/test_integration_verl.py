@@ -29,12 +29,14 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def make_config(eps_low=0.2, eps_high=0.28, clip_c=3.0, tau_pos=1.0, tau_neg=1.05,
-                dro_beta=0.6, clip_cov=(0.05, 0.0, 5.0), **global_batch_info):
+                dro_beta=0.6, clip_cov=(0.05, 0.0, 5.0), kl_cov=(0.1, 0.7),
+                **global_batch_info):
     """verl's ActorConfig; clip_cov = (clip_cov_ratio, clip_cov_lb, clip_cov_ub), wide enough
-    here that clip_cov cuts one of many candidates among the batch's few tokens."""
+    here that clip_cov cuts one of many candidates among the batch's few tokens; kl_cov =
+    (kl_cov_ratio, ppo_kl_coef), a share that penalises a few of them."""
     share, lb, ub = clip_cov
     policy = PolicyLossConfig(dro_beta=dro_beta, clip_cov_ratio=share, clip_cov_lb=lb,
-                              clip_cov_ub=ub)
+                              clip_cov_ub=ub, kl_cov_ratio=kl_cov[0], ppo_kl_coef=kl_cov[1])
     config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=eps_low,
                          clip_ratio_high=eps_high, clip_ratio_c=clip_c, ppo_mini_batch_size=4,
                          ppo_micro_batch_size_per_gpu=2, rollout_n=2, tau_pos=tau_pos,
@@ -101,7 +103,7 @@ def test_registry_serves_every_loss():
         tkv.register()
     assert set(tkv.LOSS_MODES) == {"tic", "tic_upper", "tic_gspo", "tic_token", "tic_cispo",
                                    "tic_sapo", "tic_gpg", "tic_dppo_tv", "tic_dppo_kl",
-                                   "tic_dro", "tic_geo_mean", "tic_clip_cov"}
+                                   "tic_dro", "tic_geo_mean", "tic_clip_cov", "tic_kl_cov"}
     for name, fn in tkv.LOSS_MODES.items():
         assert core_algos.get_policy_loss_fn(name) is fn
 
@@ -194,10 +196,34 @@ def test_clip_cov_equals_verl(weights, dtype):
              make_config(clip_cov=(0.0, 0.0, 5.0)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weights", [False, True])
+def test_kl_cov_equals_verl(weights, dtype):
+    """verl's kl_cov (its top-k covariance tokens under ppo_kl_coef |log-ratio|): loss,
+    gradient and metric for every loss_agg_mode, at verl's default share (one token) and at
+    one that penalises several; the penalty changes the loss; a share of 0 raises."""
+    inputs, _ = make_batch(dtype, weights)
+    unpenalised = call(tkv.compute_policy_loss_tic_kl_cov, inputs, "token-mean",
+                       make_config(kl_cov=(0.3, 0.0)))
+    for kl_cov in ((0.3, 0.7), (0.0002, 1.0)):
+        config = make_config(kl_cov=kl_cov)
+        for mode in AGG_MODES:
+            mine = call(tkv.compute_policy_loss_tic_kl_cov, inputs, mode, config)
+            ref = call(core_algos.get_policy_loss_fn("kl_cov"), inputs, mode, config)
+            assert_same(mine, ref, dtype)
+            if mode == "token-mean":  # the penalised tokens' share, one of them at least
+                assert mine[2]["actor/tic_clip_fraction"] > 0
+                assert not torch.allclose(mine[0], unpenalised[0])
+    with pytest.raises(ValueError, match=r"config\.policy_loss\.kl_cov_ratio .* in \(0, 1\]"):
+        call(tkv.compute_policy_loss_tic_kl_cov, inputs, "token-mean",
+             make_config(kl_cov=(0.0, 1.0)))
+
+
 @pytest.mark.parametrize("ours,theirs", [("tic_token", "vanilla"), ("tic_gspo", "gspo"),
                                          ("tic_cispo", "cispo"), ("tic_sapo", "sapo"),
                                          ("tic_gpg", "gpg"), ("tic_dppo_kl", "dppo_kl"),
-                                         ("tic_dro", "dro"), ("tic_geo_mean", "geo_mean")])
+                                         ("tic_dro", "dro"), ("tic_geo_mean", "geo_mean"),
+                                         ("tic_kl_cov", "kl_cov")])
 def test_global_batch_normalisers(ours, theirs):
     """verl's gradient-accumulation normalisers (config.global_batch_info, as ppo_loss sets
     them): dp_size, batch_num_tokens, global_batch_size, loss_scale_factor."""

@@ -12,10 +12,11 @@ import torch
 
 import tic_kernels as tk
 from tic_kernels import reference as ref
+from tic_kernels.ops import lm_head, lm_head_loss, ratio_loss
 from tic_kernels.ops import token_logprobs as op1
 from tic_kernels.ops.packing import unpack
-from tic_kernels.testing import (GRAD_TOL, LOSS_TOL, Launches, loss_batch, rollout_keywords,
-                                 tolerance)
+from tic_kernels.testing import (GRAD_TOL, LOSS_TOL, Launches, head_batch, loss_batch,
+                                 rollout_keywords, tolerance)
 
 pytestmark = pytest.mark.usefixtures("requires_triton")
 
@@ -84,6 +85,39 @@ def test_tic_loss_two_kernels_forward_one_backward(name, padded, as_they_come, m
         assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
         grad, want_grad = grad[keep], want_grad[keep]
     torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_kl_cov_selects_on_the_device(padded, monkeypatch, device):
+    """KL-Cov's selection (a sort of the batch's covariances) reads nothing back to the host:
+    tic_loss keeps its two kernels and one backward kernel, with the selection's torch ops
+    between them; the fused LM head runs its forward GEMM once more per chunk (every
+    log-prob before a gradient) and reads nothing more than with the clipped objective."""
+    monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
+    b, lay, adv = _inputs(padded, True, device)
+    kw = dict(ratio="token", objective="kl_cov", kl_cov_ratio=0.3)
+    logits = (b.logits * 1).requires_grad_(True)
+    with Launches(into=(ratio_loss,)) as fwd:
+        out = tk.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
+    grad, bwd = _grad(out.loss, logits)
+    triton = [k for k in fwd.kernels if not k.startswith("aten.")]
+    assert (triton, fwd.host_reads) == ([ROW_FWD, LOSS_FWD], 0) and "aten.sort" in fwd.kernels
+    assert (bwd.kernels, bwd.host_reads) == ([ROW_BWD], 0)
+    want = ref.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
+    torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
+    assert out.stats["clip_fraction"] == pytest.approx(4 / 15)  # floor(0.3 * 15) tokens
+
+    h = head_batch([5, 0, 7, 3], 37, padded=padded, seed=5, device=device)
+    leaves = [t.clone().requires_grad_() for t in (h.hidden, h.weight)]
+    counts = []
+    for options in (dict(ratio="token"), kw):
+        with Launches(stub=True, into=(lm_head, lm_head_loss)) as fwd:
+            tk.linear_tic_loss(*leaves, h.targets, h.old_logprobs, h.advantages, chunk_size=4,
+                               **h.layout_kw, **options)
+        counts.append((sum(k in ("aten.mm", "aten.addmm", "aten.addmm_") for k in fwd.kernels),
+                       fwd.host_reads))
+    # 4 chunks: 3 GEMMs each, and the pre-pass's 4; no read beyond the padded rows' one
+    assert counts == [(12, int(padded)), (16, int(padded))]
 
 
 @pytest.mark.parametrize("padded", [False, True])

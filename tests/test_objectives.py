@@ -1,5 +1,5 @@
 """The objectives of op 4 beyond the clipped surrogate (docs/spec.md, op 4): CISPO, SAPO,
-DPPO, DRO, GMPO, VESPO, the clipped objective's upper bound delta, and the KL's bias
+DPPO, DRO, GMPO, VESPO, KL-Cov, the clipped objective's upper bound delta, and the KL's bias
 correction, on every entry point (logits, log-probabilities, the fused LM head), against the
 reference and against formulas written here from TRL's and verl's definitions."""
 import math
@@ -41,6 +41,11 @@ ONE_RATIO_OBJECTIVES = {
     "vespo_token": dict(objective="vespo", aggregation="token-mean", vespo_k_pos=1.0,
                         vespo_lambda_pos=0.5),
     "opsm_token": dict(aggregation="token-mean", off_policy_mask_threshold=0.0),
+    # every row's log-prob before a gradient: the fused head's pre-pass
+    "kl_cov": dict(objective="kl_cov", kl_cov_ratio=0.25, kl_cov_coef=0.6, beta=0.1,
+                   entropy_coef=0.02),
+    "kl_cov_seq_mean": dict(objective="kl_cov", kl_cov_ratio=0.1,
+                            aggregation="seq-mean-token-mean"),
 }
 
 
@@ -100,15 +105,17 @@ def test_kernels_match_the_reference(name, ratio, padded, device):
 @pytest.mark.usefixtures("requires_triton")
 @pytest.mark.parametrize("objective, delta", [("dppo_tv", None), ("dppo_tv", 1.2),
                                               ("dppo_kl", None), ("dppo_kl", 1.2),
-                                              ("dro", None)])
+                                              ("dro", None), ("kl_cov", None)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_token_objectives_match_the_reference(objective, delta, padded, device):
     """The token ratio's own objectives: DPPO's trust region, bounds that part of the tokens
     pass, with and without the weight's cap; DRO's penalty; with the sampler's weights and
-    the KL."""
+    the KL; KL-Cov's penalty on a share of the tokens."""
     batch = loss_batch(LENGTHS, 7, padded=padded, device=device, drift=0.3, seed=41)
     if objective == "dro":
         kw = dict(dro_beta=1.7)
+    elif objective == "kl_cov":
+        kw = dict(kl_cov_ratio=0.3, kl_cov_coef=0.8)
     else:
         lo, hi = (0.02, 0.03) if objective == "dppo_tv" else (0.003, 0.005)
         kw = dict(eps_low=lo, eps_high=hi, delta=delta)
@@ -117,6 +124,8 @@ def test_token_objectives_match_the_reference(objective, delta, padded, device):
     want = _matches_the_reference(batch, kw)
     if objective == "dro":
         assert want.stats["clip_fraction"] == 0  # nothing is clipped
+    elif objective == "kl_cov":  # floor(0.3 * 19) of the 19 tokens are penalised
+        assert want.stats["clip_fraction"] == pytest.approx(5 / 19)
     else:
         assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the region
 
@@ -206,7 +215,7 @@ def _grpo_mean(per_token, mask):
 
 
 @pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias",
-                                  "dppo_tv", "dppo_kl", "dro", "vespo", "opsm"])
+                                  "dppo_tv", "dppo_kl", "dro", "vespo", "opsm", "kl_cov"])
 def test_token_level_formulas(case, device, path):
     """The token ratio's objectives against formulas written from TRL's and verl's losses
     (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
@@ -243,6 +252,17 @@ def test_token_level_formulas(case, device, path):
     elif case == "dro":  # verl: -(logp A - beta / 2 (logp - old)^2)
         per_token = -(x * A - 0.5 * 1.3 * (x - old) ** 2)
         kw.update(objective="dro", dro_beta=1.3)
+    elif case == "kl_cov":  # verl: -A r, + coef |logp - old| on the top-k covariance tokens
+        with torch.no_grad():
+            A_tok, lp_tok = A.expand_as(x)[mask], x[mask]
+            cov = (A_tok - A_tok.mean()) * (lp_tok - lp_tok.mean())
+            k = max(1, int(cov.numel() * 0.2))
+            top = torch.zeros_like(cov, dtype=torch.bool)
+            top[torch.topk(cov, k).indices] = True
+            chosen = torch.zeros_like(mask)
+            chosen[mask] = top
+        per_token = -A * r + 0.9 * chosen * (x - old).abs()
+        kw.update(objective="kl_cov", kl_cov_ratio=0.2, kl_cov_coef=0.9)
     elif case == "vespo":  # TRL: -phi(w) A logp, phi of the sequence's clamped log-weight
         with torch.no_grad():
             log_w = ((x - old).clamp(-20, 20) * mask).sum(-1, keepdim=True)
@@ -307,7 +327,8 @@ def test_gmpo_formula(device, path):
                                          ("kl_bias", "sequence_mean"), ("delta", "token"),
                                          ("dro_kl_bias", "token"),
                                          ("gmpo_kl_bias", "sequence_mean"),
-                                         ("vespo_token", "token"), ("opsm_token", "token")])
+                                         ("vespo_token", "token"), ("opsm_token", "token"),
+                                         ("kl_cov", "token"), ("kl_cov_seq_mean", "token")])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_fused_lm_head(name, ratio, chunk_size, device):
     """linear_tic_loss with the objectives (chunks of 4 rows cut sequences: rows-equal for
@@ -401,6 +422,12 @@ def test_gmpo_nan_rule(clip_mode, device):
     (dict(objective="vespo", ratio="none"), "ratio='none' has none"),
     (dict(objective="vespo", delta=2.0), "objective='vespo' has no such branch"),
     (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be a finite"),
+    (dict(objective="kl_cov"), "it takes ratio='token', not 'trajectory'"),
+    (dict(objective="kl_cov", ratio="token", kl_cov_ratio=0.0), r"kl_cov_ratio .* in \(0, 1\]"),
+    (dict(objective="kl_cov", ratio="token", kl_cov_ratio=1.5), r"kl_cov_ratio .* in \(0, 1\]"),
+    (dict(objective="kl_cov", ratio="token", kl_cov_coef=-1.0), "kl_cov_coef must be a finite"),
+    (dict(kl_cov_ratio=0.1), "kl_cov_ratio belongs to KL-Cov's penalty: it needs"),
+    (dict(objective="kl_cov", ratio="token", dual_clip=3.0), "dual_clip applies to"),
     (dict(off_policy_mask_threshold="0.1"), "off_policy_mask_threshold must be a finite"),
     (dict(objective="gmpo", ratio="sequence_mean", dual_clip=3.0),
      "dual_clip applies to objective='clip'"),

@@ -84,9 +84,12 @@ def run_cases(seed, device, rank=0, world=1, group=None):
                 grad_bias=bias.grad)
             h = _leaf(hb.hidden)
             w, bias = _leaf(hb.weight, cols, last=False), _leaf(hb.bias, cols, last=False)
+            # padded: KL-Cov, whose selection needs every row's log-prob before a gradient
+            kl_cov = dict(ratio="token", objective="kl_cov", kl_cov_ratio=0.3) if padded else {}
             o = tk.linear_tic_loss(h, w, hb.targets, hb.old_logprobs, hb.advantages, bias=bias,
                                    chunk_size=4, ref_logprobs=hb.ref_logprobs, beta=0.05,
                                    entropy_coef=0.01, process_group=group, **hb.layout_kw,
+                                   **kl_cov,
                                    **rollout_keywords(
                                        hb.old_logprobs, hb.layout_kw,
                                        "sequence_truncate" if padded else "token_truncate",

@@ -18,7 +18,7 @@ import math
 from typing import Optional
 
 from . import validation as check
-from .options import (ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, VESPO_K_NEG,
+from .options import (KL_COV_COEF, KL_COV_RATIO, ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, VESPO_K_NEG,
                       VESPO_K_POS, VESPO_LAMBDA_NEG, VESPO_LAMBDA_POS, default_aggregation)
 
 
@@ -57,6 +57,8 @@ class LossConfig:
     vespo_lambda_pos: float = VESPO_LAMBDA_POS
     vespo_k_neg: float = VESPO_K_NEG
     vespo_lambda_neg: float = VESPO_LAMBDA_NEG
+    kl_cov_ratio: float = KL_COV_RATIO
+    kl_cov_coef: float = KL_COV_COEF
     kl_bias_correction: bool = False
     off_policy_mask_threshold: Optional[float] = None
 
@@ -65,8 +67,8 @@ class LossConfig:
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
            rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask,
            objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo_k_pos,
-           vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_bias_correction,
-           off_policy_mask_threshold):
+           vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_cov_ratio, kl_cov_coef,
+           kl_bias_correction, off_policy_mask_threshold):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
@@ -80,7 +82,8 @@ class LossConfig:
                               rollout_weights)
         vespo = (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg)
         check.objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo,
-                                kl_bias_correction, ratio, dual_clip, beta)
+                                (kl_cov_ratio, kl_cov_coef), kl_bias_correction, ratio,
+                                dual_clip, beta)
         check.optional_real("off_policy_mask_threshold", off_policy_mask_threshold)
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
@@ -107,6 +110,8 @@ class LossConfig:
             sapo_tau_neg=float(sapo_tau_neg), dro_beta=number(dro_beta),
             vespo_k_pos=float(vespo_k_pos), vespo_lambda_pos=float(vespo_lambda_pos),
             vespo_k_neg=float(vespo_k_neg), vespo_lambda_neg=float(vespo_lambda_neg),
+            kl_cov_ratio=float(KL_COV_RATIO if kl_cov_ratio is None else kl_cov_ratio),
+            kl_cov_coef=float(KL_COV_COEF if kl_cov_coef is None else kl_cov_coef),
             kl_bias_correction=bool(kl_bias_correction),
             off_policy_mask_threshold=number(off_policy_mask_threshold))
         return config, tensor
@@ -130,9 +135,12 @@ class LossConfig:
     def objective_parameters(self) -> tuple:
         """The objective's parameters as the kernels take them, (param_pos, param_neg,
         param2_pos, param2_neg) by the advantage's sign: SAPO's temperatures, DRO's dro_beta,
-        VESPO's shapes k and rates lambda; 1.0 where the objective has none."""
+        VESPO's shapes k and rates lambda, KL-Cov's kl_cov_coef; 1.0 where the objective has
+        none."""
         if self.objective == "dro":
             return self.dro_beta, self.dro_beta, 1.0, 1.0
+        if self.objective == "kl_cov":
+            return self.kl_cov_coef, self.kl_cov_coef, 1.0, 1.0
         if self.objective == "sapo":
             return self.sapo_tau_pos, self.sapo_tau_neg, 1.0, 1.0
         if self.objective == "vespo":

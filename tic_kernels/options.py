@@ -12,9 +12,11 @@ CLIP_MODES = ("two_sided", "upper")
 # token's log-ratio (its strength ``dro_beta``; token ratio only), GMPO's unclipped x A of the
 # geometric mean of the tokens' ratios, each token's log-ratio clipped on the side the
 # advantage pushes it (sequence_mean only), VESPO's detached gamma weight of the trajectory's
-# ratio on log pi (its shape k and rate lambda by the advantage's sign)
-OBJECTIVES = ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl", "dro", "gmpo", "vespo")
-TOKEN_ONLY_OBJECTIVES = ("dppo_tv", "dppo_kl", "dro")
+# ratio on log pi (its shape k and rate lambda by the advantage's sign), KL-Cov's unclipped
+# x A less a penalty on the |log-ratio| of the few tokens of largest advantage-logp covariance
+# (token ratio only)
+OBJECTIVES = ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl", "dro", "gmpo", "vespo", "kl_cov")
+TOKEN_ONLY_OBJECTIVES = ("dppo_tv", "dppo_kl", "dro", "kl_cov")
 # SAPO's temperatures' defaults: TRL's sapo_temperature_pos / _neg, verl's tau_pos / _neg
 SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 # VESPO's gamma weight's defaults (TRL's vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
@@ -22,6 +24,9 @@ SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG = 2.0, 3.0, 3.0, 2.0
 VESPO_MIN_LAMBDA = 1e-4
 VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = -18.420680743952367, 20.0  # log(1e-8), 20
+# KL-Cov's defaults (verl's policy_loss.kl_cov_ratio and ppo_kl_coef): the share of the loss
+# tokens under the penalty, and the penalty's weight
+KL_COV_RATIO, KL_COV_COEF = 0.0002, 1.0
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REDUCES = ("sum", "mean")
 SCALES = ("group", "batch", "none")

@@ -332,11 +332,12 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
                          "layout (with a mask it defaults to T)")
 
 
-def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo,
+def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo, kl_cov,
                       kl_bias_correction, ratio, dual_clip, beta):
     """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo, dppo_tv,
-    dppo_kl, dro, gmpo, vespo; ``vespo`` the four vespo_k_pos, vespo_lambda_pos,
-    vespo_k_neg, vespo_lambda_neg)."""
+    dppo_kl, dro, gmpo, vespo, kl_cov; ``vespo`` the four vespo_k_pos, vespo_lambda_pos,
+    vespo_k_neg, vespo_lambda_neg; ``kl_cov`` kl_cov_ratio and kl_cov_coef, None for their
+    defaults)."""
     choice("objective", objective, OBJECTIVES)
     if objective != "clip" and ratio == "none":
         raise ValueError(f"objective={objective!r} weighs a ratio; ratio='none' has none (use "
@@ -355,6 +356,18 @@ def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, ve
     elif dro_beta is not None:
         raise ValueError(f"dro_beta is DRO's penalty: it needs objective='dro', not "
                          f"{objective!r}")
+    share, coef = kl_cov
+    if objective == "kl_cov":
+        if share is not None and not (_real(share) and 0 < share <= 1):
+            raise ValueError(f"kl_cov_ratio (the share of the loss tokens KL-Cov penalises) "
+                             f"must be a number in (0, 1] (or None: 0.0002), got {share!r}")
+        if coef is not None:
+            positive("kl_cov_coef", coef, allow_zero=True)
+    else:
+        for name, value in (("kl_cov_ratio", share), ("kl_cov_coef", coef)):
+            if value is not None:
+                raise ValueError(f"{name} belongs to KL-Cov's penalty: it needs "
+                                 f"objective='kl_cov', not {objective!r}")
     if delta is not None:
         if not (_real(delta) and delta > 0):
             raise ValueError(f"delta (the upper bound of the unclipped ratio) must be a finite "

@@ -1,6 +1,6 @@
 """tic_kernels' losses as verl policy losses (``actor_rollout_ref.actor.policy_loss.loss_mode``).
 
-Importing this module registers twelve losses with verl's ``register_policy_loss``
+Importing this module registers thirteen losses with verl's ``register_policy_loss``
 (``verl.trainer.ppo.core_algos``); ``register()`` does it again (idempotent), for a registry
 that was reset. ``import tic_kernels`` never imports verl; only this module does.
 
@@ -40,6 +40,13 @@ loss_mode      what tic_kernels computes (``tic_loss_from_logprobs``)
                drawn at random as verl draws them (``policy_loss.clip_cov_ratio``,
                ``clip_cov_lb``, ``clip_cov_ub``; one host read for the count); equals verl's
                ``clip_cov`` under the same torch random state.
+``tic_kl_cov``  KL-Cov: the token ratio unclipped, -A r, plus ``policy_loss.ppo_kl_coef`` times
+               |log_prob - old_log_prob| on the max(1, int(``policy_loss.kl_cov_ratio`` N))
+               response tokens of largest advantage-logp covariance; equals verl's
+               ``kl_cov`` (its metric ``actor/ppo_kl``: the mean |log-ratio|). The selection
+               runs on the device without a host sync (verl's copies to the host); tied
+               covariances go to the earlier token, where verl's top-k picks among them as
+               torch.topk does.
 =============  =================================================================================
 
 Arguments and result are those of verl's own policy losses: ``(old_log_prob, log_prob,
@@ -126,7 +133,8 @@ __all__ = ["LOSS_MODES", "METRIC_PREFIX", "compute_policy_loss_tic",
            "compute_policy_loss_tic_dppo_kl",
            "compute_policy_loss_tic_dppo_tv", "compute_policy_loss_tic_dro",
            "compute_policy_loss_tic_geo_mean", "compute_policy_loss_tic_gpg",
-           "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_sapo",
+           "compute_policy_loss_tic_gspo", "compute_policy_loss_tic_kl_cov",
+           "compute_policy_loss_tic_sapo",
            "compute_policy_loss_tic_token", "compute_policy_loss_tic_upper", "register"]
 
 # tic_kernels' own statistics are reported as METRIC_PREFIX + their name
@@ -155,6 +163,8 @@ _VERL_NAMES = {
     "aggregation": "loss_agg_mode", "sapo_tau_pos": "config.tau_pos",
     "sapo_tau_neg": "config.tau_neg", "delta": "config.clip_ratio_c",
     "dro_beta": "config.policy_loss.dro_beta",
+    "kl_cov_ratio": "config.policy_loss.kl_cov_ratio",
+    "kl_cov_coef": "config.policy_loss.ppo_kl_coef",
 }
 _in_verl_terms = renamer(_VERL_NAMES)
 
@@ -173,6 +183,7 @@ _MODES = {
     "tic_dro": ("token", "two_sided", False, _VANILLA_CAP, "dro"),
     "tic_geo_mean": ("sequence_mean", "two_sided", False, _VANILLA_CAP, "gmpo"),
     "tic_clip_cov": ("token", "two_sided", False, _VANILLA_CAP, "clip"),
+    "tic_kl_cov": ("token", "two_sided", False, _VANILLA_CAP, "kl_cov"),
 }
 
 
@@ -326,7 +337,7 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
     """verl's metrics of cispo (pg_clipfrac: the tokens whose ratio the band moved), sapo
     (no clipping: 0), the DPPOs (pg_clipfrac: the tokens outside the trust region;
     pg_clipfrac_lower: those inside it whose ratio exceeds clip_ratio_c), dro (ppo_kl of the
-    log-ratio, unclamped, alone), geo_mean (the tokens whose log-ratio lies outside
+    log-ratio, unclamped, alone), kl_cov (its mean |log-ratio|, alone), geo_mean (the tokens whose log-ratio lies outside
     [-clip_ratio_low, clip_ratio_high], for A > 0 and A < 0) and gpg (none)."""
     if loss_mode == "tic_gpg":
         return {}
@@ -337,6 +348,8 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
         return (x.to(m.dtype) * m).sum() / (n + 1e-8)
     if loss_mode == "tic_dro":
         return {"actor/ppo_kl": -mean(log_ratio)}
+    if loss_mode == "tic_kl_cov":  # the mean |log-ratio|, unclamped
+        return {"actor/ppo_kl": mean(log_ratio.abs())}
     if loss_mode == "tic_geo_mean":  # the tokens outside the band, by the advantage's sign
         outside = log_ratio != log_ratio.clamp(-eps_low, eps_high)
         return {"actor/pg_clipfrac": mean(outside & (adv[:, None] > 0)),
@@ -399,7 +412,7 @@ def _clip_cov_weights(old_log_prob, log_prob, advantages, response_mask, config,
 def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
                  config, rollout_is_weights):
     ratio, clip_mode, dual, cap, objective = _MODES[loss_mode]
-    if loss_mode in ("tic_gpg", "tic_sapo", "tic_dro"):  # these read no clip ratio
+    if loss_mode in ("tic_gpg", "tic_sapo", "tic_dro", "tic_kl_cov"):  # these read no clip ratio
         if config is None:
             raise ValueError(f"policy loss {loss_mode!r} needs the actor config")
         eps_low, eps_high, clip_c = 0.2, 0.2, None
@@ -444,6 +457,9 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
         keywords["delta"] = clip_c
     if objective == "dro":
         keywords["dro_beta"] = _policy_option(config, "dro_beta")
+    if objective == "kl_cov":
+        keywords.update(kl_cov_ratio=_policy_option(config, "kl_cov_ratio"),
+                        kl_cov_coef=_policy_option(config, "ppo_kl_coef"))
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)
@@ -493,7 +509,8 @@ _DOC = """verl policy loss {name!r} (tic_kernels): see tic_kernels.integrations.
 
     Args (verl's): old_log_prob, log_prob, advantages, response_mask: (B, T); loss_agg_mode
     (default {default!r}, as verl's counterpart); config: the actor config (clip_ratio_low/high,
-    clip_ratio_c, tau_pos/tau_neg, policy_loss.dro_beta / clip_cov_*, global_batch_info);
+    clip_ratio_c, tau_pos/tau_neg, policy_loss.dro_beta / clip_cov_* / kl_cov_ratio /
+    ppo_kl_coef, global_batch_info);
     rollout_is_weights: (B, T) or None.
     Returns (loss, metrics dict of floats)."""
 
@@ -518,7 +535,8 @@ LOSS_MODES = {name: _loss_function(name, agg) for name, agg in (
     ("tic_gspo", "seq-mean-token-mean"), ("tic_token", "token-mean"),
     ("tic_cispo", "token-mean"), ("tic_sapo", "seq-mean-token-mean"),
     ("tic_gpg", "token-mean"), ("tic_dppo_tv", "token-mean"), ("tic_dppo_kl", "token-mean"),
-    ("tic_dro", "token-mean"), ("tic_geo_mean", "token-mean"), ("tic_clip_cov", "token-mean"))}
+    ("tic_dro", "token-mean"), ("tic_geo_mean", "token-mean"), ("tic_clip_cov", "token-mean"),
+    ("tic_kl_cov", "token-mean"))}
 compute_policy_loss_tic = LOSS_MODES["tic"]
 compute_policy_loss_tic_upper = LOSS_MODES["tic_upper"]
 compute_policy_loss_tic_gspo = LOSS_MODES["tic_gspo"]
@@ -531,6 +549,7 @@ compute_policy_loss_tic_dppo_kl = LOSS_MODES["tic_dppo_kl"]
 compute_policy_loss_tic_dro = LOSS_MODES["tic_dro"]
 compute_policy_loss_tic_geo_mean = LOSS_MODES["tic_geo_mean"]
 compute_policy_loss_tic_clip_cov = LOSS_MODES["tic_clip_cov"]
+compute_policy_loss_tic_kl_cov = LOSS_MODES["tic_kl_cov"]
 
 
 def register() -> None:

@@ -29,8 +29,8 @@ from ..output import LossOutput
 from . import vocab_parallel
 from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_shapes,
                       grads_needed, largest, linear_logprobs, rows_per_chunk)
-from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
-                         stats_dict)
+from .ratio_loss import (covariance_selection, launch_finalize, launch_ratio_fwd,
+                         loss_on_segments, new_partials, stats_dict)
 from .ratio_loss_kernels import STAT_KEYS
 from .scale import scale_once
 
@@ -133,7 +133,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     def ratio_pass(s0, s1, cu_rows, part_rows):
         launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None,
                          advantages[s0:s1], cu_rows, None, rollout, coef, coef_ent, part_rows,
-                         cfg)
+                         cfg, select=select)
 
     pieces = [c for _, cs in plan for c in cs]
     head = ChunkedHead(hidden, weight, bias, rows, largest(pieces), cfg.temperature,
@@ -143,26 +143,39 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         # rows outside every sequence (cu_seqlens not covering the batch, its value check
         # off): no chunk writes them, and zero is their gradient
         head.dh.zero_()
-    for seqs, chunks in plan:
+    # KL-Cov's selection ranks every loss token's log-prob: all of them first (the logits'
+    # forward GEMM once more per chunk), then the chunks' coefficients and gradients
+    selecting, select = cfg.objective == "kl_cov", None
+
+    def log_probs(chunks):
+        """The chunks' log-probs; returns the last one's logits (z, x), still in the buffer."""
+        last = None
         for a, b in chunks:
-            z, x = head.forward(a, b, t, logp, max_logsum, entropy)
+            last = head.forward(a, b, t, logp, max_logsum, entropy)
         if chunks:
             head.combine(chunks[0][0], chunks[-1][1], t, logp, max_logsum, entropy)
+        return last
+    if selecting:
+        for _, chunks in plan:
+            log_probs(chunks)
+        select = covariance_selection(logp, advantages, cu, None, 0, cfg.kl_cov_ratio)
+    for seqs, chunks in plan:
+        if not selecting:
+            last = log_probs(chunks)
         if seqs is not None:  # whole sequences: their loss terms and coefficients
             ratio_pass(seqs[0], seqs[1], cu[seqs[0]:seqs[1] + 1], part[seqs[0]:seqs[1]])
         elif grad:  # rows [a, b): their coefficients, over the sequences clipped to them
             ratio_pass(0, B, cu.clamp(*chunks[0]), part)
         if not grad:
             continue
-        # the last chunk's logits are still in the buffer; a sequence in pieces recomputes
-        # the others' (one more GEMM each)
+        # the last chunk's logits are still in the buffer (unless selecting); a sequence in
+        # pieces recomputes the others' (one more GEMM each)
         for i, (a, b) in enumerate(reversed(chunks)):
-            if i:
-                z, x = head.logits(a, b)
+            z, x = head.logits(a, b) if i or selecting else last
             head.backward(z, x, a, b, t, max_logsum, entropy, coef[a:b] * norm,
                           coef_ent[a:b] * (cfg.entropy_coef * norm) if with_entropy
                           else coef_ent)
-    z = x = None  # no view of the logits buffer outlives the loop
+    z = x = last = None  # no view of the logits buffer outlives the loop
     if rows_equal:  # the loss and its statistics over whole sequences
         ratio_pass(0, B, cu, part)
     launch_finalize(part, loss, stats, norm_out, cfg)
@@ -209,8 +222,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     rollout_logprobs=None, rollout_is=None, rollout_is_max=None,
                     rollout_is_min=None, rollout_weights=None, objective="clip", delta=None,
                     sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None, vespo_k_pos=2.0,
-                    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
-                    kl_bias_correction=False, off_policy_mask_threshold=None):
+                    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=None,
+                    kl_cov_coef=None, kl_bias_correction=False, off_policy_mask_threshold=None):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -237,7 +250,7 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         rollout_is_min=rollout_is_min, rollout_weights=rollout_weights, objective=objective,
         delta=delta, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
+        vespo_lambda_neg=vespo_lambda_neg, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
         kl_bias_correction=kl_bias_correction,
         off_policy_mask_threshold=off_policy_mask_threshold)
 

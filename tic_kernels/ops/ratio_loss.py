@@ -14,6 +14,7 @@ statistics, and each token's gradient coefficient, so that the backward is one m
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -43,15 +44,17 @@ def _finalize_args(config):
 
 
 def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coef, coef_ent,
-                     part, config, T=0, B=None, finalize=None):
+                     part, config, T=0, B=None, finalize=None, select=None):
     """The per-sequence pass over B sequences: [cu[i], cu[i + 1]) (cu int32 or int64, row
     offsets into the flat per-token tensors, which are indexed globally), or with cu None
     the rows [i T, (i + 1) T) of a padded batch. Writes their tokens' coef and coef_ent and
     their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of the sequences
     at a time, or on every sequence clipped to a range of rows. Optional inputs may be None;
     ``mask`` flat, of any dtype; ``rollout`` the sampler correction's tensor (config.rollout
-    says which) over the same flat positions. ``finalize`` (loss, stats, norm, counter): the last program also reduces ``part`` into
-    them (counter: an int32 holding 0), one launch in all."""
+    says which) over the same flat positions; ``select`` KL-Cov's flags over them
+    (covariance_selection; needed with objective "kl_cov"). ``finalize`` (loss, stats, norm,
+    counter): the last program also reduces ``part`` into them (counter: an int32 holding 0),
+    one launch in all."""
     B = cu.numel() - 1 if B is None else B
     if B:
         c = config
@@ -60,7 +63,8 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
         launch(_ratio_loss_fwd_kernel, (B,),
             logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
             advantages, logp if cu is None else cu, logp if mask is None else mask,
-            logp if rollout is None else rollout, coef, coef_ent, part, loss, stats, norm,
+            logp if rollout is None else rollout, logp if select is None else select, coef,
+            coef_ent, part, loss, stats, norm,
             counter, logp.numel(), T, B, c.eps_low, c.eps_high,
             0.0 if c.dual_clip is None else c.dual_clip,
             0.0 if c.delta is None else c.delta, *c.objective_parameters,
@@ -118,12 +122,47 @@ def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rol
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
     part, loss, stats, norm = new_partials(B, dev)
+    select = None
+    if config.objective == "kl_cov":
+        select = covariance_selection(logp, advantages, cu, mask, T, config.kl_cov_ratio)
     launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
                      cu, flat(mask), flat(rollout), coef, coef_ent, part, config, T, B,
-                     None if counter is None else (loss, stats, norm, counter))
+                     None if counter is None else (loss, stats, norm, counter), select)
     if counter is None:
         launch_finalize(part, loss, stats, norm, config)
     return loss, stats, coef, coef_ent, norm
+
+
+def covariance_selection(logp, advantages, cu, mask, T, share):
+    """KL-Cov's tokens (docs/spec.md, op 4) as a uint8 flag per flat position of ``logp``: 1
+    on the max(1, floor(share N)) of the N loss tokens whose (A_i - mean A)(logp_t - mean
+    logp) is largest (means over the N tokens, logp detached), ties to the earlier position.
+    The positions are split as the loss kernel splits them: [cu[i], cu[i + 1]) (``mask`` then
+    flat or None) or, with cu None, rows of T with ``mask``. On the device: a sort, no host
+    sync."""
+    R, dev = logp.numel(), logp.device
+    pos = torch.arange(R, device=dev)
+    if cu is None:
+        seq, valid = pos // max(T, 1), torch.ones(R, dtype=torch.bool, device=dev)
+    else:
+        bounds = cu.long()
+        seq = torch.searchsorted(bounds[1:], pos, right=True)
+        valid = (pos >= bounds[0]) & (pos < bounds[-1])
+    if mask is not None:
+        valid &= flat(mask) != 0
+    if not advantages.numel():
+        return torch.zeros(R, dtype=torch.uint8, device=dev)
+    A = advantages.float()[seq.clamp(max=advantages.numel() - 1)]
+    lp = torch.where(valid, logp.detach().reshape(-1).float(), 0.0)
+    on = valid.float()
+    n = on.sum()
+    mean_A, mean_lp = (A * on).sum() / n.clamp(min=1), lp.sum() / n.clamp(min=1)
+    cov = torch.where(valid, (A - mean_A) * (lp - mean_lp), -math.inf)
+    order = torch.sort(cov, descending=True, stable=True).indices
+    taken = valid[order]
+    k = (n.double() * share).floor().clamp(min=1)
+    chosen = taken & (taken.cumsum(0) <= k)
+    return torch.zeros(R, dtype=torch.uint8, device=dev).scatter_(0, order, chosen.to(torch.uint8))
 
 
 def scaled_coefficients(g_loss, norm, coef, coef_ent, entropy_coef, with_entropy):
@@ -193,9 +232,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            rollout_is_max=None, rollout_is_min=None, rollout_weights=None,
                            objective="clip", delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05,
                            dro_beta=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
-                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_bias_correction=False,
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=None,
+                           kl_cov_coef=None, kl_bias_correction=False,
                            off_policy_mask_threshold=None):
-    """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO, DPPO, DRO, GMPO, VESPO) loss from
+    """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO, DPPO, DRO, GMPO, VESPO, KL-Cov) loss from
     log-probabilities the caller already has.
 
     Args:
@@ -230,8 +270,14 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             to [log 1e-8, 20]; (k, lambda) = (``vespo_k_pos``, ``vespo_lambda_pos``) for
             A >= 0, else (``vespo_k_neg``, ``vespo_lambda_neg``), lambda at least 1e-4
             (TRL's vespo; the unit's ratio serves the KL's bias correction and the
-            statistics). Only clip takes dual_clip; "none" has no ratio for the others; the
-            DPPOs and DRO take the token ratio, gmpo sequence_mean.
+            statistics); "kl_cov", KL-Cov (verl's kl_cov): the unclipped x A per token,
+            less ``kl_cov_coef`` (None: 1.0) times |log pi - log pi_old| (not capped) on
+            the max(1, floor(``kl_cov_ratio`` N)) of the batch's N loss tokens (None:
+            0.0002) whose covariance (A - mean A)(sg(log pi) - mean sg(log pi)) (means over
+            the N tokens) is largest, ties to the earlier position; the selection is made on
+            the device (no host sync) and clip_fraction reports the share it penalises.
+            Only clip takes dual_clip; "none" has no ratio for the others; the DPPOs, DRO
+            and kl_cov take the token ratio, gmpo sequence_mean.
         beta: weight of the k3 KL to ``ref_logprobs``, added per token inside the aggregation;
             ``kl_bias_correction=True`` multiplies each token's KL by its unit's ratio x (not
             detached), TRL's ``use_bias_correction_kl``.
@@ -282,7 +328,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         rollout_weights=rollout_weights, mask=mask, objective=objective, delta=delta,
         sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, dro_beta=dro_beta,
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
+        vespo_lambda_neg=vespo_lambda_neg, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
         kl_bias_correction=kl_bias_correction,
         off_policy_mask_threshold=off_policy_mask_threshold)
     with check.one_read():

@@ -126,7 +126,7 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
 
 
 @triton.jit
-def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr,
+def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr, coef_ptr,
                 coef_ent_ptr, start, end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq,
                 dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos, param_neg, cap,
                 beta, rw_lo, rw_hi, RATIO: tl.constexpr, TWO_SIDED: tl.constexpr,
@@ -150,10 +150,10 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
             keep &= tl.load(mask_ptr + idx, mask=inside, other=0) != 0
         lp = tl.load(logp_ptr + idx, mask=keep, other=0.0).to(tl.float32)
         c, obj, x, chi, clipped, kl_term = token_coefficient(
-            lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq, W_seq,
-            keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta, param_pos,
-            param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT,
-            RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
+            lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, A, v, g_seq, J_seq,
+            W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta,
+            param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS,
+            ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
         obj_acc += obj
         kl_acc += kl_term
         if RATIO == TOKEN:
@@ -173,7 +173,7 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_pt
 
 @triton.jit
 def _ratio_loss_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr,
+    logp_ptr, old_ptr, ref_ptr, ent_ptr, adv_ptr, cu_ptr, mask_ptr, roll_ptr, sel_ptr,
     coef_ptr, coef_ent_ptr, part_ptr, loss_ptr, stats_ptr, norm_ptr, counter_ptr, N, T, B,
     eps_low, eps_high, dual_clip, delta, param_pos, param_neg, param2_pos, param2_neg, cap,
     beta, rw_lo, rw_hi, opsm_threshold, num_tokens, num_sequences, max_len, entropy_coef,
@@ -251,8 +251,8 @@ def _ratio_loss_fwd_kernel(
     ratio_max = ratio_sum  # one ratio per sequence
     (tok_obj, ent_obj, tok_clipped, tok_ratio_sum, tok_ratio_max, tok_capped,
      kl_in_loss) = _token_pass(
-        logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, coef_ptr, coef_ent_ptr, start,
-        end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low,
+        logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr, coef_ptr, coef_ent_ptr,
+        start, end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low,
         eps_high, dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO,
         TWO_SIDED, DUAL, HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA,
         KL_BIAS, BLOCK)

@@ -1,8 +1,10 @@
 """Op 4's objective, per unit and per token, as the Triton kernels evaluate it: the ratio of
 a token or of its sequence (capped), what each objective makes of it (the clipped surrogate
 with its delta and dual clip, CISPO's detached clipped weight, SAPO's soft gate, DPPO's trust
-region, DRO's quadratic penalty, GMPO's clipped geometric mean, VESPO's gamma weight), the
-sampler correction's weights, the KL term (with its bias correction), and from them each
+region, DRO's quadratic penalty, GMPO's clipped geometric mean, VESPO's gamma weight, KL-Cov's
+unclipped ratio), the
+sampler correction's weights, the KL term (with its bias correction), KL-Cov's penalty on
+the tokens selected for it, and from them each
 token's gradient coefficient. ops/ratio_loss_kernels.py's loss kernel calls them in its passes
 over a sequence, the two-pass loss (ops/tic_loss_two_pass.py) per row.
 """
@@ -20,12 +22,12 @@ RATIO_CODE = {r: i for i, r in enumerate(RATIOS)}
 TRAJECTORY, SEQUENCE_MEAN, TOKEN, NO_RATIO = (
     tl.constexpr(RATIO_CODE[r]) for r in ("trajectory", "sequence_mean", "token", "none"))
 OBJECTIVE_CODE = {o: i for i, o in enumerate(OBJECTIVES)}
-CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL, DRO, GMPO, VESPO = (
+CLIP, CISPO, SAPO, DPPO_TV, DPPO_KL, DRO, GMPO, VESPO, KL_COV = (
     tl.constexpr(OBJECTIVE_CODE[o]) for o in ("clip", "cispo", "sapo", "dppo_tv", "dppo_kl",
-                                              "dro", "gmpo", "vespo"))
+                                              "dro", "gmpo", "vespo", "kl_cov"))
 # param_pos / param_neg (param2_pos / param2_neg), the objective's parameters by the
 # advantage's sign (LossConfig.objective_parameters): SAPO's temperatures, DRO's dro_beta,
-# VESPO's shapes k (and rates lambda)
+# VESPO's shapes k (and rates lambda), KL-Cov's penalty weight
 _LOG_W_MIN = tl.constexpr(VESPO_LOG_W_MIN)
 _LOG_W_MAX = tl.constexpr(VESPO_LOG_W_MAX)
 _MIN_LAMBDA = tl.constexpr(VESPO_MIN_LAMBDA)
@@ -65,8 +67,8 @@ def _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta, param_pos, par
         return x * 0.0, x * 0.0, (xc != x).to(tl.float32), xc
     if OBJECTIVE == VESPO or OBJECTIVE == DRO:  # formed per token, nothing clipped
         return x * 0.0, x * 0.0, x * 0.0, xc
-    if OBJECTIVE == GMPO:  # its tokens' log-ratios were clipped (gmpo_log_ratio), not x
-        return x * A, x * 0.0 + A, x * 0.0, x
+    if OBJECTIVE == GMPO or OBJECTIVE == KL_COV:  # x A unclipped (GMPO clipped its tokens'
+        return x * A, x * 0.0 + A, x * 0.0, x     # log-ratios, in gmpo_log_ratio)
     xu = x
     if HAS_DELTA:  # the unclipped branch bounded above by delta (constant beyond it)
         xu = tl.minimum(x, delta, propagate_nan=tl.PropagateNan.ALL)
@@ -229,13 +231,12 @@ def _sequence_objective(Delta, L, A, v, S_w, eps_low, eps_high, dual_clip, delta
 
 
 @triton.jit
-def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_seq, J_seq,
-                       W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high,
-                       dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi,
-                       RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
-                       KL_IN_LOSS: tl.constexpr,
-                       ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr,
-                       HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
+def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, A, v, g_seq,
+                      J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high,
+                      dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi,
+                      RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
+                      KL_IN_LOSS: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
+                      OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
     """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
     log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
     objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
@@ -243,7 +244,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
     sequence ratios give their sequence's g_seq and J_seq, CISPO's weight xc_seq (VESPO's, at
     every ratio), the ratio x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq
     (for KL_BIAS, the KL term times the ratio); keep_seq, 1.0 or 0.0 where the off-policy
-    mask drops the sequence's policy objective (its g_seq and J_seq already carry it); the NaN
+    mask drops the sequence's policy objective (its g_seq and J_seq already carry it);
+    ``sel_ptr`` KL-Cov's flags of the tokens under its penalty (uint8); the NaN
     rule: a token whose objective is NaN gets a NaN coefficient, whichever branch NaN fell
     through."""
     c = zero + g_seq
@@ -284,6 +286,13 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, idx, keep, A, v, g_s
             d = lp - old
             J_tok = A * lp - 0.5 * param_pos * d * d
             c = -v * wt * (A - param_pos * d)
+        elif OBJECTIVE == KL_COV:  # J = x A - coef s |logp - old| (uncapped), s the token's flag
+            s = tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.float32)
+            d = lp - old
+            sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+            J_tok = J_tok - param_pos * s * tl.abs(d)
+            c = -v * wt * (dJ * x * chi - param_pos * s * sign)
+            clipped = s  # the statistic: the share under the penalty
         else:
             c = -v * wt * dJ * x * chi
         obj = tl.where(keep, v * wt * J_tok, 0.0)

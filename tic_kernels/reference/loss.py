@@ -9,7 +9,7 @@ import torch
 
 from ..backend import first_order_only
 from ..layout import aggregation_norm, ignoring_masked, lengths_of
-from ..options import (IGNORE_INDEX, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_MIN_LAMBDA,
+from ..options import (IGNORE_INDEX, KL_COV_COEF, KL_COV_RATIO, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_MIN_LAMBDA,
                        default_aggregation)
 from ..output import LossOutput
 from .logprobs import compute_dtype, linear_token_logprobs, token_logprobs, vocab_token_logprobs
@@ -239,6 +239,18 @@ def vespo_weight(log_w, A, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0)
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def covariance_selection(logp, A, share=KL_COV_RATIO):
+    """KL-Cov's tokens among the loss tokens (flat logp and per-token A): the max(1,
+    floor(share N)) of largest covariance (A - mean A)(logp - mean logp), ties to the earlier
+    token; a bool per token. Detached."""
+    logp, A = logp.detach(), A.detach()
+    cov = (A - A.mean()) * (logp - logp.mean())
+    k = max(1, math.floor(cov.numel() * share))
+    chosen = torch.zeros_like(cov, dtype=torch.bool)
+    chosen[torch.sort(cov, descending=True, stable=True).indices[:k]] = True
+    return chosen
+
+
 def sapo_objective(x, A, tau_pos=1.0, tau_neg=1.05):
     """SAPO's soft gate: sigmoid(tau (x - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg."""
     tau = torch.where(A > 0, tau_pos, tau_neg).to(x.dtype)
@@ -252,16 +264,18 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                            max_len=None, entropy=None, entropy_coef=0.0, objective="clip",
                            delta=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None,
                            vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                           vespo_lambda_neg=2.0, kl_bias_correction=False,
+                           vespo_lambda_neg=2.0, kl_cov_ratio=KL_COV_RATIO,
+                           kl_cov_coef=KL_COV_COEF, kl_bias_correction=False,
                            off_policy_mask_threshold=None, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
     ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token),
     "sapo" (sapo_objective), "dppo_tv" / "dppo_kl" (dppo_weight), "dro" (A log pi -
     dro_beta / 2 (log pi - old)^2 per token), "gmpo" (x A, x the geometric mean of the
-    ratios of gmpo_log_ratio) or "vespo" (vespo_weight(log w) A log pi per token, log w the
+    ratios of gmpo_log_ratio), "vespo" (vespo_weight(log w) A log pi per token, log w the
     sum of the sequence's capped log-ratios and of its sampler log-weights, which then do
-    not multiply the objective); ``kl_bias_correction``: the KL term times its unit's
+    not multiply the objective) or "kl_cov" (x A per token, less kl_cov_coef |log pi - old|
+    on the tokens of covariance_selection(kl_cov_ratio)); ``kl_bias_correction``: the KL term times its unit's
     ratio; ``off_policy_mask_threshold``: the policy objective of a sequence with A < 0 whose
     mean sg(sampler or old - logp) (NaN counts 0) exceeds it is dropped.
 
@@ -329,6 +343,9 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         elif objective == "dro":  # the token ratio (validation says so)
             J_tok = A_unit * logp - 0.5 * dro_beta * d * d
             clipped = torch.zeros_like(x, dtype=torch.bool)
+        elif objective == "kl_cov":  # the token ratio, unclipped; the statistic: the penalised
+            clipped = covariance_selection(logp, A_unit, kl_cov_ratio)
+            J_tok = x * A_unit - kl_cov_coef * clipped * d.abs()
         elif objective == "vespo":  # the trajectory's weight on every token's log-probability
             log_w = segment_sum(d.detach().clamp(-cap, cap), lengths)
             if w_rollout is not None:  # the sampler's weights enter w, once per sequence
