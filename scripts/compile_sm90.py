@@ -131,15 +131,19 @@ def variants():
         kl_bias = ref and ratio % 2 == 1
         # the off-policy mask against the sampler's log-probs, and against the old ones
         opsm = rollout in (1, 2) or (rollout == 0 and ratio == 0)
+        # the top-entropy selection: with KL-Cov (both flags), and a sequence ratio's weights
+        top_entropy = objective == 8 or (ratio == 0 and rollout == 2)
         yield (f"ratio_loss_fwd[ratio={ratio},two_sided={two_sided},dual={dual},mask={mask},"
                f"ref={ref},ent={ent},rollout={rollout},rw_mask={rw_mask},finalize={finalize},"
-               f"objective={objective},delta={has_delta},kl_bias={kl_bias},opsm={opsm}]",
+               f"objective={objective},delta={has_delta},kl_bias={kl_bias},opsm={opsm},"
+               f"top_entropy={top_entropy}]",
                ratio_loss._ratio_loss_fwd_kernel,
                dict(logp_ptr="*fp32", old_ptr="*fp32", ref_ptr="*fp32", ent_ptr="*fp32",
                     adv_ptr="*bf16", cu_ptr="*i32", mask_ptr="*i1", roll_ptr="*fp32",
-                    sel_ptr="*u8", coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32", loss_ptr="*fp32",
-                    stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32", N="i32", T="i32",
-                    B="i32", eps_low="fp32", eps_high="fp32", dual_clip="fp32", delta="fp32",
+                    sel_ptr="*u8", coef_ptr="*fp32", coef_ent_ptr="*fp32", part_ptr="*fp32",
+                    loss_ptr="*fp32", stats_ptr="*fp32", norm_ptr="*fp32", counter_ptr="*i32",
+                    N="i32", T="i32", B="i32", eps_low="fp32", eps_high="fp32",
+                    dual_clip="fp32", delta="fp32",
                     param_pos="fp32", param_neg="fp32", param2_pos="fp32",
                     param2_neg="fp32", cap="fp32", beta="fp32", rw_lo="fp32",
                     rw_hi="fp32", opsm_threshold="fp32", num_tokens="fp32",
@@ -149,7 +153,7 @@ def variants():
                     RW_MASK=rw_mask, PADDED=mask, FINALIZE=finalize, AGG=ratio % 4,
                     GIVEN_TOKENS=dual, GIVEN_SEQUENCES=per_seq, RW_PER_SEQ=rollout == 2,
                     OBJECTIVE=objective, HAS_DELTA=has_delta, KL_BIAS=kl_bias,
-                    OPSM=opsm,
+                    OPSM=opsm, TOP_ENTROPY=top_entropy,
                     BLOCK=backend.BLOCK_TOKENS, BLOCK_B=ratio_loss.BLOCK_SEQS), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",

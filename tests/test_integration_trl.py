@@ -353,12 +353,17 @@ def test_off_policy_mask_equals_trl(tmp_path, tokenizer, dataset, loss_type, lev
             _loss_and_grads(ours, inputs, 1)
 
 
+@pytest.mark.parametrize("route", ["tic", "trl"])
 @pytest.mark.parametrize("case", ["dapo-token", "grpo-sequence-entropy-bonus",
-                                  "dapo-token-vllm", "cispo-token-kl"])
-def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case):
-    """top_entropy_quantile < 1: the policy term on the high-entropy tokens only (TRL's mask),
-    the KL and the normalisers on every token, the entropy bonus over the masked tokens; with
-    vLLM's importance weights too."""
+                                  "dapo-token-vllm", "cispo-token-kl", "vespo-token-vllm",
+                                  "dapo-token-vllm-opsm"])
+def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case, route):
+    """top_entropy_quantile < 1: the policy term on the high-entropy tokens only, the KL and the
+    normalisers on every token, the entropy bonus over the kept tokens; with vLLM's importance
+    weights, vespo and the off-policy mask against the sampler too. Route "tic": tic_kernels'
+    selection on the device (one process); "trl": TRL's gathered mask as a per-token weight
+    (the route of several processes), which refuses vespo and the off-policy mask against the
+    sampler."""
     loss_type, level = case.split("-")[:2]
     kw = dict(loss_type=loss_type, importance_sampling_level=level, top_entropy_quantile=0.4)
     if "entropy-bonus" in case:
@@ -366,8 +371,10 @@ def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case):
     if loss_type == "cispo":
         kw["epsilon_high"] = 1.3
     theirs, ours = _pair(tmp_path, tokenizer, dataset, **kw)
+    assert not ours._tic_trl_entropy_mask  # one process
+    ours._tic_trl_entropy_mask = route == "trl"
     inputs = _inputs(theirs)
-    if case.endswith("vllm"):
+    if "vllm" in case:
         mask, old = inputs["completion_mask"], inputs["old_per_token_logps"]
         g = torch.Generator().manual_seed(5)
         sampler = old + 0.2 * torch.randn(B, C, generator=g) * mask
@@ -381,11 +388,24 @@ def test_top_entropy_quantile_equals_trl(tmp_path, tokenizer, dataset, case):
     if case.endswith("kl"):
         theirs.beta = ours.beta = 0.04
         inputs["ref_per_token_logps"] = inputs["_logp"] - 0.3 * inputs["completion_mask"]
+    if case.endswith("opsm"):  # a threshold that drops one of the two negative rows
+        drift = ((inputs["sampling_per_token_logps"] - inputs["_logp"])
+                 * inputs["completion_mask"]).sum(-1) / inputs["completion_mask"].sum(-1)
+        threshold = float(drift[[1, 3]].mean())
+        for t in (theirs, ours):
+            t.off_policy_mask_threshold = t.args.off_policy_mask_threshold = threshold
+    if route == "trl" and (loss_type == "vespo" or case.endswith("opsm")):
+        with pytest.raises(ValueError, match="over several processes"):
+            _loss_and_grads(ours, inputs, 2)
+        return
     _assert_same(theirs, ours, inputs, accumulation=2)
     got, want = ours._metrics["train"], theirs._metrics["train"]
-    for name in ("entropy", "policy_loss") if "entropy-bonus" in case else ("entropy",):
+    # the entropy metric comes with the entropies: the bonus, or the log-probs route
+    fused = route == "tic" and "entropy-bonus" not in case
+    assert ("entropy" in got) != fused
+    for name in ("entropy", "policy_loss") if "entropy-bonus" in case else ():
         assert got[name][-1] == pytest.approx(want[name][-1], rel=1e-4, abs=1e-6), name
-    assert not any(k.startswith("tic/rollout_") for k in got) or case.endswith("vllm")
+    assert not any(k.startswith("tic/rollout_") for k in got) or "vllm" in case
 
 
 @pytest.mark.parametrize("target", [10.0, 0.01])
@@ -436,8 +456,6 @@ def test_errors_at_the_loss_name_trl_arguments(tmp_path, tokenizer, dataset):
     (dict(loss_type="vespo", delta=2.0), "delta=2.0 with loss_type='vespo'"),
     (dict(importance_sampling_level="group"),
      "importance_sampling_level='group' is not supported.*'trajectory', 'sequence', 'token'"),
-    (dict(loss_type="vespo", top_entropy_quantile=0.2),
-     "top_entropy_quantile=0.2 with loss_type='vespo'"),
     (dict(loss_type="sapo", delta=2.0), "delta=2.0 with loss_type='sapo'"),
     (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high, which must lie in"),
 ])

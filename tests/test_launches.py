@@ -88,14 +88,17 @@ def test_tic_loss_two_kernels_forward_one_backward(name, padded, as_they_come, m
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_kl_cov_selects_on_the_device(padded, monkeypatch, device):
-    """KL-Cov's selection (a sort of the batch's covariances) reads nothing back to the host:
-    tic_loss keeps its two kernels and one backward kernel, with the selection's torch ops
-    between them; the fused LM head runs its forward GEMM once more per chunk (every
-    log-prob before a gradient) and reads nothing more than with the clipped objective."""
+@pytest.mark.parametrize("selection", ["kl_cov", "top_entropy"])
+def test_selections_on_the_device(selection, padded, monkeypatch, device):
+    """The batch-wide token selections (KL-Cov's sort of the covariances, the top-entropy
+    quantile) read nothing back to the host: tic_loss keeps its two kernels and one backward
+    kernel, with the selection's torch ops between them; the fused LM head runs its forward
+    GEMM once more per chunk (every log-prob before a gradient) and reads nothing more than
+    with neither."""
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
     b, lay, adv = _inputs(padded, True, device)
-    kw = dict(ratio="token", objective="kl_cov", kl_cov_ratio=0.3)
+    kw = (dict(ratio="token", objective="kl_cov", kl_cov_ratio=0.3) if selection == "kl_cov"
+          else dict(ratio="token", top_entropy_quantile=0.5))
     logits = (b.logits * 1).requires_grad_(True)
     with Launches(into=(ratio_loss,)) as fwd:
         out = tk.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
@@ -105,7 +108,8 @@ def test_kl_cov_selects_on_the_device(padded, monkeypatch, device):
     assert (bwd.kernels, bwd.host_reads) == ([ROW_BWD], 0)
     want = ref.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
     torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))
-    assert out.stats["clip_fraction"] == pytest.approx(4 / 15)  # floor(0.3 * 15) tokens
+    if selection == "kl_cov":
+        assert out.stats["clip_fraction"] == pytest.approx(4 / 15)  # floor(0.3 * 15) tokens
 
     h = head_batch([5, 0, 7, 3], 37, padded=padded, seed=5, device=device)
     leaves = [t.clone().requires_grad_() for t in (h.hidden, h.weight)]

@@ -1,7 +1,8 @@
 """The objectives of op 4 beyond the clipped surrogate (docs/spec.md, op 4): CISPO, SAPO,
-DPPO, DRO, GMPO, VESPO, KL-Cov, the clipped objective's upper bound delta, and the KL's bias
-correction, on every entry point (logits, log-probabilities, the fused LM head), against the
-reference and against formulas written here from TRL's and verl's definitions."""
+DPPO, DRO, GMPO, VESPO, KL-Cov, the top-entropy token selection, the clipped objective's
+upper bound delta, and the KL's bias correction, on every entry point (logits,
+log-probabilities, the fused LM head), against the reference and against formulas written
+here from TRL's and verl's definitions."""
 import math
 
 import pytest
@@ -46,6 +47,9 @@ ONE_RATIO_OBJECTIVES = {
                    entropy_coef=0.02),
     "kl_cov_seq_mean": dict(objective="kl_cov", kl_cov_ratio=0.1,
                             aggregation="seq-mean-token-mean"),
+    "top_entropy": dict(top_entropy_quantile=0.4, beta=0.1),
+    "top_entropy_kl_cov": dict(objective="kl_cov", kl_cov_ratio=0.2, top_entropy_quantile=0.6,
+                               entropy_coef=0.05),
 }
 
 
@@ -128,6 +132,46 @@ def test_token_objectives_match_the_reference(objective, delta, padded, device):
         assert want.stats["clip_fraction"] == pytest.approx(5 / 19)
     else:
         assert 0 < want.stats["clip_fraction"] < 1  # tokens on both sides of the region
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("ratio, objective, mode", [
+    ("token", "clip", None), ("token", "cispo", "token_truncate"),
+    ("trajectory", "clip", "sequence_mask"), ("sequence_mean", "sapo", "weights"),
+    ("token", "vespo", None), ("token", "kl_cov", None), ("none", "clip", None)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_top_entropy_quantile_matches_the_reference(ratio, objective, mode, padded, device):
+    """top_entropy_quantile on the logits (the entropies op 1 computes): loss, statistics and
+    gradient against the reference, over the ratios, objectives and sampler corrections; the
+    selection changes the loss."""
+    batch = loss_batch(LENGTHS, 61, padded=padded, device=device, drift=0.3,
+                       seed=53 + padded)
+    kw = dict(ratio=ratio, objective=objective, top_entropy_quantile=0.45)
+    if objective == "kl_cov":
+        kw["kl_cov_ratio"] = 0.3
+    if mode is not None:
+        kw.update(rollout_keywords(batch.old_logprobs, batch.layout_kw, mode, seed=54))
+    want = _matches_the_reference(batch, kw)
+    every = ref.tic_loss(batch.logits, batch.targets, batch.old_logprobs, batch.advantages,
+                         **batch.layout_kw, **{**kw, "top_entropy_quantile": 1.0})
+    assert (want.loss - every.loss).abs() > 1e-6
+
+
+@pytest.mark.parametrize("keep", [1e-3, 0.3, 0.5, 0.999])
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_entropy_selection_is_torch_quantile(n, keep):
+    """The kernels' selection (a sort and a lerp on the device) keeps exactly the tokens whose
+    entropy is at least torch.quantile's (1 - keep)-quantile, as TRL's get_high_entropy_mask;
+    ties and padding included."""
+    from tic_kernels.ops.ratio_loss import entropy_selection
+    g = torch.Generator().manual_seed(n)
+    H = torch.rand(n + 5, generator=g) * 3
+    H[1:3] = H[0]  # ties
+    valid = torch.ones(n + 5, dtype=torch.bool)
+    valid[torch.randperm(n + 5, generator=g)[:5]] = False  # padding, whatever its value
+    threshold = torch.quantile(H[valid], 1.0 - keep)
+    want = valid & (H * valid >= threshold)
+    assert torch.equal(entropy_selection(H, valid, keep).bool(), want)
 
 
 @pytest.mark.usefixtures("requires_triton")
@@ -215,7 +259,8 @@ def _grpo_mean(per_token, mask):
 
 
 @pytest.mark.parametrize("case", ["trl_cispo", "verl_cispo", "sapo", "delta", "kl_bias",
-                                  "dppo_tv", "dppo_kl", "dro", "vespo", "opsm", "kl_cov"])
+                                  "dppo_tv", "dppo_kl", "dro", "vespo", "opsm", "kl_cov",
+                                  "top_entropy"])
 def test_token_level_formulas(case, device, path):
     """The token ratio's objectives against formulas written from TRL's and verl's losses
     (GRPOTrainer._compute_loss, core_algos): value and gradient w.r.t. the log-probs, on the
@@ -263,6 +308,11 @@ def test_token_level_formulas(case, device, path):
             chosen[mask] = top
         per_token = -A * r + 0.9 * chosen * (x - old).abs()
         kw.update(objective="kl_cov", kl_cov_ratio=0.2, kl_cov_coef=0.9)
+    elif case == "top_entropy":  # TRL: the policy term times get_high_entropy_mask's tokens
+        H = torch.rand(mask.shape, generator=torch.Generator().manual_seed(12)) * 2
+        keep = (H * mask >= torch.quantile(H[mask].float(), 1 - 0.35)) & mask
+        per_token = -torch.min(r * A, torch.clamp(r, 0.8, 1.28) * A) * keep
+        kw.update(top_entropy_quantile=0.35, entropy=H)
     elif case == "vespo":  # TRL: -phi(w) A logp, phi of the sequence's clamped log-weight
         with torch.no_grad():
             log_w = ((x - old).clamp(-20, 20) * mask).sum(-1, keepdim=True)
@@ -328,7 +378,9 @@ def test_gmpo_formula(device, path):
                                          ("dro_kl_bias", "token"),
                                          ("gmpo_kl_bias", "sequence_mean"),
                                          ("vespo_token", "token"), ("opsm_token", "token"),
-                                         ("kl_cov", "token"), ("kl_cov_seq_mean", "token")])
+                                         ("kl_cov", "token"), ("kl_cov_seq_mean", "token"),
+                                         ("top_entropy", "trajectory"),
+                                         ("top_entropy_kl_cov", "token")])
 @pytest.mark.parametrize("chunk_size", [4, 64])
 def test_fused_lm_head(name, ratio, chunk_size, device):
     """linear_tic_loss with the objectives (chunks of 4 rows cut sequences: rows-equal for
@@ -428,6 +480,14 @@ def test_gmpo_nan_rule(clip_mode, device):
     (dict(objective="kl_cov", ratio="token", kl_cov_coef=-1.0), "kl_cov_coef must be a finite"),
     (dict(kl_cov_ratio=0.1), "kl_cov_ratio belongs to KL-Cov's penalty: it needs"),
     (dict(objective="kl_cov", ratio="token", dual_clip=3.0), "dual_clip applies to"),
+    (dict(top_entropy_quantile=0.0, entropy=torch.ones(3)),
+     r"top_entropy_quantile .* must be a number in \(0, 1\]"),
+    (dict(top_entropy_quantile=1.5), r"top_entropy_quantile .* in \(0, 1\]"),
+    (dict(top_entropy_quantile="0.5"), r"top_entropy_quantile .* in \(0, 1\]"),
+    (dict(top_entropy_quantile=0.5), "pass it .* exactly when top_entropy_quantile < 1"),
+    (dict(entropy=torch.ones(3)), "pass it .* exactly when top_entropy_quantile < 1"),
+    (dict(top_entropy_quantile=0.5, entropy=torch.ones(4)), "entropy has shape"),
+    (dict(top_entropy_quantile=0.5, entropy=torch.ones(3, dtype=torch.int64)), "entropy"),
     (dict(off_policy_mask_threshold="0.1"), "off_policy_mask_threshold must be a finite"),
     (dict(objective="gmpo", ratio="sequence_mean", dual_clip=3.0),
      "dual_clip applies to objective='clip'"),

@@ -58,11 +58,13 @@ def run_cases(seed, device, rank=0, world=1, group=None):
             gh = torch.randn(lp.shape, generator=g).to(device)
             (lp * gl + H * gh).sum().backward()
             out[f"token_logprobs/{name}/{lay}"] = dict(logp=lp, entropy=H, grad_logits=z.grad)
-            # op 4 from the logits: every term (KL, entropy bonus, temperature, op 4b)
+            # op 4 from the logits: every term (KL, entropy bonus, temperature, op 4b), and
+            # the top-entropy selection of the whole vocabulary's entropies
             z = _leaf(b.logits, cols)
             o = tk.tic_loss(z, b.targets, b.old_logprobs, b.advantages, temperature=0.8,
                             ref_logprobs=b.ref_logprobs, beta=0.05, entropy_coef=0.01,
                             ratio="token" if padded else "trajectory", process_group=group,
+                            top_entropy_quantile=0.6,
                             **b.layout_kw, **rollout_keywords(
                                 b.old_logprobs, b.layout_kw,
                                 "weights" if padded else "sequence_mask", seed=seed))

@@ -18,8 +18,9 @@ import math
 from typing import Optional
 
 from . import validation as check
-from .options import (KL_COV_COEF, KL_COV_RATIO, ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG, SAPO_TAU_POS, VESPO_K_NEG,
-                      VESPO_K_POS, VESPO_LAMBDA_NEG, VESPO_LAMBDA_POS, default_aggregation)
+from .options import (KL_COV_COEF, KL_COV_RATIO, ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG,
+                      SAPO_TAU_POS, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
+                      VESPO_LAMBDA_POS, default_aggregation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ class LossConfig:
     kl_cov_coef: float = KL_COV_COEF
     kl_bias_correction: bool = False
     off_policy_mask_threshold: Optional[float] = None
+    top_entropy_quantile: float = 1.0
 
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
@@ -68,7 +70,7 @@ class LossConfig:
            rollout_logprobs, rollout_is, rollout_is_max, rollout_is_min, rollout_weights, mask,
            objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo_k_pos,
            vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg, kl_cov_ratio, kl_cov_coef,
-           kl_bias_correction, off_policy_mask_threshold):
+           kl_bias_correction, off_policy_mask_threshold, top_entropy_quantile):
         """(LossConfig, the sampler correction's tensor or None) from a loss's public
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
@@ -85,6 +87,8 @@ class LossConfig:
                                 (kl_cov_ratio, kl_cov_coef), kl_bias_correction, ratio,
                                 dual_clip, beta)
         check.optional_real("off_policy_mask_threshold", off_policy_mask_threshold)
+        check.share_of_tokens("top_entropy_quantile", top_entropy_quantile,
+                              "whose policy term counts, those of highest entropy")
         if max_len is None and getattr(mask, "ndim", 0) == 2:
             max_len = mask.shape[1]
 
@@ -113,14 +117,16 @@ class LossConfig:
             kl_cov_ratio=float(KL_COV_RATIO if kl_cov_ratio is None else kl_cov_ratio),
             kl_cov_coef=float(KL_COV_COEF if kl_cov_coef is None else kl_cov_coef),
             kl_bias_correction=bool(kl_bias_correction),
-            off_policy_mask_threshold=number(off_policy_mask_threshold))
+            off_policy_mask_threshold=number(off_policy_mask_threshold),
+            top_entropy_quantile=float(top_entropy_quantile))
         return config, tensor
 
     # -- what the kernels read ------------------------------------------------------------
     @property
     def with_entropy(self) -> bool:
-        """The entropy is computed (for the bonus and its statistic)."""
-        return self.entropy_coef != 0.0
+        """The entropy is computed (for the bonus, the top-entropy selection and its
+        statistic)."""
+        return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0
 
     @property
     def rollout_per_sequence(self) -> bool:

@@ -332,6 +332,13 @@ def loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, 
                          "layout (with a mask it defaults to T)")
 
 
+def share_of_tokens(name, value, what, default=""):
+    """A share of the loss tokens, a number in (0, 1]."""
+    if not (_real(value) and 0 < value <= 1):
+        raise ValueError(f"{name} (the share of the loss tokens {what}) must be a number in "
+                         f"(0, 1]{default}, got {value!r}")
+
+
 def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, vespo, kl_cov,
                       kl_bias_correction, ratio, dual_clip, beta):
     """Checks the objective's keywords (docs/spec.md, op 4: clip, cispo, sapo, dppo_tv,
@@ -358,9 +365,8 @@ def objective_options(objective, delta, sapo_tau_pos, sapo_tau_neg, dro_beta, ve
                          f"{objective!r}")
     share, coef = kl_cov
     if objective == "kl_cov":
-        if share is not None and not (_real(share) and 0 < share <= 1):
-            raise ValueError(f"kl_cov_ratio (the share of the loss tokens KL-Cov penalises) "
-                             f"must be a number in (0, 1] (or None: 0.0002), got {share!r}")
+        if share is not None:
+            share_of_tokens("kl_cov_ratio", share, "KL-Cov penalises", " (or None: 0.0002)")
         if coef is not None:
             positive("kl_cov_coef", coef, allow_zero=True)
     else:

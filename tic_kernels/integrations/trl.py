@@ -31,12 +31,17 @@ advantages, the old / reference / sampler log-probabilities and the rest of the 
   ``vespo_k_neg``, ``vespo_lambda_neg``), vLLM's token importance weights entering w rather
   than multiplying the loss, as TRL's; normalised as "dapo". TRL means it with
   importance_sampling_level "token", whose ratio then only weighs the bias-corrected KL.
-* ``top_entropy_quantile`` < 1: TRL's own ``get_high_entropy_mask`` (the quantile over every
-  process's loss tokens) on the entropies the loss computes (it then takes the log-probs
-  route), applied as a per-token weight on the policy term (``rollout_weights``, times TRL's
-  precomputed ``importance_sampling_ratio`` with vLLM's correction); the entropy bonus
-  averages over the masked tokens, as TRL's. The ``tic/rollout_*`` statistics then describe
-  that combined weight (without vLLM's correction they are not logged).
+* ``top_entropy_quantile`` < 1: the policy term on the high-entropy tokens only, the entropy
+  bonus averaged over them, as TRL's. In one process, tic_kernels' own selection
+  (``top_entropy_quantile``: TRL's quantile, taken on the device without a host sync; the
+  fully fused loss when neither the entropy bonus nor ``log_entropy`` needs the entropies
+  back), which combines with everything below, vespo and the sampler's log-probs included.
+  Over several processes, TRL's ``get_high_entropy_mask`` (its quantile over every process's
+  loss tokens, gathered with host reads as TRL's) on the entropies the loss computes, applied
+  as a per-token weight on the policy term (``rollout_weights``, times TRL's precomputed
+  ``importance_sampling_ratio`` with vLLM's correction; the ``tic/rollout_*`` statistics then
+  describe that combined weight, and without vLLM's correction they are not logged); there it
+  refuses vespo, and the off-policy mask against the sampler's log-probs, at the loss.
 * ``delta`` -> delta (the unclipped ratio bounded above, the two-sided loss types);
   ``off_policy_mask_threshold`` -> the off-policy sequence mask (against the sampler's
   log-probs with vLLM's correction on, else the old ones; with the sampler's log-probs but the
@@ -82,7 +87,7 @@ clip_fraction, and the rollout_* statistics with the sampler correction), averag
 processes (``*_max`` / ``*_min``: max / min over processes).
 
 Refused at construction with a ValueError (rather than silently ignored):
-``top_entropy_quantile < 1`` with vespo, ``delta`` with cispo, sapo
+``delta`` with cispo, sapo
 or vespo (TRL ignores it there), cispo with an ``epsilon_high`` outside [1, 11] (its cap on
 the ratio; TRL's default 0.28 would cap every ratio below 1), the trainer's ``dual_clip`` or
 ``clip_mode`` with cispo, sapo or vespo, and a MoE router auxiliary loss (set
@@ -108,6 +113,7 @@ from trl import GRPOTrainer
 
 import tic_kernels as tk
 
+from ..ops.ratio_loss import entropy_selection
 from ._names import renamer
 
 MIN_TRL_VERSION = "1.16.0"
@@ -153,10 +159,6 @@ def check_config(args) -> None:
         raise ValueError(f"TICGRPOTrainer: importance_sampling_level="
                          f"{args.importance_sampling_level!r} is not supported; supported: "
                          f"{', '.join(map(repr, IMPORTANCE_SAMPLING_LEVELS))}")
-    if args.top_entropy_quantile < 1.0 and args.loss_type == "vespo":
-        refuse(f"top_entropy_quantile={args.top_entropy_quantile} with loss_type='vespo' (the "
-               "mask would enter vespo's weight as the sampler's weights do)",
-               "set top_entropy_quantile=1.0")
     eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type == "cispo" and not 1.0 <= eps_high <= 11.0:
         raise ValueError(f"TICGRPOTrainer: loss_type='cispo' caps the ratio at epsilon_high, "
@@ -266,13 +268,14 @@ class _MicroBatchLoss:
         # the log-probs (and entropy) with autograd, then the loss on them: used when the entropy
         # is needed, and on-policy (TRL passes no old log-probs: the ratio is exp(logp - sg(logp)))
         targets = torch.where(self.mask, self.targets, torch.full_like(self.targets, -100))
+        with_entropy = self.with_entropy or kw.get("top_entropy_quantile", 1.0) < 1.0
         if weight is not None:
             res = tk.linear_token_logprobs(x, weight, targets, bias=bias, temperature=temperature,
-                                           return_entropy=self.with_entropy)
+                                           return_entropy=with_entropy)
         else:
             res = tk.token_logprobs(x, targets, temperature=temperature,
-                                    return_entropy=self.with_entropy)
-        logp, entropy = res if self.with_entropy else (res, None)
+                                    return_entropy=with_entropy)
+        logp, entropy = res if with_entropy else (res, None)
         old = logp.detach() if self.old is None else self.old
         entropy_mask = None
         if self.entropy_mask_fn is not None:
@@ -283,6 +286,11 @@ class _MicroBatchLoss:
             if kw.get("rollout_weights") is not None:
                 weights = weights * kw["rollout_weights"]
             kw["rollout_weights"] = weights
+        elif kw.get("top_entropy_quantile", 1.0) < 1.0:  # tic_kernels' selection
+            kw["entropy"] = entropy.detach()
+            # the tokens it keeps, for the entropy bonus (the same function, on the device)
+            entropy_mask = entropy_selection(entropy, self.mask.reshape(-1),
+                                             kw["top_entropy_quantile"]).view_as(self.mask).bool()
         out = tk.tic_loss_from_logprobs(logp, old, self.advantages, mask=self.mask, **kw)
         return _HeadOutput(out.loss, out.stats, entropy, entropy_mask)
 
@@ -371,6 +379,9 @@ class TICGRPOTrainer(GRPOTrainer):
                              f"{type(target).__name__}: {why}")
         self._tic_fused = why is None if fused_lm_head is None else bool(fused_lm_head)
         self._tic_fused_refusal = why
+        # top_entropy_quantile over several processes: TRL's mask (its quantile of every
+        # process's tokens), else tic_kernels' selection on the device
+        self._tic_trl_entropy_mask = self.accelerator.num_processes > 1
         _install_forward(target)
 
     # ---------------------------------------------------------------------------------------
@@ -400,7 +411,16 @@ class TICGRPOTrainer(GRPOTrainer):
                       vespo_lambda_neg=args.vespo_lambda_neg)
         if args.delta is not None:
             kw["delta"] = args.delta
-        entropy_masked = args.top_entropy_quantile < 1.0
+        # TRL's entropy mask as a per-token weight (several processes), else tic_kernels'
+        entropy_masked = args.top_entropy_quantile < 1.0 and self._tic_trl_entropy_mask
+        if args.top_entropy_quantile < 1.0 and not entropy_masked:
+            kw["top_entropy_quantile"] = args.top_entropy_quantile
+        if entropy_masked and self.loss_type == "vespo":
+            raise ValueError(f"TICGRPOTrainer does not implement top_entropy_quantile="
+                             f"{args.top_entropy_quantile} with loss_type='vespo' over several "
+                             "processes (TRL's gathered mask would enter vespo's weight as the "
+                             "sampler's weights do); set top_entropy_quantile=1.0 (or use "
+                             "trl.GRPOTrainer)")
         if args.off_policy_mask_threshold is not None:
             kw["off_policy_mask_threshold"] = args.off_policy_mask_threshold
             if inputs.get("sampling_per_token_logps") is not None and (
@@ -411,8 +431,8 @@ class TICGRPOTrainer(GRPOTrainer):
                 raise ValueError("TICGRPOTrainer does not implement off_policy_mask_threshold "
                                  "against the sampler's log-probs without "
                                  "vllm_importance_sampling_correction, or with "
-                                 "top_entropy_quantile < 1; turn the correction on and the "
-                                 "mask off (or use trl.GRPOTrainer)")
+                                 "top_entropy_quantile < 1 over several processes; turn the "
+                                 "correction on and the mask off (or use trl.GRPOTrainer)")
         if self.loss_type in _PER_ROW + ("dr_grpo",):
             kw["num_sequences"] = B  # TRL averages over every row, empty ones included
         if self.loss_type == "dr_grpo":
@@ -460,7 +480,8 @@ class TICGRPOTrainer(GRPOTrainer):
         keywords, factor = self._tic_keywords(inputs, mask, train)
         entropy_bonus = self._entropy_bonus_enabled
         quantile = self.args.top_entropy_quantile
-        entropy_mask_fn = None if quantile >= 1.0 else (  # TRL's own mask, gathered as TRL's
+        entropy_mask_fn = None if quantile >= 1.0 or not self._tic_trl_entropy_mask else (
+            # TRL's own mask, gathered as TRL's
             lambda entropy, m: self.get_high_entropy_mask(entropy, m, 1.0 - quantile))
         loss_fn = _MicroBatchLoss(
             self._tic_fused, completion_ids.size(1), completion_ids, mask,

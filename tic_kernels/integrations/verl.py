@@ -337,8 +337,9 @@ def _verl_objective_metrics(loss_mode, log_ratio, keep, eps_low, eps_high, clip_
     """verl's metrics of cispo (pg_clipfrac: the tokens whose ratio the band moved), sapo
     (no clipping: 0), the DPPOs (pg_clipfrac: the tokens outside the trust region;
     pg_clipfrac_lower: those inside it whose ratio exceeds clip_ratio_c), dro (ppo_kl of the
-    log-ratio, unclamped, alone), kl_cov (its mean |log-ratio|, alone), geo_mean (the tokens whose log-ratio lies outside
-    [-clip_ratio_low, clip_ratio_high], for A > 0 and A < 0) and gpg (none)."""
+    log-ratio, unclamped, alone), kl_cov (its mean |log-ratio|, alone), geo_mean (the tokens
+    whose log-ratio lies outside [-clip_ratio_low, clip_ratio_high], for A > 0 and A < 0)
+    and gpg (none)."""
     if loss_mode == "tic_gpg":
         return {}
     m = keep.to(log_ratio.dtype)

@@ -29,8 +29,8 @@ from ..output import LossOutput
 from . import vocab_parallel
 from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_shapes,
                       grads_needed, largest, linear_logprobs, rows_per_chunk)
-from .ratio_loss import (covariance_selection, launch_finalize, launch_ratio_fwd,
-                         loss_on_segments, new_partials, stats_dict)
+from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
+                         stats_dict, token_flags)
 from .ratio_loss_kernels import STAT_KEYS
 from .scale import scale_once
 
@@ -133,7 +133,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     def ratio_pass(s0, s1, cu_rows, part_rows):
         launch_ratio_fwd(logp, old, ref, entropy if with_entropy else None,
                          advantages[s0:s1], cu_rows, None, rollout, coef, coef_ent, part_rows,
-                         cfg, select=select)
+                         cfg, flags=flags)
 
     pieces = [c for _, cs in plan for c in cs]
     head = ChunkedHead(hidden, weight, bias, rows, largest(pieces), cfg.temperature,
@@ -143,9 +143,11 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         # rows outside every sequence (cu_seqlens not covering the batch, its value check
         # off): no chunk writes them, and zero is their gradient
         head.dh.zero_()
-    # KL-Cov's selection ranks every loss token's log-prob: all of them first (the logits'
-    # forward GEMM once more per chunk), then the chunks' coefficients and gradients
-    selecting, select = cfg.objective == "kl_cov", None
+    # the batch-wide selections (KL-Cov's covariances, the top-entropy quantile) rank every
+    # loss token: all log-probs and entropies first (the logits' forward GEMM once more per
+    # chunk), then the chunks' coefficients and gradients
+    selecting = cfg.objective == "kl_cov" or cfg.top_entropy_quantile < 1.0
+    flags = None
 
     def log_probs(chunks):
         """The chunks' log-probs; returns the last one's logits (z, x), still in the buffer."""
@@ -158,7 +160,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     if selecting:
         for _, chunks in plan:
             log_probs(chunks)
-        select = covariance_selection(logp, advantages, cu, None, 0, cfg.kl_cov_ratio)
+        flags = token_flags(cfg, logp, entropy, advantages, cu, None, 0)
     for seqs, chunks in plan:
         if not selecting:
             last = log_probs(chunks)
@@ -223,7 +225,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
                     rollout_is_min=None, rollout_weights=None, objective="clip", delta=None,
                     sapo_tau_pos=1.0, sapo_tau_neg=1.05, dro_beta=None, vespo_k_pos=2.0,
                     vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=None,
-                    kl_cov_coef=None, kl_bias_correction=False, off_policy_mask_threshold=None):
+                    kl_cov_coef=None, kl_bias_correction=False, off_policy_mask_threshold=None,
+                    top_entropy_quantile=1.0):
     """``tic_loss(hidden @ weight.T + bias, ...)`` without materialising the logits.
 
     Args:
@@ -252,7 +255,8 @@ def linear_tic_loss(hidden, weight, targets, old_logprobs, advantages, *, bias=N
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
         vespo_lambda_neg=vespo_lambda_neg, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
         kl_bias_correction=kl_bias_correction,
-        off_policy_mask_threshold=off_policy_mask_threshold)
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        top_entropy_quantile=top_entropy_quantile)
 
     def checks(vocab):
         nonlocal hidden, weight, bias

@@ -44,15 +44,15 @@ def _finalize_args(config):
 
 
 def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coef, coef_ent,
-                     part, config, T=0, B=None, finalize=None, select=None):
+                     part, config, T=0, B=None, finalize=None, flags=None):
     """The per-sequence pass over B sequences: [cu[i], cu[i + 1]) (cu int32 or int64, row
     offsets into the flat per-token tensors, which are indexed globally), or with cu None
     the rows [i T, (i + 1) T) of a padded batch. Writes their tokens' coef and coef_ent and
     their rows of ``part`` (B, NPART). The fused LM head runs it on a slice of the sequences
     at a time, or on every sequence clipped to a range of rows. Optional inputs may be None;
     ``mask`` flat, of any dtype; ``rollout`` the sampler correction's tensor (config.rollout
-    says which) over the same flat positions; ``select`` KL-Cov's flags over them
-    (covariance_selection; needed with objective "kl_cov"). ``finalize`` (loss, stats, norm,
+    says which) over the same flat positions; ``flags`` token_flags' over them (needed with
+    objective "kl_cov" and top_entropy_quantile < 1). ``finalize`` (loss, stats, norm,
     counter): the last program also reduces ``part`` into them (counter: an int32 holding 0),
     one launch in all."""
     B = cu.numel() - 1 if B is None else B
@@ -63,7 +63,7 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
         launch(_ratio_loss_fwd_kernel, (B,),
             logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
             advantages, logp if cu is None else cu, logp if mask is None else mask,
-            logp if rollout is None else rollout, logp if select is None else select, coef,
+            logp if rollout is None else rollout, logp if flags is None else flags, coef,
             coef_ent, part, loss, stats, norm,
             counter, logp.numel(), T, B, c.eps_low, c.eps_high,
             0.0 if c.dual_clip is None else c.dual_clip,
@@ -78,6 +78,7 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
             PADDED=cu is None, FINALIZE=finalize is not None, **switches,
             OBJECTIVE=OBJECTIVE_CODE[c.objective], HAS_DELTA=c.delta is not None,
             KL_BIAS=c.kl_bias_correction, OPSM=c.off_policy_mask_threshold is not None,
+            TOP_ENTROPY=c.top_entropy_quantile < 1.0,
             BLOCK=BLOCK_TOKENS, BLOCK_B=BLOCK_SEQS)
     if finalize is not None and not B:  # no program to finish last: the loss of nothing
         launch_finalize(part, *finalize[:3], config)
@@ -122,25 +123,28 @@ def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rol
     coef = torch.empty(R, dtype=torch.float32, device=dev)
     coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
     part, loss, stats, norm = new_partials(B, dev)
-    select = None
-    if config.objective == "kl_cov":
-        select = covariance_selection(logp, advantages, cu, mask, T, config.kl_cov_ratio)
+    flags = token_flags(config, logp, entropy, advantages, cu, mask, T)
     launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
                      cu, flat(mask), flat(rollout), coef, coef_ent, part, config, T, B,
-                     None if counter is None else (loss, stats, norm, counter), select)
+                     None if counter is None else (loss, stats, norm, counter), flags)
     if counter is None:
         launch_finalize(part, loss, stats, norm, config)
     return loss, stats, coef, coef_ent, norm
 
 
-def covariance_selection(logp, advantages, cu, mask, T, share):
-    """KL-Cov's tokens (docs/spec.md, op 4) as a uint8 flag per flat position of ``logp``: 1
-    on the max(1, floor(share N)) of the N loss tokens whose (A_i - mean A)(logp_t - mean
-    logp) is largest (means over the N tokens, logp detached), ties to the earlier position.
-    The positions are split as the loss kernel splits them: [cu[i], cu[i + 1]) (``mask`` then
-    flat or None) or, with cu None, rows of T with ``mask``. On the device: a sort, no host
-    sync."""
+def token_flags(config, logp, entropy, advantages, cu, mask, T):
+    """Op 4's batch-wide token selections (docs/spec.md, op 4) as uint8 flags per flat
+    position of ``logp``, or None when the config makes none: bit 0 marks KL-Cov's penalised
+    tokens, bit 1 those top_entropy_quantile keeps. The positions are split as the loss
+    kernel splits them: [cu[i], cu[i + 1]) (``mask`` then flat or None) or, with cu None, rows
+    of T with ``mask``. On the device: sorts of the N loss tokens' values, no host sync."""
+    kl_cov, top = config.objective == "kl_cov", config.top_entropy_quantile < 1.0
     R, dev = logp.numel(), logp.device
+    if not (kl_cov or top):
+        return None
+    flags = torch.zeros(R, dtype=torch.uint8, device=dev)
+    if not (R and advantages.numel()):
+        return flags
     pos = torch.arange(R, device=dev)
     if cu is None:
         seq, valid = pos // max(T, 1), torch.ones(R, dtype=torch.bool, device=dev)
@@ -150,9 +154,18 @@ def covariance_selection(logp, advantages, cu, mask, T, share):
         valid = (pos >= bounds[0]) & (pos < bounds[-1])
     if mask is not None:
         valid &= flat(mask) != 0
-    if not advantages.numel():
-        return torch.zeros(R, dtype=torch.uint8, device=dev)
-    A = advantages.float()[seq.clamp(max=advantages.numel() - 1)]
+    if kl_cov:
+        A = advantages.float()[seq.clamp(max=advantages.numel() - 1)]
+        flags |= _covariance_selection(logp, A, valid, config.kl_cov_ratio)
+    if top:
+        flags |= entropy_selection(entropy, valid, config.top_entropy_quantile) << 1
+    return flags
+
+
+def _covariance_selection(logp, A, valid, share):
+    """KL-Cov's tokens: the max(1, floor(share N)) of the N ``valid`` positions whose
+    (A_t - mean A)(logp_t - mean logp) is largest (means over them, logp detached), ties to
+    the earlier position; uint8."""
     lp = torch.where(valid, logp.detach().reshape(-1).float(), 0.0)
     on = valid.float()
     n = on.sum()
@@ -160,9 +173,23 @@ def covariance_selection(logp, advantages, cu, mask, T, share):
     cov = torch.where(valid, (A - mean_A) * (lp - mean_lp), -math.inf)
     order = torch.sort(cov, descending=True, stable=True).indices
     taken = valid[order]
-    k = (n.double() * share).floor().clamp(min=1)
-    chosen = taken & (taken.cumsum(0) <= k)
-    return torch.zeros(R, dtype=torch.uint8, device=dev).scatter_(0, order, chosen.to(torch.uint8))
+    chosen = taken & (taken.cumsum(0) <= (n.double() * share).floor().clamp(min=1))
+    return torch.zeros_like(lp, dtype=torch.uint8).scatter_(0, order, chosen.to(torch.uint8))
+
+
+def entropy_selection(entropy, valid, keep):
+    """The ``valid`` positions whose entropy is at least the (1 - keep)-quantile of theirs,
+    interpolated linearly as torch.quantile does (in float32; NaN among them: none); uint8."""
+    H = entropy.detach().reshape(-1).float()
+    values = torch.sort(torch.where(valid, H, math.inf)).values  # the N valid ones first
+    q = torch.tensor(1.0 - keep, dtype=torch.float32, device=H.device)
+    rank = (q * (valid.sum() - 1).clamp(min=0).float()).reshape(1)
+    below = rank.long()
+    # gathered: indexing by a 0-d tensor would read it back to the host
+    threshold = torch.lerp(values.gather(0, below), values.gather(0, rank.ceil().long()),
+                           rank - below)
+    threshold = torch.where((valid & H.isnan()).any(), math.nan, threshold)
+    return (valid & (H >= threshold)).to(torch.uint8)
 
 
 def scaled_coefficients(g_loss, norm, coef, coef_ent, entropy_coef, with_entropy):
@@ -234,7 +261,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
                            dro_beta=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
                            vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=None,
                            kl_cov_coef=None, kl_bias_correction=False,
-                           off_policy_mask_threshold=None):
+                           off_policy_mask_threshold=None, top_entropy_quantile=1.0,
+                           entropy=None):
     """The TIC-GRPO / GSPO / GRPO (and CISPO, SAPO, DPPO, DRO, GMPO, VESPO, KL-Cov) loss from
     log-probabilities the caller already has.
 
@@ -287,6 +315,14 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             exceeds it, the reference being rollout_logprobs when given, else old_logprobs
             (a NaN difference counts 0). The KL and entropy terms and the normalisers keep
             the sequence.
+        top_entropy_quantile: 1.0 (default: every token), or the share rho in (0, 1] of the
+            batch's loss tokens whose policy objective counts: those whose entropy is at
+            least the (1 - rho)-quantile of the batch's entropies (linear interpolation,
+            torch.quantile's; TRL's option of the same name, within one process). The KL
+            term and the normalisers keep every token; chosen on the device, no host sync.
+            tic_kernels.tic_loss and linear_tic_loss compute the entropies themselves; here
+            ``entropy`` must give them, laid out like logprobs (read detached; it also adds
+            the entropy_mean statistic), and is refused otherwise.
         num_tokens, num_sequences: global normalisers for gradient accumulation (token-mean and
             the seq-mean aggregations respectively); default: this batch's counts.
         rollout_logprobs: the log-probabilities of the engine that sampled the rollouts
@@ -330,16 +366,27 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
         vespo_lambda_neg=vespo_lambda_neg, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
         kl_bias_correction=kl_bias_correction,
-        off_policy_mask_threshold=off_policy_mask_threshold)
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        top_entropy_quantile=top_entropy_quantile)
+    if (entropy is None) != (config.top_entropy_quantile == 1.0):
+        raise ValueError("entropy is read by the top-entropy selection alone: pass it (per token, "
+                         "like logprobs) exactly when top_entropy_quantile < 1, got "
+                         f"top_entropy_quantile={top_entropy_quantile!r} and entropy "
+                         f"{'None' if entropy is None else 'given'}")
     with check.one_read():
         check.loss_inputs(logprobs, "logprobs", cu_seqlens, mask, old_logprobs, advantages,
                           ref_logprobs, ("logprobs", logprobs), max_len,
                           config.rollout_inputs(rollout))
+        if entropy is not None:
+            check.float_tensor("entropy", entropy)
+            check.shape("entropy", entropy, logprobs.shape, " (logprobs' shape)")
+            check.same_device("logprobs", logprobs, entropy=entropy)
+            entropy = entropy.detach()
     if not use_triton(logprobs):
         return reference.tic_loss_from_logprobs(logprobs, old_logprobs, advantages,
                                                 cu_seqlens=cu_seqlens, mask=mask,
-                                                ref_logprobs=ref_logprobs,
+                                                ref_logprobs=ref_logprobs, entropy=entropy,
                                                 **config.reference_keywords(rollout))
     loss, stats, *_ = loss_on_segments(logprobs, old_logprobs, advantages, cu_seqlens, mask,
-                                       ref_logprobs, None, rollout, config)
+                                       ref_logprobs, entropy, rollout, config)
     return LossOutput(loss, stats_dict(stats, config))

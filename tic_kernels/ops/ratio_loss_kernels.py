@@ -51,11 +51,11 @@ STAT_KEYS = ("clip_fraction", "ratio_mean", "ratio_max", "cap_fraction", "delta_
 
 
 @triton.jit
-def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start, end, cap,
-                   rw_lo, rw_hi, A, eps_low, eps_high, HAS_MASK: tl.constexpr,
+def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr, start, end,
+                   cap, rw_lo, rw_hi, A, eps_low, eps_high, HAS_MASK: tl.constexpr,
                    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr,
                    RW_MASK: tl.constexpr, OBJECTIVE: tl.constexpr, TWO_SIDED: tl.constexpr,
-                   OPSM: tl.constexpr, BLOCK: tl.constexpr):
+                   OPSM: tl.constexpr, TOP_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 1 over a sequence's tokens: Delta (the sum of logp - old), L, the sums of logp,
     the k3 KL and the entropy, and for the sampler correction the sum of u = old - sampler,
     the weights' sum, sum of squares relative to their max (rescaled as the max grows, so that
@@ -64,11 +64,12 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
     sequence weight from (GMPO: the clipped log-ratios, with the count of clipped tokens;
     VESPO: the log-ratios capped at cap, plus the sampler's token log-weights in [log 1e-8,
     20]; else 0); for the off-policy mask (OPSM) the sum of sampler - logp (old - logp without
-    the sampler's log-probs; a NaN difference counts 0)."""
+    the sampler's log-probs; a NaN difference counts 0); with TOP_ENTROPY the sum of the kept
+    tokens' weights (their sampler weights per token, else 1)."""
     cols = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     delta, count, logp_sum, kl_sum, ent_sum = zero, zero, zero, zero, zero
-    obj_sum, obj_clipped, drift = zero, zero, zero
+    obj_sum, obj_clipped, drift, kept = zero, zero, zero, zero
     u_sum, w_sum, w_zero, rkl_sum, r_valid = zero, zero, zero, zero, zero
     w_min = zero + float("inf")
     w_max = 0.0
@@ -114,6 +115,11 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
             w_max = m_new
             w_min = tl.minimum(w_min, tl.where(keep, w, float("inf")))
             w_zero += (keep & (w == 0)).to(tl.float32)
+        if TOP_ENTROPY:
+            m = ((tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.int32) >> 1) & 1).to(tl.float32)
+            if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
+                m = m * w
+            kept += m
         if OPSM:
             t = old - lp
             if ROLLOUT == RW_TOKEN or ROLLOUT == RW_SEQUENCE:  # sampler - lp, u = old - sampler
@@ -122,7 +128,7 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, star
     return (tl.sum(delta, 0), tl.sum(count, 0), tl.sum(logp_sum, 0), tl.sum(kl_sum, 0),
             tl.sum(ent_sum, 0), tl.sum(u_sum, 0), tl.sum(w_sum, 0), w_sq, w_max,
             tl.min(w_min, 0), tl.sum(w_zero, 0), tl.sum(rkl_sum, 0), tl.sum(r_valid, 0),
-            tl.sum(obj_sum, 0), tl.sum(obj_clipped, 0), tl.sum(drift, 0))
+            tl.sum(obj_sum, 0), tl.sum(obj_clipped, 0), tl.sum(drift, 0), tl.sum(kept, 0))
 
 
 @triton.jit
@@ -133,7 +139,7 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr
                 DUAL: tl.constexpr, HAS_MASK: tl.constexpr, KL_IN_LOSS: tl.constexpr,
                 HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
                 OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr,
-                BLOCK: tl.constexpr):
+                TOP_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     """Pass 2: each token's objective and gradient coefficient (written to coef, and coef_ent
     for the entropy bonus). Returns the sums of the objective and of the entropy bonus's, for
     the token ratio its statistics' terms (clipped tokens, ratio sum, max, capped), and the
@@ -153,7 +159,7 @@ def _token_pass(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr
             lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, A, v, g_seq, J_seq,
             W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_seq, eps_low, eps_high, dual_clip, delta,
             param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO, TWO_SIDED, DUAL, KL_IN_LOSS,
-            ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS)
+            ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA, KL_BIAS, TOP_ENTROPY)
         obj_acc += obj
         kl_acc += kl_term
         if RATIO == TOKEN:
@@ -182,8 +188,8 @@ def _ratio_loss_fwd_kernel(
     HAS_ENT: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr, PADDED: tl.constexpr,
     FINALIZE: tl.constexpr, AGG: tl.constexpr, GIVEN_TOKENS: tl.constexpr,
     GIVEN_SEQUENCES: tl.constexpr, RW_PER_SEQ: tl.constexpr, OBJECTIVE: tl.constexpr,
-    HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr, OPSM: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr, OPSM: tl.constexpr,
+    TOP_ENTROPY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program per sequence: pass 1 (_sequence_sums), the sampler correction's sequence
     weight, the sequence ratio's objective (_sequence_objective), pass 2 (_token_pass), then
@@ -204,10 +210,10 @@ def _ratio_loss_fwd_kernel(
         start, end = segment_bounds(cu_ptr, i, N)
     A = tl.load(adv_ptr + i).to(tl.float32)
     (Delta, L, logp_sum, kl_sum, ent_sum, u_sum, w_sum, w_sq, w_max, w_min, w_zero, rkl_sum,
-     r_valid, obj_sum, obj_clipped, drift) = _sequence_sums(
-        logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, start, end, cap, rw_lo, rw_hi,
-        A, eps_low, eps_high, HAS_MASK, HAS_REF, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE,
-        TWO_SIDED, OPSM, BLOCK)
+     r_valid, obj_sum, obj_clipped, drift, kept) = _sequence_sums(
+        logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_ptr, start, end, cap, rw_lo,
+        rw_hi, A, eps_low, eps_high, HAS_MASK, HAS_REF, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE,
+        TWO_SIDED, OPSM, TOP_ENTROPY, BLOCK)
     nonempty = L > 0
     v = 1.0 / tl.maximum(L, 1.0) if PER_SEQ_MEAN else 1.0
     unit = nonempty.to(tl.float32)
@@ -227,6 +233,8 @@ def _ratio_loss_fwd_kernel(
         if ROLLOUT != 0:
             S_w = rw_sum
 
+    if TOP_ENTROPY:  # the weights of the tokens the entropy quantile keeps
+        S_w = kept * W_seq if ROLLOUT == RW_SEQUENCE else kept
     keep_seq = 1.0  # the off-policy mask keeps A >= 0, or a mean drift within the threshold
     if OPSM:
         low_drift = drift / tl.maximum(L, 1.0) <= opsm_threshold
@@ -255,7 +263,7 @@ def _ratio_loss_fwd_kernel(
         start, end, A, v, g_seq, J_seq, W_seq, keep_seq, xc_seq, x_seq, dx_seq, kl_sum, eps_low,
         eps_high, dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi, RATIO,
         TWO_SIDED, DUAL, HAS_MASK, KL_IN_LOSS, HAS_ENT, ROLLOUT, RW_MASK, OBJECTIVE, HAS_DELTA,
-        KL_BIAS, BLOCK)
+        KL_BIAS, TOP_ENTROPY, BLOCK)
     if RATIO == TOKEN:
         clipped_units, ratio_sum = tok_clipped, tok_ratio_sum
         ratio_max, capped_any = tok_ratio_max, tok_capped

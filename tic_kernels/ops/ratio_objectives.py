@@ -236,7 +236,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
                       dual_clip, delta, param_pos, param_neg, cap, beta, rw_lo, rw_hi,
                       RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
                       KL_IN_LOSS: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
-                      OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr):
+                      OBJECTIVE: tl.constexpr, HAS_DELTA: tl.constexpr, KL_BIAS: tl.constexpr,
+                      TOP_ENTROPY: tl.constexpr):
     """Tokens ``idx`` (a block, ``zero`` a block of zeros, or one token, ``zero`` 0.0) of
     log-probs ``lp``, those where ``keep``: (c = dL/dlogp / norm, the tokens' terms of the
     objective's sum (0 where not kept), for the token ratio x, chi and clipped, and the KL
@@ -245,7 +246,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
     every ratio), the ratio x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq
     (for KL_BIAS, the KL term times the ratio); keep_seq, 1.0 or 0.0 where the off-policy
     mask drops the sequence's policy objective (its g_seq and J_seq already carry it);
-    ``sel_ptr`` KL-Cov's flags of the tokens under its penalty (uint8); the NaN
+    ``sel_ptr`` the tokens' selection flags (uint8; bit 0: KL-Cov's penalty, bit 1: kept by
+    the top-entropy quantile, TOP_ENTROPY); the NaN
     rule: a token whose objective is NaN gets a NaN coefficient, whichever branch NaN fell
     through."""
     c = zero + g_seq
@@ -268,6 +270,10 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
     if OBJECTIVE == VESPO:  # the sampler's weights entered the sequence's weight instead
         wt = zero + 1.0
     wt = wt * keep_seq  # 0 where the off-policy mask drops the sequence's objective
+    if OBJECTIVE == KL_COV or TOP_ENTROPY:
+        flags = tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.int32)
+    if TOP_ENTROPY:  # 0 on the tokens below the entropy quantile
+        wt = wt * ((flags >> 1) & 1).to(tl.float32)
     if RATIO == TOKEN:
         x, chi = _capped_exp(lp - old, cap)
         J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
@@ -287,7 +293,7 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
             J_tok = A * lp - 0.5 * param_pos * d * d
             c = -v * wt * (A - param_pos * d)
         elif OBJECTIVE == KL_COV:  # J = x A - coef s |logp - old| (uncapped), s the token's flag
-            s = tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.float32)
+            s = (flags & 1).to(tl.float32)
             d = lp - old
             sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             J_tok = J_tok - param_pos * s * tl.abs(d)

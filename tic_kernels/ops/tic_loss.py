@@ -134,7 +134,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
              rollout_weights=None, objective="clip", delta=None, sapo_tau_pos=1.0,
              sapo_tau_neg=1.05, dro_beta=None, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
              vespo_k_neg=3.0, vespo_lambda_neg=2.0, kl_cov_ratio=None, kl_cov_coef=None,
-             kl_bias_correction=False, off_policy_mask_threshold=None):
+             kl_bias_correction=False, off_policy_mask_threshold=None,
+             top_entropy_quantile=1.0):
     """TIC-GRPO (and GSPO / GRPO / DAPO / CISPO / SAPO) loss straight from the policy's logits.
 
     Args:
@@ -174,7 +175,8 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
         vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
         vespo_lambda_neg=vespo_lambda_neg, kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef,
         kl_bias_correction=kl_bias_correction,
-        off_policy_mask_threshold=off_policy_mask_threshold)
+        off_policy_mask_threshold=off_policy_mask_threshold,
+        top_entropy_quantile=top_entropy_quantile)
 
     def checks(vocab):
         check.float_tensor("logits", logits)

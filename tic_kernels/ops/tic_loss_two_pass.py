@@ -48,6 +48,7 @@ def serves(config, logits, inplace_backward, shard) -> bool:
     return (ENABLED and config.ratio in ("token", "none") and not config.rollout_per_sequence
             and config.objective == "clip" and config.delta is None
             and not config.kl_bias_correction and config.off_policy_mask_threshold is None
+            and config.top_entropy_quantile == 1.0
             and logits.requires_grad and not inplace_backward and shard is None
             and logits.shape[:-1].numel() > 0)
 
@@ -138,7 +139,7 @@ def _rows_with_gradient_kernel(
     c, _obj, _x, _chi, _clipped, _kl = token_coefficient(
         logp, 0.0, old_ptr, ref_ptr, roll_ptr, roll_ptr, row, active, A, v, 0.0, 0.0, 1.0, 1.0, 1.0,
         1.0, 0.0, 0.0, eps_low, eps_high, dual_clip, 0.0, 1.0, 1.0, cap, beta, rw_lo, rw_hi,
-        RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT, RW_MASK, CLIP, False, False)
+        RATIO, TWO_SIDED, DUAL, KL_IN_LOSS, ROLLOUT, RW_MASK, CLIP, False, False, False)
     scale = inv_temperature * tl.load(norm_ptr)  # as op 1's backward for a gradient of 1
     g = tl.where(active, c, 0.0) * scale
     gH = 0.0

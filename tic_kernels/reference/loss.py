@@ -9,8 +9,8 @@ import torch
 
 from ..backend import first_order_only
 from ..layout import aggregation_norm, ignoring_masked, lengths_of
-from ..options import (IGNORE_INDEX, KL_COV_COEF, KL_COV_RATIO, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN, VESPO_MIN_LAMBDA,
-                       default_aggregation)
+from ..options import (IGNORE_INDEX, KL_COV_COEF, KL_COV_RATIO, VESPO_LOG_W_MAX,
+                       VESPO_LOG_W_MIN, VESPO_MIN_LAMBDA, default_aggregation)
 from ..output import LossOutput
 from .logprobs import compute_dtype, linear_token_logprobs, token_logprobs, vocab_token_logprobs
 
@@ -251,6 +251,15 @@ def covariance_selection(logp, A, share=KL_COV_RATIO):
     return chosen
 
 
+def entropy_selection(entropy, keep):
+    """The loss tokens (flat) whose entropy is at least the (1 - keep)-quantile of theirs
+    (torch.quantile's linear interpolation, over their float32 values); a bool per token."""
+    H = entropy.detach().float()
+    if not H.numel():
+        return torch.zeros_like(H, dtype=torch.bool)
+    return H >= torch.quantile(H, 1.0 - keep)
+
+
 def sapo_objective(x, A, tau_pos=1.0, tau_neg=1.05):
     """SAPO's soft gate: sigmoid(tau (x - 1)) 4 / tau A, tau = tau_pos for A > 0 else tau_neg."""
     tau = torch.where(A > 0, tau_pos, tau_neg).to(x.dtype)
@@ -266,7 +275,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
                            vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
                            vespo_lambda_neg=2.0, kl_cov_ratio=KL_COV_RATIO,
                            kl_cov_coef=KL_COV_COEF, kl_bias_correction=False,
-                           off_policy_mask_threshold=None, **rollout):
+                           off_policy_mask_threshold=None, top_entropy_quantile=1.0, **rollout):
     """The loss of docs/spec.md, op 4, on per-token log-probabilities; returns LossOutput(loss, stats).
 
     ``objective``: "clip" (with ``delta``), "cispo" (sg(clip(x)) A log pi per token),
@@ -275,9 +284,12 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     ratios of gmpo_log_ratio), "vespo" (vespo_weight(log w) A log pi per token, log w the
     sum of the sequence's capped log-ratios and of its sampler log-weights, which then do
     not multiply the objective) or "kl_cov" (x A per token, less kl_cov_coef |log pi - old|
-    on the tokens of covariance_selection(kl_cov_ratio)); ``kl_bias_correction``: the KL term times its unit's
-    ratio; ``off_policy_mask_threshold``: the policy objective of a sequence with A < 0 whose
-    mean sg(sampler or old - logp) (NaN counts 0) exceeds it is dropped.
+    on the tokens of covariance_selection(kl_cov_ratio)); ``kl_bias_correction``: the KL
+    term times its unit's ratio; ``off_policy_mask_threshold``: the policy objective of a
+    sequence with A < 0 whose mean sg(sampler or old - logp) (NaN counts 0) exceeds it is
+    dropped;
+    ``top_entropy_quantile`` < 1: only the tokens of entropy_selection keep their policy
+    objective (``entropy`` required).
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
     ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
@@ -386,6 +398,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
         t = base.detach().to(dt) - logp.detach()
         drift = segment_sum(torch.where(torch.isnan(t), 0.0, t), lengths) / L.clamp(min=1)
         J_tok = J_tok * ((A >= 0) | (drift <= off_policy_mask_threshold))[seg]
+    if top_entropy_quantile < 1.0:
+        J_tok = J_tok * entropy_selection(entropy, top_entropy_quantile)
     stats.update(stats_of)
 
     n_tok = logp.new_tensor(float(logp.numel()))
@@ -416,9 +430,10 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
 def _loss_from_rows(logprobs_of, targets, old_logprobs, advantages, cu_seqlens, mask,
                     entropy_coef, loss_options):
     """tic_loss_from_logprobs on logprobs_of(targets, with_entropy), masked rows ignored."""
-    logp, entropy = logprobs_of(ignoring_masked(targets, mask), entropy_coef != 0.0)
+    with_entropy = entropy_coef != 0.0 or loss_options.get("top_entropy_quantile", 1.0) < 1.0
+    logp, entropy = logprobs_of(ignoring_masked(targets, mask), with_entropy)
     return tic_loss_from_logprobs(logp, old_logprobs, advantages, cu_seqlens=cu_seqlens,
-                                  mask=mask, entropy=entropy if entropy_coef != 0.0 else None,
+                                  mask=mask, entropy=entropy if with_entropy else None,
                                   entropy_coef=entropy_coef, **loss_options)
 
 
