@@ -200,12 +200,13 @@ def test_clip_cov_equals_verl(weights, dtype):
 @pytest.mark.parametrize("weights", [False, True])
 def test_kl_cov_equals_verl(weights, dtype):
     """verl's kl_cov (its top-k covariance tokens under ppo_kl_coef |log-ratio|): loss,
-    gradient and metric for every loss_agg_mode, at verl's default share (one token) and at
-    one that penalises several; the penalty changes the loss; a share of 0 raises."""
+    gradient and metric for every loss_agg_mode, at verl's default share (one token), at one
+    that penalises several, and with both keys None (verl's function then takes 0.0002 and
+    1.0); the penalty changes the loss; a share of 0 raises."""
     inputs, _ = make_batch(dtype, weights)
     unpenalised = call(tkv.compute_policy_loss_tic_kl_cov, inputs, "token-mean",
                        make_config(kl_cov=(0.3, 0.0)))
-    for kl_cov in ((0.3, 0.7), (0.0002, 1.0)):
+    for kl_cov in ((0.3, 0.7), (0.0002, 0.1), (None, None)):
         config = make_config(kl_cov=kl_cov)
         for mode in AGG_MODES:
             mine = call(tkv.compute_policy_loss_tic_kl_cov, inputs, mode, config)

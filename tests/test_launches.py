@@ -213,14 +213,16 @@ def test_other_ops_read_the_host_at_most_once(call, monkeypatch, device):
     b, lay, adv = _inputs(False, True, device)
     logp = torch.randn(b.targets.shape, device=device)
     on = dict(device=device)
+    # the inputs made before the count (a tensor copied from the host counts as a read)
+    weights = rollout_keywords(b.old_logprobs, lay, "weights")
+    rewards, lengths = torch.randn(4, **on), torch.tensor([3, 0, 2, 5], **on)
+    rows, row_lengths = torch.randn(3, 2, **on), torch.tensor([5, 0, 2], **on)
     calls = {
         "sequence_logprobs": lambda: tk.sequence_logprobs(logp, reduce="mean", **lay),
         "tic_loss_from_logprobs": lambda: tk.tic_loss_from_logprobs(
-            logp, b.old_logprobs, adv, max_len=9, **lay,
-            **rollout_keywords(b.old_logprobs, lay, "weights")),
-        "group_advantages": lambda: tk.group_advantages(
-            torch.randn(4, **on), 2, lengths=torch.tensor([3, 0, 2, 5], **on)),
-        "unpack": lambda: unpack(torch.randn(3, 2, **on), torch.tensor([5, 0, 2], **on), 2, 4),
+            logp, b.old_logprobs, adv, max_len=9, **lay, **weights),
+        "group_advantages": lambda: tk.group_advantages(rewards, 2, lengths=lengths),
+        "unpack": lambda: unpack(rows, row_lengths, 2, 4),
     }
     with Launches() as counted:
         calls[call]()

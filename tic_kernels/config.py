@@ -129,6 +129,11 @@ class LossConfig:
         return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0
 
     @property
+    def entropy_bonus(self) -> bool:
+        """The entropy has a gradient: the bonus is on (the selection reads it detached)."""
+        return self.entropy_coef != 0.0
+
+    @property
     def rollout_per_sequence(self) -> bool:
         return self.rollout.startswith("sequence")
 

@@ -24,9 +24,10 @@ SAPO_TAU_POS, SAPO_TAU_NEG = 1.0, 1.05
 VESPO_K_POS, VESPO_LAMBDA_POS, VESPO_K_NEG, VESPO_LAMBDA_NEG = 2.0, 3.0, 3.0, 2.0
 VESPO_MIN_LAMBDA = 1e-4
 VESPO_LOG_W_MIN, VESPO_LOG_W_MAX = -18.420680743952367, 20.0  # log(1e-8), 20
-# KL-Cov's defaults (verl's policy_loss.kl_cov_ratio and ppo_kl_coef): the share of the loss
-# tokens under the penalty, and the penalty's weight
-KL_COV_RATIO, KL_COV_COEF = 0.0002, 1.0
+# KL-Cov's defaults (verl's PolicyLossConfig kl_cov_ratio and ppo_kl_coef; its loss function
+# falls back to a weight of 1.0 only when the config holds None): the share of the loss tokens
+# under the penalty, and the penalty's weight
+KL_COV_RATIO, KL_COV_COEF = 0.0002, 0.1
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REDUCES = ("sum", "mean")
 SCALES = ("group", "batch", "none")

@@ -230,13 +230,14 @@ _NO_KERNEL = frozenset((
     "_local_scalar_dense"))
 # aten ops that wait for the device and read its values on the host
 _HOST_READS = frozenset(("_local_scalar_dense", "nonzero", "masked_select", "_unique2",
-                         "repeat_interleave"))
+                         "repeat_interleave", "lift_fresh"))
 
 
 class Launches(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts what a call costs the device: ``kernels``, the Triton kernels launched (by
     name) and the aten ops that compute (say "aten.mul"), in order; ``host_reads``, the
-    reads of device values on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``nonzero``);
+    reads of device values on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``nonzero``)
+    and copies of host numbers to it (``torch.tensor(x, device=...)``, which waits too);
     ``ops`` the torch.library ops of this package that were called; ``peak_bytes``, the most
     bytes of storage allocated under the mode and alive at once (a storage lives while a
     tensor on it, a view included, does). ``stub=True`` skips the Triton kernels themselves

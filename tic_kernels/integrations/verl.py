@@ -105,7 +105,9 @@ dtype; verl's "seq-mean-token-mean" divides by L + 1e-8, tic_kernels by L; ``tic
 log-ratio to [-10, 10] where verl caps it above only, so a sequence with mean log-ratio below
 -10 (ratio < 4.6e-5) contributes exp(-10) * A and no gradient instead of its (smaller) ratio;
 ``tic_geo_mean`` caps GMPO's mean clipped log-ratio at +-20 where verl leaves it uncapped (they
-differ only for a mean beyond 20 in magnitude, A < 0 above or A > 0 below).
+differ only for a mean beyond 20 in magnitude, A < 0 above or A > 0 below); ``tic_kl_cov``
+caps its ratio's log at +-20 where verl's does not, and takes the earliest of tokens whose
+covariances tie at the selection's edge.
 
 Using it in verl: make every worker import this module, e.g.
 ``actor_rollout_ref.model.external_lib=tic_kernels.integrations.verl`` (verl imports it in
@@ -459,8 +461,9 @@ def _policy_loss(loss_mode, old_log_prob, log_prob, advantages, response_mask, l
     if objective == "dro":
         keywords["dro_beta"] = _policy_option(config, "dro_beta")
     if objective == "kl_cov":
-        keywords.update(kl_cov_ratio=_policy_option(config, "kl_cov_ratio"),
-                        kl_cov_coef=_policy_option(config, "ppo_kl_coef"))
+        # verl's kl_cov falls back to these where its config holds None
+        keywords.update(kl_cov_ratio=_policy_option(config, "kl_cov_ratio", 0.0002),
+                        kl_cov_coef=_policy_option(config, "ppo_kl_coef", 1.0))
 
     # the log-ratio in at least float32, for verl's metrics and GSPO-token's shift
     dtype = torch.promote_types(log_prob.dtype, torch.float32)

@@ -175,8 +175,8 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         for i, (a, b) in enumerate(reversed(chunks)):
             z, x = head.logits(a, b) if i or selecting else last
             head.backward(z, x, a, b, t, max_logsum, entropy, coef[a:b] * norm,
-                          coef_ent[a:b] * (cfg.entropy_coef * norm) if with_entropy
-                          else coef_ent)
+                          coef_ent[a:b] * (cfg.entropy_coef * norm) if cfg.entropy_bonus
+                          else coef_ent[:0])
     z = x = last = None  # no view of the logits buffer outlives the loop
     if rows_equal:  # the loss and its statistics over whole sequences
         ratio_pass(0, B, cu, part)

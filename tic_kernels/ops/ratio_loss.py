@@ -182,7 +182,8 @@ def entropy_selection(entropy, valid, keep):
     interpolated linearly as torch.quantile does (in float32; NaN among them: none); uint8."""
     H = entropy.detach().reshape(-1).float()
     values = torch.sort(torch.where(valid, H, math.inf)).values  # the N valid ones first
-    q = torch.tensor(1.0 - keep, dtype=torch.float32, device=H.device)
+    # filled on the device: torch.tensor of a number would copy it from the host (a sync)
+    q = torch.full((), 1.0 - keep, dtype=torch.float32, device=H.device)
     rank = (q * (valid.sum() - 1).clamp(min=0).float()).reshape(1)
     below = rank.long()
     # gathered: indexing by a 0-d tensor would read it back to the host
@@ -299,7 +300,7 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, *, cu_seqlens=Non
             A >= 0, else (``vespo_k_neg``, ``vespo_lambda_neg``), lambda at least 1e-4
             (TRL's vespo; the unit's ratio serves the KL's bias correction and the
             statistics); "kl_cov", KL-Cov (verl's kl_cov): the unclipped x A per token,
-            less ``kl_cov_coef`` (None: 1.0) times |log pi - log pi_old| (not capped) on
+            less ``kl_cov_coef`` (None: 0.1) times |log pi - log pi_old| (not capped) on
             the max(1, floor(``kl_cov_ratio`` N)) of the batch's N loss tokens (None:
             0.0002) whose covariance (A - mean A)(sg(log pi) - mean sg(log pi)) (means over
             the N tokens) is largest, ties to the earlier position; the selection is made on

@@ -82,9 +82,9 @@ class _TICLoss(torch.autograd.Function):
             if flat_mask is not None:  # saved by an eager forward: the op reads no mask
                 targets = ignoring_masked(targets, flat_mask)
             g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
-                                                    config.entropy_coef, config.with_entropy)
+                                                    config.entropy_coef, config.entropy_bonus)
         else:
-            g_logp, g_entropy = coef, coef_ent if config.with_entropy else None
+            g_logp, g_entropy = coef, coef_ent if config.entropy_bonus else None
             kw.update(mask=flat_mask, scale=(g_loss, norm, config.entropy_coef))
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy,
                            config.temperature, IGNORE_INDEX, **kw)
