@@ -145,9 +145,10 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         head.dh.zero_()
     # the batch-wide selections (KL-Cov's covariances, the top-entropy quantile) rank every
     # loss token: all log-probs and entropies first (the logits' forward GEMM once more per
-    # chunk), then the chunks' coefficients and gradients
+    # chunk but the last, whose logits the gradients, taken in reverse order, start from),
+    # then the chunks' coefficients and gradients
     selecting = cfg.objective == "kl_cov" or cfg.top_entropy_quantile < 1.0
-    flags = None
+    flags = last = None
 
     def log_probs(chunks):
         """The chunks' log-probs; returns the last one's logits (z, x), still in the buffer."""
@@ -159,9 +160,9 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         return last
     if selecting:
         for _, chunks in plan:
-            log_probs(chunks)
+            last = log_probs(chunks) if chunks else last
         flags = token_flags(cfg, logp, entropy, advantages, cu, None, 0)
-    for seqs, chunks in plan:
+    for k, (seqs, chunks) in enumerate(reversed(plan) if selecting else plan):
         if not selecting:
             last = log_probs(chunks)
         if seqs is not None:  # whole sequences: their loss terms and coefficients
@@ -170,10 +171,10 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
             ratio_pass(0, B, cu.clamp(*chunks[0]), part)
         if not grad:
             continue
-        # the last chunk's logits are still in the buffer (unless selecting); a sequence in
-        # pieces recomputes the others' (one more GEMM each)
+        # the last chunk's logits are still in the buffer (selecting: the plan's last); a
+        # sequence in pieces recomputes the others' (one more GEMM each)
         for i, (a, b) in enumerate(reversed(chunks)):
-            z, x = head.logits(a, b) if i or selecting else last
+            z, x = head.logits(a, b) if i or (selecting and k) else last
             head.backward(z, x, a, b, t, max_logsum, entropy, coef[a:b] * norm,
                           coef_ent[a:b] * (cfg.entropy_coef * norm) if cfg.entropy_bonus
                           else coef_ent[:0])
