@@ -61,11 +61,14 @@ SAMPLER_SUFFIX = "+sampler"
 def loss_keywords(mode, batch):
     """The loss keywords of a benchmark mode: a ratio, optionally with SAMPLER_SUFFIX (op 4b,
     the sampler's log-probs with sequence_mask, the engine's drift of about 0.002 a token)
-    and an objective other than the clip ("token+cispo", "trajectory+sapo")."""
+    and an objective other than the clip ("token+cispo", "trajectory+sapo", "token+kl_cov"),
+    or the top-entropy selection of a fifth of the tokens ("token+top_entropy")."""
     kw = {}
-    for objective in ("cispo", "sapo"):
+    for objective in ("cispo", "sapo", "kl_cov"):
         if mode.endswith("+" + objective):
             kw["objective"], mode = objective, mode[:-len(objective) - 1]
+    if mode.endswith("+top_entropy"):
+        kw["top_entropy_quantile"], mode = 0.2, mode[:-len("+top_entropy")]
     if mode.endswith(SAMPLER_SUFFIX):
         return dict(ratio=mode[:-len(SAMPLER_SUFFIX)], rollout_logprobs=batch["sampler"],
                     rollout_is="sequence_mask", **kw)

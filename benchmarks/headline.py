@@ -7,7 +7,8 @@ import; each end to end and in device time (benchmarks/harness.py). The targets,
 token tic_loss >= 1.5x Liger's; trajectory >= 0.93 of the copy bandwidth (N = 16384) and
 faster than Liger's token loss; token_logprobs no slower than flash-attn; and the token ratio
 under CISPO's objective ("token+cispo") within 1.05x of the token row (a new objective costs
-the kernels nothing). Writes
+the kernels nothing). Also timed, without a target: the token ratio with the top-entropy
+selection ("token+top_entropy": the entropy, the on-device quantile). Writes
 OUT/headline.json (records, then one "targets" record).
 
     python benchmarks/headline.py --out OUT
@@ -58,6 +59,8 @@ def targets(records):
             out[at + "meets_cispo_over_token_1.05"] = \
                 None if out[at + "cispo_over_token"] is None \
                 else out[at + "cispo_over_token"] <= 1.05
+            top, _ = _p50(records, "tic_loss", "tic_kernels", "token+top_entropy", N, key)
+            out[at + "top_entropy_over_token"] = top / tok if top and tok else None
             ratios = {"token_speedup_vs_liger": (liger, tok, 1.5),
                       "trajectory_speedup_vs_liger_token": (liger, traj, 1.0),
                       "token_logprobs_speedup_vs_flash_attn": (fa, logp, 1.0)}
@@ -92,7 +95,7 @@ def main(argv=None):
     save_as = (args.out, "headline")
     shapes, dtype = harness.parse_shapes(args.shape), [getattr(torch, args.dtype)]
     records = bench_tic_loss.run(args.device, shapes, dtype,
-                                 ["token", "trajectory", "token+cispo"],
+                                 ["token", "trajectory", "token+cispo", "token+top_entropy"],
                                  passes=("fwd+bwd",), only=PROVIDERS, save_as=save_as,
                                  compiled=False, reps=args.reps)
     records += bench_token_logprobs.run(args.device, shapes, dtype, only=LOGPROB_PROVIDERS,

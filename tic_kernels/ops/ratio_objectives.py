@@ -2,9 +2,8 @@
 a token or of its sequence (capped), what each objective makes of it (the clipped surrogate
 with its delta and dual clip, CISPO's detached clipped weight, SAPO's soft gate, DPPO's trust
 region, DRO's quadratic penalty, GMPO's clipped geometric mean, VESPO's gamma weight, KL-Cov's
-unclipped ratio), the
-sampler correction's weights, the KL term (with its bias correction), KL-Cov's penalty on
-the tokens selected for it, and from them each
+unclipped ratio with its penalty on the tokens selected for it), the sampler correction's
+weights, the top-entropy selection, the KL term (with its bias correction), and from them each
 token's gradient coefficient. ops/ratio_loss_kernels.py's loss kernel calls them in its passes
 over a sequence, the two-pass loss (ops/tic_loss_two_pass.py) per row.
 """
@@ -247,9 +246,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
     (for KL_BIAS, the KL term times the ratio); keep_seq, 1.0 or 0.0 where the off-policy
     mask drops the sequence's policy objective (its g_seq and J_seq already carry it);
     ``sel_ptr`` the tokens' selection flags (uint8; bit 0: KL-Cov's penalty, bit 1: kept by
-    the top-entropy quantile, TOP_ENTROPY); the NaN
-    rule: a token whose objective is NaN gets a NaN coefficient, whichever branch NaN fell
-    through."""
+    the top-entropy quantile, TOP_ENTROPY); the NaN rule: a token whose objective is NaN
+    gets a NaN coefficient, whichever branch NaN fell through."""
     c = zero + g_seq
     J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
     wt = zero + W_seq  # the token's sampler weight (the objectives formed per token read it)

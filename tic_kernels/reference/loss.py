@@ -287,9 +287,8 @@ def tic_loss_from_logprobs(logprobs, old_logprobs, advantages, cu_seqlens=None, 
     on the tokens of covariance_selection(kl_cov_ratio)); ``kl_bias_correction``: the KL
     term times its unit's ratio; ``off_policy_mask_threshold``: the policy objective of a
     sequence with A < 0 whose mean sg(sampler or old - logp) (NaN counts 0) exceeds it is
-    dropped;
-    ``top_entropy_quantile`` < 1: only the tokens of entropy_selection keep their policy
-    objective (``entropy`` required).
+    dropped; ``top_entropy_quantile`` < 1: only the tokens of entropy_selection keep their
+    policy objective (``entropy`` required).
 
     ``entropy`` (same layout as logprobs) feeds the entropy bonus and the entropy statistic;
     ``rollout``: op 4b's keywords (rollout_logprobs or rollout_weights, rollout_is,
