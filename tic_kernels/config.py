@@ -129,6 +129,12 @@ class LossConfig:
         return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0
 
     @property
+    def selects_tokens(self) -> bool:
+        """A batch-wide token selection is made before op 4's kernel (KL-Cov's covariances,
+        the top-entropy quantile): it needs every loss token's log-prob and entropy first."""
+        return self.objective == "kl_cov" or self.top_entropy_quantile < 1.0
+
+    @property
     def entropy_bonus(self) -> bool:
         """The entropy has a gradient: the bonus is on (the selection reads it detached)."""
         return self.entropy_coef != 0.0

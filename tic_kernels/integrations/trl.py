@@ -268,7 +268,8 @@ class _MicroBatchLoss:
         # the log-probs (and entropy) with autograd, then the loss on them: used when the entropy
         # is needed, and on-policy (TRL passes no old log-probs: the ratio is exp(logp - sg(logp)))
         targets = torch.where(self.mask, self.targets, torch.full_like(self.targets, -100))
-        with_entropy = self.with_entropy or kw.get("top_entropy_quantile", 1.0) < 1.0
+        selecting = kw.get("top_entropy_quantile", 1.0) < 1.0  # tic_kernels' selection
+        with_entropy = self.with_entropy or selecting
         if weight is not None:
             res = tk.linear_token_logprobs(x, weight, targets, bias=bias, temperature=temperature,
                                            return_entropy=with_entropy)
@@ -286,7 +287,7 @@ class _MicroBatchLoss:
             if kw.get("rollout_weights") is not None:
                 weights = weights * kw["rollout_weights"]
             kw["rollout_weights"] = weights
-        elif kw.get("top_entropy_quantile", 1.0) < 1.0:  # tic_kernels' selection
+        elif selecting:
             kw["entropy"] = entropy.detach()
             # the tokens it keeps, for the entropy bonus (the same function, on the device)
             entropy_mask = entropy_selection(entropy, self.mask.reshape(-1),

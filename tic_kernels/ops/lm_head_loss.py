@@ -147,8 +147,7 @@ def linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     # loss token: all log-probs and entropies first (the logits' forward GEMM once more per
     # chunk but the last, whose logits the gradients, taken in reverse order, start from),
     # then the chunks' coefficients and gradients
-    selecting = cfg.objective == "kl_cov" or cfg.top_entropy_quantile < 1.0
-    flags = last = None
+    selecting, flags, last = cfg.selects_tokens, None, None
 
     def log_probs(chunks):
         """The chunks' log-probs; returns the last one's logits (z, x), still in the buffer."""

@@ -28,7 +28,7 @@ from ..output import LossOutput
 from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, STAT_KEYS,
                                  _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
                                  rollout_code)
-from .ratio_objectives import OBJECTIVE_CODE, RATIO_CODE
+from .ratio_objectives import FLAG_KEPT, FLAG_KL_COV, OBJECTIVE_CODE, RATIO_CODE
 
 
 def _finalize_args(config):
@@ -134,14 +134,13 @@ def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rol
 
 def token_flags(config, logp, entropy, advantages, cu, mask, T):
     """Op 4's batch-wide token selections (docs/spec.md, op 4) as uint8 flags per flat
-    position of ``logp``, or None when the config makes none: bit 0 marks KL-Cov's penalised
-    tokens, bit 1 those top_entropy_quantile keeps. The positions are split as the loss
-    kernel splits them: [cu[i], cu[i + 1]) (``mask`` then flat or None) or, with cu None, rows
-    of T with ``mask``. On the device: sorts of the N loss tokens' values, no host sync."""
-    kl_cov, top = config.objective == "kl_cov", config.top_entropy_quantile < 1.0
-    R, dev = logp.numel(), logp.device
-    if not (kl_cov or top):
+    position of ``logp``, or None when the config makes none: FLAG_KL_COV marks KL-Cov's
+    penalised tokens, FLAG_KEPT those top_entropy_quantile keeps. The positions are split as
+    the loss kernel splits them: [cu[i], cu[i + 1]) (``mask`` then flat or None) or, with cu
+    None, rows of T with ``mask``. On the device: sorts of the N loss tokens' values, no host sync."""
+    if not config.selects_tokens:
         return None
+    R, dev = logp.numel(), logp.device
     flags = torch.zeros(R, dtype=torch.uint8, device=dev)
     if not (R and advantages.numel()):
         return flags
@@ -154,11 +153,11 @@ def token_flags(config, logp, entropy, advantages, cu, mask, T):
         valid = (pos >= bounds[0]) & (pos < bounds[-1])
     if mask is not None:
         valid &= flat(mask) != 0
-    if kl_cov:
+    if config.objective == "kl_cov":
         A = advantages.float()[seq.clamp(max=advantages.numel() - 1)]
-        flags |= _covariance_selection(logp, A, valid, config.kl_cov_ratio)
-    if top:
-        flags |= entropy_selection(entropy, valid, config.top_entropy_quantile) << 1
+        flags |= _covariance_selection(logp, A, valid, config.kl_cov_ratio) * FLAG_KL_COV.value
+    if config.top_entropy_quantile < 1.0:
+        flags |= entropy_selection(entropy, valid, config.top_entropy_quantile) * FLAG_KEPT.value
     return flags
 
 

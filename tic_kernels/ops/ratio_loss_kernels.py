@@ -19,10 +19,11 @@ import triton.language as tl
 
 from ..backend import as_f32, segment_bounds
 from ..options import AGGREGATIONS
-from .ratio_objectives import (GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE, RW_TOKEN,
-                               TOKEN, VESPO, _clamp, _rollout_weight, _sequence_objective,
-                               _token_rollout, gmpo_log_ratio, token_coefficient,
-                               vespo_sampler_log_weight, vespo_weight)
+from .ratio_objectives import (FLAG_KEPT, GMPO, NO_RATIO, ROLLOUT_CODE, RW_GIVEN, RW_SEQUENCE,
+                               RW_TOKEN, TOKEN, VESPO, _clamp, _rollout_weight,
+                               _sequence_objective, _token_rollout, gmpo_log_ratio,
+                               selection_flag, token_coefficient, vespo_sampler_log_weight,
+                               vespo_weight)
 
 BLOCK_SEQS = 1024
 
@@ -116,7 +117,7 @@ def _sequence_sums(logp_ptr, old_ptr, ref_ptr, ent_ptr, mask_ptr, roll_ptr, sel_
             w_min = tl.minimum(w_min, tl.where(keep, w, float("inf")))
             w_zero += (keep & (w == 0)).to(tl.float32)
         if TOP_ENTROPY:
-            m = ((tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.int32) >> 1) & 1).to(tl.float32)
+            m = selection_flag(sel_ptr, idx, keep, FLAG_KEPT)
             if ROLLOUT == RW_TOKEN or ROLLOUT == RW_GIVEN:
                 m = m * w
             kept += m

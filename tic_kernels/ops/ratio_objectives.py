@@ -37,6 +37,17 @@ ROLLOUT_CODE = {None: 0, "token": 1, "sequence": 2, "weights": 3}
 RW_TOKEN, RW_SEQUENCE, RW_GIVEN = (tl.constexpr(ROLLOUT_CODE[k])
                                    for k in ("token", "sequence", "weights"))
 
+# The bits of the batch-wide selections' per-token flags (ops/ratio_loss.py, token_flags):
+# KL-Cov's penalised tokens, and the tokens the top-entropy quantile keeps.
+FLAG_KL_COV, FLAG_KEPT = tl.constexpr(1), tl.constexpr(2)
+
+@triton.jit
+def selection_flag(sel_ptr, idx, keep, FLAG: tl.constexpr):
+    """1.0 where the tokens' selection flags carry FLAG, else 0.0."""
+    flags = tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.int32)
+    return ((flags & FLAG) != 0).to(tl.float32)
+
+
 @triton.jit
 def _clamp(x, lo, hi):
     """min(max(x, lo), hi) that keeps NaN: plain tl.minimum / tl.maximum compile to PTX min /
@@ -245,9 +256,9 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
     every ratio), the ratio x_seq with dx_seq = dx/dlogp_t and the sequence's KL sum kl_seq
     (for KL_BIAS, the KL term times the ratio); keep_seq, 1.0 or 0.0 where the off-policy
     mask drops the sequence's policy objective (its g_seq and J_seq already carry it);
-    ``sel_ptr`` the tokens' selection flags (uint8; bit 0: KL-Cov's penalty, bit 1: kept by
-    the top-entropy quantile, TOP_ENTROPY); the NaN rule: a token whose objective is NaN
-    gets a NaN coefficient, whichever branch NaN fell through."""
+    ``sel_ptr`` the tokens' selection flags (uint8: FLAG_KL_COV, KL-Cov's penalty;
+    FLAG_KEPT, kept by the top-entropy quantile, TOP_ENTROPY); the NaN rule: a token whose
+    objective is NaN gets a NaN coefficient, whichever branch NaN fell through."""
     c = zero + g_seq
     J_tok = zero + J_seq  # the token's objective, to apply the NaN rule
     wt = zero + W_seq  # the token's sampler weight (the objectives formed per token read it)
@@ -268,10 +279,8 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
     if OBJECTIVE == VESPO:  # the sampler's weights entered the sequence's weight instead
         wt = zero + 1.0
     wt = wt * keep_seq  # 0 where the off-policy mask drops the sequence's objective
-    if OBJECTIVE == KL_COV or TOP_ENTROPY:
-        flags = tl.load(sel_ptr + idx, mask=keep, other=0).to(tl.int32)
     if TOP_ENTROPY:  # 0 on the tokens below the entropy quantile
-        wt = wt * ((flags >> 1) & 1).to(tl.float32)
+        wt = wt * selection_flag(sel_ptr, idx, keep, FLAG_KEPT)
     if RATIO == TOKEN:
         x, chi = _capped_exp(lp - old, cap)
         J_tok, dJ, clipped, xc = _clipped_objective(x, A, eps_low, eps_high, dual_clip, delta,
@@ -291,7 +300,7 @@ def token_coefficient(lp, zero, old_ptr, ref_ptr, roll_ptr, sel_ptr, idx, keep, 
             J_tok = A * lp - 0.5 * param_pos * d * d
             c = -v * wt * (A - param_pos * d)
         elif OBJECTIVE == KL_COV:  # J = x A - coef s |logp - old| (uncapped), s the token's flag
-            s = (flags & 1).to(tl.float32)
+            s = selection_flag(sel_ptr, idx, keep, FLAG_KL_COV)
             d = lp - old
             sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
             J_tok = J_tok - param_pos * s * tl.abs(d)
