@@ -79,12 +79,14 @@ def launch(kernel, grid, *args, **meta):
     the shapes of the outputs the op allocated.
     """
     first = next(a for a in args if isinstance(a, torch.Tensor))
-    if interpreting() and _is_fake(first):  # a trace's tensors are all fake, or none
+    if _is_fake(first) and interpreting():  # a trace's tensors are all fake, or none
         return
     device = first.device
-    if device.type == "cuda" and not torch.compiler.is_compiling():
-        # Triton launches on the current device: guard with the tensors' own (cuda:1 while
-        # the current device is cuda:0). Compiled graphs place their own guards.
+    if (device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling()
+            and device.index != torch.cuda.current_device()):
+        # Triton launches on the current device: switch to the tensors' own (cuda:1 while
+        # the current device is cuda:0), only then (a switch costs host time at every
+        # launch). Compiled graphs place their own guards.
         with torch.cuda.device(device):
             torch.library.wrap_triton(kernel)[grid](*args, **meta)
         return

@@ -17,6 +17,8 @@ import functools
 import math
 from typing import Optional
 
+import torch
+
 from . import validation as check
 from .options import (KL_COV_COEF, KL_COV_RATIO, ROLLOUT_IS, ROLLOUT_IS_MAX, SAPO_TAU_NEG,
                       SAPO_TAU_POS, VESPO_K_NEG, VESPO_K_POS, VESPO_LAMBDA_NEG,
@@ -75,7 +77,26 @@ class LossConfig:
         keywords, each checked (a ValueError or TypeError naming it); ``mask`` that of a
         padded batch (None: packed), whose T is max_len's default. Every keyword is required,
         so that a public function that does not forward one fails at once rather than run
-        with its default."""
+        with its default.
+
+        Remembered: a call whose keywords are plain numbers, strings, booleans and None (each
+        with its type), and whose tensors are present or absent (the mask's T), as a call that
+        passed the checks before, takes that call's config without checking again (the
+        tensors' values and shapes are loss_call's to check, on every call)."""
+        scalars = (ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation,
+                   beta, entropy_coef, temperature, num_tokens, num_sequences, max_len,
+                   rollout_is, rollout_is_max, rollout_is_min, objective, delta, sapo_tau_pos,
+                   sapo_tau_neg, dro_beta, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+                   vespo_lambda_neg, kl_cov_ratio, kl_cov_coef, kl_bias_correction,
+                   off_policy_mask_threshold, top_entropy_quantile)
+        key = None
+        if all(type(v) in _PLAIN for v in scalars) and not torch.compiler.is_compiling():
+            key = (tuple(map(type, scalars)), scalars, ref_logprobs is None,
+                   rollout_logprobs is None, rollout_weights is None, mask is None,
+                   getattr(mask, "ndim", 0) == 2 and mask.shape[1])
+            config = _REMEMBERED.get(key)
+            if config is not None:
+                return config, config.rollout_tensor(rollout_logprobs, rollout_weights)
         check.positive("temperature", temperature)
         check.loss_options(ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio,
                            aggregation, ref_logprobs, beta, num_tokens, num_sequences, max_len,
@@ -94,11 +115,11 @@ class LossConfig:
 
         def number(x):
             return None if x is None else float(x)
-        rollout, lo, hi, tensor = "", 0.0, math.inf, None
+        rollout, lo, hi = "", 0.0, math.inf
         if rollout_weights is not None:
-            rollout, tensor = "weights", rollout_weights
+            rollout = "weights"
         elif rollout_logprobs is not None:
-            rollout, tensor = _text(rollout_is), rollout_logprobs
+            rollout = _text(rollout_is)
             lo = 0.0 if rollout_is_min is None else float(rollout_is_min)
             hi = float(ROLLOUT_IS_MAX if rollout_is_max is None else rollout_is_max)
         config = LossConfig(
@@ -119,6 +140,11 @@ class LossConfig:
             kl_bias_correction=bool(kl_bias_correction),
             off_policy_mask_threshold=number(off_policy_mask_threshold),
             top_entropy_quantile=float(top_entropy_quantile))
+        tensor = config.rollout_tensor(rollout_logprobs, rollout_weights)
+        if key is not None:
+            if len(_REMEMBERED) >= _REMEMBER_AT_MOST:
+                _REMEMBERED.clear()
+            _REMEMBERED[key] = config
         return config, tensor
 
     # -- what the kernels read ------------------------------------------------------------
@@ -181,6 +207,12 @@ class LossConfig:
     def replace(self, **changes) -> "LossConfig":
         return dataclasses.replace(self, **changes)
 
+    def rollout_tensor(self, rollout_logprobs, rollout_weights):
+        """The sampler correction's tensor among the two public inputs (None without one)."""
+        if not self.rollout:
+            return None
+        return rollout_weights if self.rollout == "weights" else rollout_logprobs
+
     def rollout_inputs(self, rollout_tensor) -> dict:
         """{public name: tensor} of the sampler correction's input (empty without one)."""
         if not self.rollout:
@@ -210,6 +242,11 @@ class LossConfig:
 
 
 assert set(ROLLOUT_IS).isdisjoint({"", "weights"})
+
+# LossConfig.of's memory of the calls that passed its checks (cleared when full)
+_PLAIN = (str, float, int, bool, type(None))
+_REMEMBERED: dict = {}
+_REMEMBER_AT_MOST = 512
 
 
 def _text(option: str) -> str:
