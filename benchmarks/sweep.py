@@ -7,7 +7,9 @@ output is first checked against the default configuration's (to the tests' toler
 block size sums in another order). The JSON is rewritten after each
 configuration, and the sweep stops at --budget-s. Then, at a small batch (--split-rows rows,
 fewer than the GPU runs programs at once), the backward with its columns shared out over 1 to
-16 programs per row and with the default choice ("auto"), checked against one program per row.
+16 programs per row and with the default choice ("auto"), and the forward with each row's runs
+of columns in programs of their own or not ("auto" the default), each checked bitwise against
+one program per row.
 
     python benchmarks/sweep.py --shape 16384x151936 --dtype bfloat16 --out OUT
 """
@@ -91,7 +93,9 @@ def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_
 
 def run_splits(device, rows, V, dtype, records, *, splits=SPLITS, reps=None, save_as=None):
     """The backward kernel at ``rows`` rows with 1..16 programs per row and the default
-    ("auto"), each checked against one program per row, then timed; appended to records."""
+    ("auto"), then the forward (with the entropy) with and without each row's runs of
+    columns in programs of their own and the default, each checked bitwise against one
+    program per row, then timed; appended to records."""
     env = harness.environment(device)
     copy = next((r["gbps"] for r in records if r["op"] == "copy"), None)
     g = torch.Generator(device=device).manual_seed(1)
@@ -128,6 +132,31 @@ def run_splits(device, rows, V, dtype, records, *, splits=SPLITS, reps=None, sav
                 harness.save(records, *save_as)
     finally:
         logprobs.LAUNCH_CONFIG["bwd_split"] = None
+    try:  # the forward: each row's runs of columns in programs of their own, or not
+        logprobs.LAUNCH_CONFIG["fwd_split"] = False
+        want = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, True)
+        for split in (False, True, None):
+            logprobs.LAUNCH_CONFIG["fwd_split"] = split
+            shape = {"N": rows, "V": V, "split_runs": "auto" if split is None else split}
+
+            def forward(_=None):
+                return logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, True)
+            if not all(torch.equal(a, b) for a, b in zip(forward(), want)):
+                records.append(harness.record("token_logprobs_kernel", "fwd", pass_="fwd",
+                                              shape=shape, dtype=dtype, status="wrong",
+                                              error="differs from one program per row",
+                                              env=env))
+                continue
+            ms = harness.time_ms(forward, device, reps=reps)
+            records.append(harness.record("token_logprobs_kernel", "fwd", pass_="fwd",
+                                          shape=shape, dtype=dtype, ms=ms,
+                                          bytes_moved=rows * V * logits.element_size(),
+                                          copy_gbps=copy, env=env))
+            harness.print_table(records[-1:])
+            if save_as:
+                harness.save(records, *save_as)
+    finally:
+        logprobs.LAUNCH_CONFIG["fwd_split"] = None
     return records
 
 
@@ -143,7 +172,7 @@ def main(argv=None):
     p.add_argument("--name", default="sweep")
     p.add_argument("--reps", type=int, default=None, help="timed reps (default: the harness's)")
     p.add_argument("--split-rows", type=int, default=512,
-                   help="rows of the small-batch backward split sweep (0: skip it)")
+                   help="rows of the small-batch split sweeps (0: skip them)")
     args = p.parse_args(argv)
     N, V = harness.parse_shapes(args.shape)[0]
     save_as = (args.out, args.name)

@@ -37,15 +37,18 @@ def variants():
     for dt, ent, unit in itertools.product(FLOATS, (False, True), (True, False)):
         # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets;
         # the padded layout's mask and the loss's counter with the entropy, the loss's
-        # scaled coefficients (SCALED) likewise in the backward
-        yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit}]",
+        # scaled coefficients (SCALED) likewise in the backward; the forward's split over
+        # the runs of columns (few rows) with a strided layout
+        yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit},split={not unit}]",
                token_logprobs._token_logprobs_fwd_kernel,
                dict(logits_ptr=f"*{dt}", targets_ptr="*i64", mask_ptr="*i1", logp_ptr="*fp32",
                     max_logsum_ptr="*fp32", entropy_ptr="*fp32", counter_ptr="*i32",
-                    stride_b="i64", stride_t="i64", stride_v="i32", T="i32",
-                    V="i32", inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
-               dict(WITH_ENTROPY=ent, HAS_MASK=ent, CLEAR_COUNTER=ent, UNIT_STRIDE_V=unit,
-                    BLOCK_V=4096), 8)
+                    part_ptr="*fp32", arrived_ptr="*i32", stride_b="i64", stride_t="i64",
+                    stride_v="i32", T="i32", V="i32", inv_temperature="fp32",
+                    ignore_index="i32", vocab_start="i32"),
+               dict(WITH_ENTROPY=ent, HAS_MASK=ent, CLEAR_COUNTER=ent, SPLIT=not unit,
+                    UNIT_STRIDE_V=unit, BLOCK_V=4096,
+                    CHUNK=4096 * token_logprobs.FWD_CHUNK_BLOCKS), 8)
         yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
                token_logprobs._token_logprobs_bwd_kernel,
                dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", mask_ptr="*u8",
@@ -73,7 +76,8 @@ def variants():
                dict(WITH_ENTROPY=padded, HAS_MASK=padded, PADDED=padded, RATIO=ratio,
                     TWO_SIDED=True, DUAL=padded, KL_IN_LOSS=not padded, ROLLOUT=1 + padded * 2,
                     RW_MASK=False, EMULATE_RNE=False, UNIT_STRIDE_V=True, UNIT_STRIDE_GV=True,
-                    BLOCK_V=4096, BLOCK_B=backend.BLOCK_TOKENS), 8)
+                    BLOCK_V=4096, CHUNK=4096 * token_logprobs.FWD_CHUNK_BLOCKS,
+                    BLOCK_B=backend.BLOCK_TOKENS), 8)
         yield (f"tic_loss_two_pass_weights[padded={padded},agg={ratio}]",
                tic_loss_two_pass._sequence_weights_kernel,
                dict(cu_ptr="*i64", mask_ptr="*u8", v_ptr="*fp32", norm_ptr="*fp32",

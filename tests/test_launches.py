@@ -207,6 +207,43 @@ def test_backward_split_over_the_columns(split, monkeypatch, device):
     torch.testing.assert_close(grads[1], want_grad, **tolerance(GRAD_TOL, torch.float32))
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_forward_split_over_the_runs(split, monkeypatch, device):
+    """The forward with each run of a row's columns in its own program (few rows on a large
+    GPU), merged by the row's last program, gives bitwise the values of one program sweeping
+    the row, which merges the same runs in the same order; both match the reference. Runs
+    of 32 columns over V = 77 (3 runs, the last short), a run of -inf logits (a masked part
+    of the vocabulary), an ignored row, a large logit."""
+    b = loss_batch([4, 3], 77, seed=5, device=device)
+    logits = b.logits.clone()
+    logits[1, 32:64] = -float("inf")
+    logits[3, 70] = 3e4
+    targets = b.targets.clone()
+    targets[1], targets[2] = 5, -100
+    logits.requires_grad_(True)
+    monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")  # the count: the row kernel alone
+    monkeypatch.setitem(op1.LAUNCH_CONFIG, "fwd", (16, 4))
+    monkeypatch.setitem(op1.LAUNCH_CONFIG, "fwd_chunk_blocks", 2)
+    values = []
+    for programs in (False, split):
+        monkeypatch.setitem(op1.LAUNCH_CONFIG, "fwd_split", programs)
+        with Launches() as fwd:
+            values.append(tk.token_logprobs(logits, targets, temperature=0.7,
+                                            return_entropy=True))
+        # the split runs 3 programs per row, counted in by a zeroed int32 per row
+        assert fwd.kernels[-1] == ROW_FWD and len(fwd.kernels) == 1 + programs, fwd.kernels
+    for got, want in zip(*values):
+        assert torch.equal(got, want)
+    leaf = logits.detach().requires_grad_()
+    want = ref.token_logprobs(leaf, targets, 0.7, -100, True)
+    for got, w in zip(values[1], want):
+        torch.testing.assert_close(got, w, **tolerance(LOSS_TOL, torch.float32))
+    g = torch.randn(targets.shape, device=device)
+    grad, = torch.autograd.grad((values[1][0] * g).sum() + values[1][1].sum(), logits)
+    want_grad, = torch.autograd.grad((want[0] * g).sum() + want[1].sum(), leaf)
+    torch.testing.assert_close(grad, want_grad, **tolerance(GRAD_TOL, torch.float32))
+
+
 @pytest.mark.parametrize("call", ["sequence_logprobs", "tic_loss_from_logprobs",
                                   "group_advantages", "unpack"])
 def test_other_ops_read_the_host_at_most_once(call, monkeypatch, device):

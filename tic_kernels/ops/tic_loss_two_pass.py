@@ -34,7 +34,7 @@ from .ratio_loss import kernel_ratio_loss
 from .scale import scale_once
 from .ratio_loss_kernels import AGG_CODE, normaliser, rollout_code
 from .ratio_objectives import CLIP, RATIO_CODE, token_coefficient
-from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout,
+from .token_logprobs import (_launch_config, _row_offset, _row_target, _rows_layout, fwd_chunk,
                              new_row_buffers, row_gradient, row_logsumexp, store_row_values)
 
 # The switch: tic_loss takes this path for the ratios and options it serves when True.
@@ -113,7 +113,7 @@ def _rows_with_gradient_kernel(
     RATIO: tl.constexpr, TWO_SIDED: tl.constexpr, DUAL: tl.constexpr,
     KL_IN_LOSS: tl.constexpr, ROLLOUT: tl.constexpr, RW_MASK: tl.constexpr,
     EMULATE_RNE: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, UNIT_STRIDE_GV: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_V: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """One program per row: sweep 1, the row's log-sum-exp (op 1's forward kernel: logp,
     max_logsum, entropy stored for the loss kernel); the token's coefficient (op 4's
@@ -129,7 +129,7 @@ def _rows_with_gradient_kernel(
     gbase = grad_ptr + _row_offset(row, T, stride_gb, stride_gt)
     # sweep 1 asks L2 to keep the row for sweep 2, which lets it go
     logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
-                                      WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "evict_last")
+                                      WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, CHUNK, "evict_last")
     store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
                      WITH_ENTROPY)
 
@@ -188,7 +188,7 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
            TWO_SIDED=c.clip_mode == "two_sided", DUAL=c.dual_clip is not None,
            KL_IN_LOSS=c.beta > 0, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
            EMULATE_RNE=emulate_rne(grad.dtype), UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1,
-           BLOCK_V=block, BLOCK_B=BLOCK_TOKENS, num_warps=warps)
+           BLOCK_V=block, CHUNK=fwd_chunk(block), BLOCK_B=BLOCK_TOKENS, num_warps=warps)
     loss, stats, *_ = kernel_ratio_loss(logp, old_logprobs, advantages, cu_seqlens, mask,
                                         ref_logprobs, entropy if c.with_entropy else None,
                                         rollout, config, counter)

@@ -47,6 +47,16 @@ def _col_offsets(idx, stride_v, UNIT_STRIDE_V: tl.constexpr):
 
 
 @triton.jit
+def _rescaled(sz, s, scale, m, shift):
+    """sz = sum exp(z - m) (z - m) over a run of columns, re-expressed relative to a new max
+    ``shift`` >= m, scale = exp(m - shift): sum exp(z - shift) (z - shift) = scale (sz - s
+    (shift - m)). Nothing moves while m = -inf (no column yet), nor when the old terms vanish
+    (scale = 0: shift - m may overflow, ~ -3e38 to 3e38)."""
+    moved = tl.where(scale > 0.0, scale * (shift - tl.where(m == -float("inf"), shift, m)), 0.0)
+    return sz * scale - s * moved
+
+
+@triton.jit
 def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
     """One block of the online logsumexp over z = logits / tau (-inf where masked): m the
     running max, s = sum exp(z - m) and sz = sum exp(z - m) (z - m), both rescaled when the max
@@ -61,44 +71,62 @@ def _lse_step(z, m, s, sz, WITH_ENTROPY: tl.constexpr):
     scale = tl.exp(m - shift)
     e = tl.exp(z - shift)
     if WITH_ENTROPY:
-        # sum_old e (z - m_new) = scale (sz - s (m_new - m)); nothing moves while m = -inf,
-        # nor when the old terms vanish (scale = 0: m_new - m may overflow, ~ -3e38 to 3e38)
-        moved = tl.where(scale > 0.0, scale * (shift - tl.where(m == -float("inf"), shift, m)),
-                         0.0)
         # e = 0 at z = -inf, where e (z - shift) would be 0 * -inf: the term is exactly 0
-        sz = sz * scale - s * moved + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
+        sz = _rescaled(sz, s, scale, m, shift) + tl.sum(e * tl.where(e > 0.0, z - shift, 0.0), 0)
     return m_new, s * scale + tl.sum(e, 0), sz
 
 
 @triton.jit
-def _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK: tl.constexpr):
-    """A row's target, or ignore_index where the loss mask (any dtype, flat) is 0: such a
-    row is neither read nor given a gradient, whatever its target holds."""
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    if HAS_MASK:
-        target = tl.where(tl.load(mask_ptr + row) != 0, target, ignore_index)
-    return target
+def _lse_merge(m, s, sz, m2, s2, sz2, WITH_ENTROPY: tl.constexpr):
+    """(m, s, sz) of two runs of columns together, from each run's (as _lse_step keeps them).
+    Merging into the empty run (-inf, 0, 0) gives the other run's values exactly."""
+    m_new = tl.maximum(m, m2)
+    shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+    scale, scale2 = tl.exp(m - shift), tl.exp(m2 - shift)
+    if WITH_ENTROPY:
+        sz = _rescaled(sz, s, scale, m, shift) + _rescaled(sz2, s2, scale2, m2, shift)
+    return m_new, s * scale + s2 * scale2, sz
 
 
 @triton.jit
-def row_logsumexp(base, target, active, V, stride_v, inv_temperature,
-                  WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-                  BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
-    """A row's sweep over its logits (at ``base``): (logp, m, log s, H) of z = logits / tau,
-    m the max and s = sum exp(z - m), all 0 for an inactive row, which reads nothing.
+def lse_columns(base, first, last, V, stride_v, inv_temperature, WITH_ENTROPY: tl.constexpr,
+                UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+                EVICT: tl.constexpr):
+    """(m, s, sz) of z = logits / tau over columns [first, last) of a row (at ``base``),
+    ``first`` a multiple of CHUNK (itself a multiple of BLOCK_V): each run of CHUNK columns is
+    summed online from an empty start, and the runs are merged left to right. A row's numbers
+    are therefore the same whether one program sweeps it or its runs are shared out over
+    several programs whose results are merged in the same order (the forward's split).
     ``EVICT``: the loads' L2 eviction policy ("" the default)."""
     cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
+    m = -float("inf")  # the runs merged so far
     s = 0.0
     sz = 0.0
-    # Blocks start at column 0 whatever the row's address, so a row's summation order never
-    # depends on where it sits in the batch (batch invariance).
-    for start in range(0, tl.where(active, V, 0), BLOCK_V):
+    m_run = -float("inf")  # the current run
+    s_run = 0.0
+    sz_run = 0.0
+    # Blocks start at multiples of BLOCK_V whatever the row's address, so a row's summation
+    # order never depends on where it sits in the batch (batch invariance).
+    for start in range(first, last, BLOCK_V):
         idx = start + cols
         # upcast at once: bf16 arithmetic is wrong in the interpreter, and fp32 is the contract
         z = tl.load(base + _col_offsets(idx, stride_v, UNIT_STRIDE_V), mask=idx < V,
                     other=-float("inf"), eviction_policy=EVICT).to(tl.float32)
-        m, s, sz = _lse_step(z * inv_temperature, m, s, sz, WITH_ENTROPY)
+        m_run, s_run, sz_run = _lse_step(z * inv_temperature, m_run, s_run, sz_run,
+                                         WITH_ENTROPY)
+        if ((start + BLOCK_V) % CHUNK == 0) | (start + BLOCK_V >= last):  # the run ends
+            m, s, sz = _lse_merge(m, s, sz, m_run, s_run, sz_run, WITH_ENTROPY)
+            m_run = tl.full((), -float("inf"), tl.float32)
+            s_run = tl.full((), 0.0, tl.float32)
+            sz_run = tl.full((), 0.0, tl.float32)
+    return m, s, sz
+
+
+@triton.jit
+def row_values(base, target, active, m, s, sz, V, stride_v, inv_temperature,
+               WITH_ENTROPY: tl.constexpr):
+    """(logp, m, log s, H) of a row from its (m, s, sz) over the whole vocabulary; all 0 for
+    an inactive row."""
     s = tl.where(active, s, 1.0)  # inactive rows: keep log and division finite
     log_s = tl.log(s)
     in_vocab = (target >= 0) & (target < V)
@@ -117,6 +145,28 @@ def row_logsumexp(base, target, active, V, stride_v, inv_temperature,
 
 
 @triton.jit
+def _row_target(targets_ptr, mask_ptr, row, ignore_index, HAS_MASK: tl.constexpr):
+    """A row's target, or ignore_index where the loss mask (any dtype, flat) is 0: such a
+    row is neither read nor given a gradient, whatever its target holds."""
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    if HAS_MASK:
+        target = tl.where(tl.load(mask_ptr + row) != 0, target, ignore_index)
+    return target
+
+
+@triton.jit
+def row_logsumexp(base, target, active, V, stride_v, inv_temperature,
+                  WITH_ENTROPY: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+                  BLOCK_V: tl.constexpr, CHUNK: tl.constexpr, EVICT: tl.constexpr):
+    """A row's sweep over its logits (at ``base``): (logp, m, log s, H) of z = logits / tau,
+    m the max and s = sum exp(z - m), all 0 for an inactive row, which reads nothing."""
+    m, s, sz = lse_columns(base, 0, tl.where(active, V, 0), V, stride_v, inv_temperature,
+                           WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, CHUNK, EVICT)
+    return row_values(base, target, active, m, s, sz, V, stride_v, inv_temperature,
+                      WITH_ENTROPY)
+
+
+@triton.jit
 def store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
                      WITH_ENTROPY: tl.constexpr):
     """A row's forward values into the per-row buffers: logp, the (max, log-sum) pair at
@@ -131,11 +181,17 @@ def store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s,
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, targets_ptr, mask_ptr, logp_ptr, max_logsum_ptr, entropy_ptr, counter_ptr,
-    stride_b, stride_t, stride_v,
+    part_ptr, arrived_ptr, stride_b, stride_t, stride_v,
     T, V, inv_temperature, ignore_index, vocab_start,
     WITH_ENTROPY: tl.constexpr, HAS_MASK: tl.constexpr, CLEAR_COUNTER: tl.constexpr,
-    UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    SPLIT: tl.constexpr, UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    """Program (row, j). One program per row: it sweeps the row. SPLIT (few rows on a large
+    GPU): program j sweeps the row's j-th run of CHUNK columns and stores its (m, s, sz) in
+    part[row, j]; the last of the row's programs to finish (``arrived``, an int32 per row
+    holding 0, counts them) merges the runs in order and stores the row's values: the same
+    numbers as one program's sweep."""
     inv_temperature = as_f32(inv_temperature)
     row = tl.program_id(0)
     if CLEAR_COUNTER:  # for the loss kernel launched next (its count of finished programs)
@@ -145,10 +201,37 @@ def _token_logprobs_fwd_kernel(
     active = target != ignore_index
     target -= vocab_start  # a column of this shard of the vocabulary, or outside it (op 7)
     base = logits_ptr + _row_offset(row, T, stride_b, stride_t)
-    logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
-                                      WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, "")
-    store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
-                     WITH_ENTROPY)
+    if SPLIT:
+        runs = tl.num_programs(1)
+        first = tl.program_id(1) * CHUNK
+        m, s, sz = lse_columns(base, first, tl.minimum(first + CHUNK, tl.where(active, V, 0)),
+                               V, stride_v, inv_temperature, WITH_ENTROPY, UNIT_STRIDE_V,
+                               BLOCK_V, CHUNK, "")
+        slot = part_ptr + 3 * (row.to(tl.int64) * runs + tl.program_id(1))
+        tl.store(slot, m)
+        tl.store(slot + 1, s)
+        tl.store(slot + 2, sz)
+        # as the ratio-loss kernel's last program: the barrier orders the stores before the
+        # count's release, the last program acquires them and reads the runs from L2 (.cg)
+        tl.debug_barrier()
+        if tl.atomic_add(arrived_ptr + row, 1, sem="acq_rel") == runs - 1:
+            m = tl.full((), -float("inf"), tl.float32)
+            s = tl.full((), 0.0, tl.float32)
+            sz = tl.full((), 0.0, tl.float32)
+            for j in range(0, runs):
+                run = part_ptr + 3 * (row.to(tl.int64) * runs + j)
+                m, s, sz = _lse_merge(m, s, sz, tl.load(run, cache_modifier=".cg"),
+                                      tl.load(run + 1, cache_modifier=".cg"),
+                                      tl.load(run + 2, cache_modifier=".cg"), WITH_ENTROPY)
+            logp, m, log_s, H = row_values(base, target, active, m, s, sz, V, stride_v,
+                                           inv_temperature, WITH_ENTROPY)
+            store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
+                             WITH_ENTROPY)
+    else:
+        logp, m, log_s, H = row_logsumexp(base, target, active, V, stride_v, inv_temperature,
+                                          WITH_ENTROPY, UNIT_STRIDE_V, BLOCK_V, CHUNK, "")
+        store_row_values(logp_ptr, max_logsum_ptr, entropy_ptr, row, logp, m, log_s, H,
+                         WITH_ENTROPY)
 
 
 @triton.jit
@@ -238,10 +321,16 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-# (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels, and the number of
-# programs per row of the backward ("bwd_split"); None takes the defaults above and below.
-# benchmarks/sweep.py sets them to time other configurations on a GPU.
-LAUNCH_CONFIG = {"fwd": None, "bwd": None, "bwd_split": None}
+# (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels, the forward's run
+# of columns in blocks ("fwd_chunk_blocks"), whether the forward shares a row's runs out over
+# several programs ("fwd_split", True or False) and the number of programs per row of the
+# backward ("bwd_split"); None takes the defaults above and below. benchmarks/sweep.py sets
+# them to time other configurations on a GPU.
+LAUNCH_CONFIG = {"fwd": None, "bwd": None, "fwd_chunk_blocks": None, "fwd_split": None,
+                 "bwd_split": None}
+# The forward's runs (see lse_columns): 4 blocks, 16384 columns at BLOCK_V 4096, so a 152k
+# vocabulary is 10 runs and a 32k one 2.
+FWD_CHUNK_BLOCKS = 4
 
 
 def _launch_config(kernel: str, V: int):
@@ -257,13 +346,38 @@ def _programs_in_flight(device_index: int) -> int:
     return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def fwd_chunk(block: int) -> int:
+    """The forward's run of columns (a constexpr of every kernel that sweeps a row's
+    log-sum-exp: the same runs give the same numbers)."""
+    return block * (LAUNCH_CONFIG["fwd_chunk_blocks"] or FWD_CHUNK_BLOCKS)
+
+
+def _few_rows(R, device) -> bool:
+    """Whether R rows are too few to fill the GPU twice over (a small micro-batch): then
+    several programs share each row. (The interpreter runs programs one after another: never
+    there; nor for a traced symbolic size, which a guard would need.)"""
+    if device.type != "cuda" or not isinstance(R, int):
+        return False
+    return R < 2 * _programs_in_flight(device.index if device.index is not None
+                                       else torch.cuda.current_device())
+
+
+def _fwd_runs(R: int, V: int, chunk: int, device) -> int:
+    """Programs per row of the forward: 1, or each run of ``chunk`` columns its own program
+    when the rows are few (_few_rows) and the row has several runs."""
+    split = LAUNCH_CONFIG["fwd_split"]
+    if split is None:
+        split = _few_rows(R, device)
+    return max(1, -(-V // chunk)) if split else 1
+
+
 def _bwd_split(R: int, V: int, block: int, device) -> int:
     """Programs per row of the backward: 1, unless the rows are too few to fill the GPU twice
     over (a small micro-batch), then the columns are shared out so that they do. (The
     interpreter runs programs one after another: 1 there.)"""
     if LAUNCH_CONFIG["bwd_split"] is not None:
         return LAUNCH_CONFIG["bwd_split"]
-    if device.type != "cuda" or not isinstance(R, int):  # a traced symbolic size: no guard
+    if not _few_rows(R, device):
         return 1
     want = 2 * _programs_in_flight(device.index if device.index is not None
                                    else torch.cuda.current_device())
@@ -298,13 +412,20 @@ def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_i
     if not R:
         return
     T, sb, st, sv = _rows_layout(logits)
-    block, warps = _launch_config("fwd", logits.shape[-1])
-    launch(_token_logprobs_fwd_kernel, (R,),
+    V = logits.shape[-1]
+    block, warps = _launch_config("fwd", V)
+    chunk = fwd_chunk(block)
+    runs = _fwd_runs(R, V, chunk, logits.device)
+    part = arrived = logp  # unread without a split
+    if runs > 1:
+        part = torch.empty(3 * R * runs, dtype=torch.float32, device=logits.device)
+        arrived = torch.zeros(R, dtype=torch.int32, device=logits.device)
+    launch(_token_logprobs_fwd_kernel, (R, runs),
         logits, targets, targets if mask is None else mask, logp, max_logsum, entropy,
-        targets if counter is None else counter, sb, st, sv, T, logits.shape[-1],
+        targets if counter is None else counter, part, arrived, sb, st, sv, T, V,
         1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
-        HAS_MASK=mask is not None, CLEAR_COUNTER=counter is not None, UNIT_STRIDE_V=sv == 1,
-        BLOCK_V=block, num_warps=warps)
+        HAS_MASK=mask is not None, CLEAR_COUNTER=counter is not None, SPLIT=runs > 1,
+        UNIT_STRIDE_V=sv == 1, BLOCK_V=block, CHUNK=chunk, num_warps=warps)
 
 
 def new_row_buffers(R, with_entropy, device):
