@@ -25,7 +25,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tic_kernels import backend  # noqa: E402
 from tic_kernels.ops import group_advantages, sequence_logprobs, token_logprobs  # noqa: E402
-from tic_kernels.ops import scale as grad_scale, tic_loss_two_pass  # noqa: E402
+from tic_kernels.ops import scale as grad_scale, tic_loss_two_pass, token_selection  # noqa: E402
 from tic_kernels.ops import ratio_loss_kernels as ratio_loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -37,18 +37,19 @@ def variants():
     for dt, ent, unit in itertools.product(FLOATS, (False, True), (True, False)):
         # unit: contiguous columns (stride 1, specialised) or 64-bit strided column offsets;
         # the padded layout's mask and the loss's counter with the entropy, the loss's
-        # scaled coefficients (SCALED) likewise in the backward; the forward's split over
-        # the runs of columns (few rows) with a strided layout
-        yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit},split={not unit}]",
-               token_logprobs._token_logprobs_fwd_kernel,
-               dict(logits_ptr=f"*{dt}", targets_ptr="*i64", mask_ptr="*i1", logp_ptr="*fp32",
-                    max_logsum_ptr="*fp32", entropy_ptr="*fp32", counter_ptr="*i32",
-                    part_ptr="*fp32", arrived_ptr="*i32", stride_b="i64", stride_t="i64",
-                    stride_v="i32", T="i32", V="i32", inv_temperature="fp32",
-                    ignore_index="i32", vocab_start="i32"),
-               dict(WITH_ENTROPY=ent, HAS_MASK=ent, CLEAR_COUNTER=ent, SPLIT=not unit,
-                    UNIT_STRIDE_V=unit, BLOCK_V=4096,
-                    CHUNK=4096 * token_logprobs.FWD_CHUNK_BLOCKS), 8)
+        # scaled coefficients (SCALED) likewise in the backward; the forward with and
+        # without its split over the runs of columns (few rows)
+        for split in (False, True):
+            yield (f"token_logprobs_fwd[{dt},entropy={ent},unit_stride={unit},split={split}]",
+                   token_logprobs._token_logprobs_fwd_kernel,
+                   dict(logits_ptr=f"*{dt}", targets_ptr="*i64", mask_ptr="*i1",
+                        logp_ptr="*fp32", max_logsum_ptr="*fp32", entropy_ptr="*fp32",
+                        counter_ptr="*i32", part_ptr="*fp32", arrived_ptr="*i32",
+                        stride_b="i64", stride_t="i64", stride_v="i32", T="i32", V="i32",
+                        inv_temperature="fp32", ignore_index="i32", vocab_start="i32"),
+                   dict(WITH_ENTROPY=ent, HAS_MASK=ent, CLEAR_COUNTER=ent, SPLIT=split,
+                        UNIT_STRIDE_V=unit, BLOCK_V=4096,
+                        CHUNK=4096 * token_logprobs.FWD_CHUNK_BLOCKS), 8)
         yield (f"token_logprobs_bwd[{dt},entropy={ent},unit_stride={unit}]",
                token_logprobs._token_logprobs_bwd_kernel,
                dict(logits_ptr=f"*{dt}", grad_ptr=f"*{dt}", targets_ptr="*i32", mask_ptr="*u8",
@@ -159,6 +160,36 @@ def variants():
                     OBJECTIVE=objective, HAS_DELTA=has_delta, KL_BIAS=kl_bias,
                     OPSM=opsm, TOP_ENTROPY=top_entropy,
                     BLOCK=backend.BLOCK_TOKENS, BLOCK_B=ratio_loss.BLOCK_SEQS), 4)
+    for padded, kl_cov in itertools.product((False, True), (False, True)):
+        # the batch-wide token selections (ops/token_selection.py): packed with a u8 mask and
+        # int32 cu_seqlens, padded with a bool mask; KL-Cov with and without the entropy's
+        layout = dict(cu_ptr="*i32", mask_ptr="*u8") if not padded else dict(
+            cu_ptr="*u8", mask_ptr="*i1")
+        switches = dict(PADDED=padded, HAS_MASK=padded or kl_cov)
+        yield (f"selection_pass[padded={padded},kl_cov={kl_cov}]",
+               token_selection._selection_pass_kernel,
+               dict(logp_ptr="*fp32", entropy_ptr="*fp32", adv_ptr="*bf16", **layout,
+                    flags_ptr="*u8", key_ptr="*fp32", counts_ptr="*i32", sums_ptr="*fp32",
+                    R="i32", T="i32", B="i32", search_steps="i32"),
+               dict(**switches, KL_COV=kl_cov, TOP_ENTROPY=not kl_cov or padded,
+                    BLOCK=token_selection.BLOCK_POS), 4)
+        yield (f"covariance_keys[padded={padded},mask={switches['HAS_MASK']}]",
+               token_selection._covariance_keys_kernel,
+               dict(logp_ptr="*fp32", adv_ptr="*fp32", **layout, counts_ptr="*i32",
+                    sums_ptr="*fp32", key_ptr="*fp32", R="i32", T="i32", B="i32", P="i32",
+                    search_steps="i32"),
+               dict(**switches, BLOCK=token_selection.BLOCK_POS,
+                    BLOCK_P=token_selection.BLOCK_PART), 4)
+        yield (f"entropy_kept[padded={padded},mask={switches['HAS_MASK']}]",
+               token_selection._entropy_kept_kernel,
+               dict(entropy_ptr="*fp32", sorted_ptr="*fp32", **layout, counts_ptr="*i32",
+                    flags_ptr="*u8", R="i32", B="i32", P="i32", below_share="fp32"),
+               dict(**switches, BLOCK=token_selection.BLOCK_POS,
+                    BLOCK_P=token_selection.BLOCK_PART), 4)
+    yield ("covariance_take", token_selection._covariance_take_kernel,
+           dict(order_ptr="*i64", counts_ptr="*i32", flags_ptr="*u8", R="i32", P="i32",
+                share_bits="i64"),
+           dict(BLOCK=token_selection.BLOCK_POS, BLOCK_P=token_selection.BLOCK_PART), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
                ratio_loss._ratio_loss_finalize_kernel,

@@ -1,7 +1,9 @@
 """What one call costs the device, pinned: kernels launched and host reads per public call.
 
 tic_loss: two kernels forward (the rows; the loss with its reduction), one backward (the
-coefficients scaled inside it); token_logprobs: one and one. The inputs are read as they come
+coefficients scaled inside it); token_logprobs: one and one (on a GPU, a small batch with
+more than one run of columns per row adds a zero-fill to the forward: the split over the
+runs). The inputs are read as they come
 (a float 0/1 mask, int32 cu_seqlens, bf16 advantages, a broadcast gradient): no conversion
 kernel. Value checks: at most one host read per call, none with TIC_KERNELS_CHECK_VALUES=0 and
 none in a backward. Counted under the interpreter (tic_kernels.testing.Launches); the values of
@@ -92,9 +94,9 @@ def test_tic_loss_two_kernels_forward_one_backward(name, padded, as_they_come, m
 def test_selections_on_the_device(selection, padded, monkeypatch, device):
     """The batch-wide token selections (KL-Cov's sort of the covariances, the top-entropy
     quantile) read nothing back to the host: tic_loss keeps its two kernels and one backward
-    kernel, with the selection's torch ops between them; the fused LM head runs its forward
-    GEMM once more per chunk (every log-prob before a gradient) and reads nothing more than
-    with neither."""
+    kernel, with the selection's kernels and its sort between them; the fused LM head runs
+    its forward GEMM once more per chunk (every log-prob before a gradient) and reads nothing
+    more than with neither."""
     monkeypatch.setenv("TIC_KERNELS_CHECK_VALUES", "0")
     b, lay, adv = _inputs(padded, True, device)
     kw = (dict(ratio="token", objective="kl_cov", kl_cov_ratio=0.3) if selection == "kl_cov"
@@ -103,8 +105,10 @@ def test_selections_on_the_device(selection, padded, monkeypatch, device):
     with Launches(into=(ratio_loss,)) as fwd:
         out = tk.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
     grad, bwd = _grad(out.loss, logits)
-    triton = [k for k in fwd.kernels if not k.startswith("aten.")]
-    assert (triton, fwd.host_reads) == ([ROW_FWD, LOSS_FWD], 0) and "aten.sort" in fwd.kernels
+    selecting = (["_covariance_keys_kernel", "aten.sort", "_covariance_take_kernel"]
+                 if selection == "kl_cov" else ["aten.sort", "_entropy_kept_kernel"])
+    assert fwd.kernels == [ROW_FWD, "_selection_pass_kernel", *selecting, LOSS_FWD]
+    assert fwd.host_reads == 0
     assert (bwd.kernels, bwd.host_reads) == ([ROW_BWD], 0)
     want = ref.tic_loss(logits, b.targets, b.old_logprobs, adv, **lay, **kw)
     torch.testing.assert_close(out.loss, want.loss, **tolerance(LOSS_TOL))

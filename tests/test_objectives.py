@@ -163,7 +163,7 @@ def test_entropy_selection_is_torch_quantile(n, keep):
     """The kernels' selection (a sort and a lerp on the device) keeps exactly the tokens whose
     entropy is at least torch.quantile's (1 - keep)-quantile, as TRL's get_high_entropy_mask;
     ties and padding included."""
-    from tic_kernels.ops.ratio_loss import entropy_selection
+    from tic_kernels.ops.token_selection import entropy_selection
     g = torch.Generator().manual_seed(n)
     H = torch.rand(n + 5, generator=g) * 3
     H[1:3] = H[0]  # ties
@@ -172,6 +172,58 @@ def test_entropy_selection_is_torch_quantile(n, keep):
     threshold = torch.quantile(H[valid], 1.0 - keep)
     want = valid & (H * valid >= threshold)
     assert torch.equal(entropy_selection(H, valid, keep).bool(), want)
+
+
+@pytest.mark.usefixtures("requires_triton")
+@pytest.mark.parametrize("share", [0.3, 0.999])
+@pytest.mark.parametrize("padded", [False, True])
+def test_covariance_selection_on_the_device(padded, share, device):
+    """KL-Cov's flags, as the kernels select them over the flat positions of either layout,
+    are the reference's covariance_selection over the loss tokens: a tie of 7 tokens across
+    the boundary goes to the earlier ones, an empty sequence's NaN advantage changes nothing,
+    positions off the loss tokens are never flagged."""
+    from tic_kernels.backend import kernel_segments
+    from tic_kernels.config import LossConfig
+    from tic_kernels.ops.ratio_objectives import FLAG_KL_COV
+    from tic_kernels.ops.token_selection import token_flags
+    from tic_kernels.reference.loss import covariance_selection
+    lengths = [5, 0, 7, 3, 1]
+    b = loss_batch(lengths, 11, padded=padded, seed=61, device=device)
+    g = torch.Generator().manual_seed(62)
+    logp = torch.randn(b.targets.shape, generator=g).to(device)
+    adv = b.advantages.clone()
+    adv[1], adv[2] = float("nan"), adv.abs().max() + 1  # the empty one; the largest
+    if padded:
+        logp[2] = 2.0  # the largest advantage at a high log-prob: 7 tied, largest covariances
+        valid = b.layout_kw["mask"].reshape(-1)
+        A = adv[:, None].expand(b.targets.shape).reshape(-1)
+        mask, T = valid, b.targets.shape[1]
+    else:
+        logp[5:12] = 2.0
+        valid = torch.ones(logp.numel(), dtype=torch.bool, device=device)
+        A = adv.repeat_interleave(torch.tensor(lengths, device=device))
+        mask, T = None, 0
+    config = LossConfig(ratio="token", objective="kl_cov", kl_cov_ratio=share)
+    cu, _, _ = kernel_segments(b.layout_kw.get("cu_seqlens"), b.layout_kw.get("mask"))
+    flags = token_flags(config, logp, None, adv, cu, mask, T).reshape(-1)
+    want = covariance_selection(logp.reshape(-1)[valid], A[valid], share)
+    assert torch.equal((flags[valid] & FLAG_KL_COV.value) != 0, want)
+    assert int(want.sum()) == max(1, int(16 * share))
+    assert not flags[~valid].any()
+
+
+@pytest.mark.usefixtures("requires_triton")
+def test_covariance_selection_counts_in_float64(device):
+    """KL-Cov penalises floor(share N) tokens computed in float64, as verl's Python does:
+    10000 tokens at verl's default share 0.0002 are 2 (in float32, 1.99999995: 1)."""
+    from tic_kernels.config import LossConfig
+    from tic_kernels.ops.token_selection import token_flags
+    N = 10000
+    logp = torch.randn(N, generator=torch.Generator().manual_seed(63)).to(device)
+    config = LossConfig(ratio="token", objective="kl_cov", kl_cov_ratio=0.0002)
+    cu = torch.tensor([0, N], device=device)
+    flags = token_flags(config, logp, None, torch.ones(1, device=device), cu, None, 0)
+    assert flags.nonzero().reshape(-1).tolist() == [0, 1]  # every covariance 0: a tie
 
 
 @pytest.mark.usefixtures("requires_triton")

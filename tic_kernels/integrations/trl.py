@@ -113,7 +113,7 @@ from trl import GRPOTrainer
 
 import tic_kernels as tk
 
-from ..ops.ratio_loss import entropy_selection
+from ..ops.token_selection import entropy_selection
 from ._names import renamer
 
 MIN_TRL_VERSION = "1.16.0"

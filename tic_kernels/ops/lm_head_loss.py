@@ -30,9 +30,10 @@ from . import vocab_parallel
 from .lm_head import (ChunkedHead, active_rows, autocast_inputs, compact, grad_shapes,
                       grads_needed, largest, linear_logprobs, rows_per_chunk)
 from .ratio_loss import (launch_finalize, launch_ratio_fwd, loss_on_segments, new_partials,
-                         stats_dict, token_flags)
+                         stats_dict)
 from .ratio_loss_kernels import STAT_KEYS
 from .scale import scale_once
+from .token_selection import token_flags
 
 
 def by_rows(config) -> bool:

@@ -14,7 +14,6 @@ statistics, and each token's gradient coefficient, so that the backward is one m
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -28,7 +27,8 @@ from ..output import LossOutput
 from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, STAT_KEYS,
                                  _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
                                  rollout_code)
-from .ratio_objectives import FLAG_KEPT, FLAG_KL_COV, OBJECTIVE_CODE, RATIO_CODE
+from .ratio_objectives import OBJECTIVE_CODE, RATIO_CODE
+from .token_selection import token_flags
 
 
 def _finalize_args(config):
@@ -130,66 +130,6 @@ def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rol
     if counter is None:
         launch_finalize(part, loss, stats, norm, config)
     return loss, stats, coef, coef_ent, norm
-
-
-def token_flags(config, logp, entropy, advantages, cu, mask, T):
-    """Op 4's batch-wide token selections (docs/spec.md, op 4) as uint8 flags per flat
-    position of ``logp``, or None when the config makes none: FLAG_KL_COV marks KL-Cov's
-    penalised tokens, FLAG_KEPT those top_entropy_quantile keeps. The positions are split as
-    the loss kernel splits them: [cu[i], cu[i + 1]) (``mask`` then flat or None) or, with cu
-    None, rows of T with ``mask``. On the device: sorts of the N loss tokens' values, no host sync."""
-    if not config.selects_tokens:
-        return None
-    R, dev = logp.numel(), logp.device
-    flags = torch.zeros(R, dtype=torch.uint8, device=dev)
-    if not (R and advantages.numel()):
-        return flags
-    pos = torch.arange(R, device=dev)
-    if cu is None:
-        seq, valid = pos // max(T, 1), torch.ones(R, dtype=torch.bool, device=dev)
-    else:
-        bounds = cu.long()
-        seq = torch.searchsorted(bounds[1:], pos, right=True)
-        valid = (pos >= bounds[0]) & (pos < bounds[-1])
-    if mask is not None:
-        valid &= flat(mask) != 0
-    if config.objective == "kl_cov":
-        A = advantages.float()[seq.clamp(max=advantages.numel() - 1)]
-        flags |= _covariance_selection(logp, A, valid, config.kl_cov_ratio) * FLAG_KL_COV.value
-    if config.top_entropy_quantile < 1.0:
-        flags |= entropy_selection(entropy, valid, config.top_entropy_quantile) * FLAG_KEPT.value
-    return flags
-
-
-def _covariance_selection(logp, A, valid, share):
-    """KL-Cov's tokens: the max(1, floor(share N)) of the N ``valid`` positions whose
-    (A_t - mean A)(logp_t - mean logp) is largest (means over them, logp detached), ties to
-    the earlier position; uint8."""
-    lp = torch.where(valid, logp.detach().reshape(-1).float(), 0.0)
-    on = valid.float()
-    n = on.sum()
-    mean_A, mean_lp = (A * on).sum() / n.clamp(min=1), lp.sum() / n.clamp(min=1)
-    cov = torch.where(valid, (A - mean_A) * (lp - mean_lp), -math.inf)
-    order = torch.sort(cov, descending=True, stable=True).indices
-    taken = valid[order]
-    chosen = taken & (taken.cumsum(0) <= (n.double() * share).floor().clamp(min=1))
-    return torch.zeros_like(lp, dtype=torch.uint8).scatter_(0, order, chosen.to(torch.uint8))
-
-
-def entropy_selection(entropy, valid, keep):
-    """The ``valid`` positions whose entropy is at least the (1 - keep)-quantile of theirs,
-    interpolated linearly as torch.quantile does (in float32; NaN among them: none); uint8."""
-    H = entropy.detach().reshape(-1).float()
-    values = torch.sort(torch.where(valid, H, math.inf)).values  # the N valid ones first
-    # filled on the device: torch.tensor of a number would copy it from the host (a sync)
-    q = torch.full((), 1.0 - keep, dtype=torch.float32, device=H.device)
-    rank = (q * (valid.sum() - 1).clamp(min=0).float()).reshape(1)
-    below = rank.long()
-    # gathered: indexing by a 0-d tensor would read it back to the host
-    threshold = torch.lerp(values.gather(0, below), values.gather(0, rank.ceil().long()),
-                           rank - below)
-    threshold = torch.where((valid & H.isnan()).any(), math.nan, threshold)
-    return (valid & (H >= threshold)).to(torch.uint8)
 
 
 def scaled_coefficients(g_loss, norm, coef, coef_ent, entropy_coef, with_entropy):

@@ -37,7 +37,7 @@ ROLLOUT_CODE = {None: 0, "token": 1, "sequence": 2, "weights": 3}
 RW_TOKEN, RW_SEQUENCE, RW_GIVEN = (tl.constexpr(ROLLOUT_CODE[k])
                                    for k in ("token", "sequence", "weights"))
 
-# The bits of the batch-wide selections' per-token flags (ops/ratio_loss.py, token_flags):
+# The bits of the batch-wide selections' per-token flags (ops/token_selection.py, token_flags):
 # KL-Cov's penalised tokens, and the tokens the top-entropy quantile keeps.
 FLAG_KL_COV, FLAG_KEPT = tl.constexpr(1), tl.constexpr(2)
 
