@@ -39,6 +39,20 @@ def configs(blocks=BLOCKS, warps=WARPS):
     return [(b, w) for b, w in itertools.product(blocks, warps) if b // (32 * w) <= MAX_PER_THREAD]
 
 
+def _kernel_record(records, pass_, fn, shape, dtype, env, device, reps, bytes_moved, copy, *,
+                   wrong=None):
+    """Appends a kernel pass's record: ``wrong`` (how its output differs from the one it was
+    checked against), or else fn timed."""
+    if wrong is not None:
+        records.append(harness.record("token_logprobs_kernel", pass_, pass_=pass_, shape=shape,
+                                      dtype=dtype, status="wrong", error=wrong, env=env))
+        return
+    ms = harness.time_ms(fn, device, reps=reps)
+    records.append(harness.record("token_logprobs_kernel", pass_, pass_=pass_, shape=shape,
+                                  dtype=dtype, ms=ms, bytes_moved=bytes_moved, copy_gbps=copy,
+                                  env=env))
+
+
 def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_as=None,
         reps=None):
     env = harness.environment(device)
@@ -72,15 +86,9 @@ def run(device, N, V, dtype, *, blocks=BLOCKS, warps=WARPS, budget_s=90.0, save_
                     ("fwd", lambda _: logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, False), 1),
                     ("bwd", lambda _: logprobs.token_logprobs_bwd(
                         logits, grad, targets, max_logsum, empty, g_logp, empty, 1.0, -100, 0), 2)):
-                if not ok:
-                    records.append(harness.record("token_logprobs_kernel", name, pass_=name,
-                                                  shape=shape, dtype=dtype, status="wrong",
-                                                  error="differs from the default config", env=env))
-                    continue
-                ms = harness.time_ms(fn, device, reps=reps)
-                records.append(harness.record("token_logprobs_kernel", name, pass_=name,
-                                              shape=shape, dtype=dtype, ms=ms,
-                                              bytes_moved=passes * nbytes, copy_gbps=copy, env=env))
+                _kernel_record(records, name, fn, shape, dtype, env, device, reps,
+                               passes * nbytes, copy,
+                               wrong=None if ok else "differs from the default config")
             harness.print_table(records[-2:])
             if save_as:
                 harness.save(records, *save_as)
@@ -108,53 +116,37 @@ def run_splits(device, rows, V, dtype, records, *, splits=SPLITS, reps=None, sav
     def backward(_=None):
         logprobs.token_logprobs_bwd(logits, grad, targets, max_logsum, empty, g_logp, empty,
                                     1.0, -100, 0)
+
+    def forward(_=None):
+        return logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, True)
+
+    def timed(pass_, fn, same, shape, passes):
+        """fn's record: timed when its output was the same as one program per row's."""
+        _kernel_record(records, pass_, fn, shape, dtype, env, device, reps,
+                       passes * rows * V * logits.element_size(), copy,
+                       wrong=None if same else "differs from one program per row")
+        harness.print_table(records[-1:])
+        if save_as:
+            harness.save(records, *save_as)
     try:
         logprobs.LAUNCH_CONFIG["bwd_split"] = 1
         backward()
         want = grad.clone()
         for split in splits:
             logprobs.LAUNCH_CONFIG["bwd_split"] = split
-            shape = {"N": rows, "V": V, "programs_per_row": split or "auto"}
             grad.fill_(float("nan"))
             backward()
-            if not torch.equal(grad, want):
-                records.append(harness.record("token_logprobs_kernel", "bwd", pass_="bwd",
-                                              shape=shape, dtype=dtype, status="wrong",
-                                              error="differs from one program per row", env=env))
-                continue
-            ms = harness.time_ms(backward, device, reps=reps)
-            records.append(harness.record("token_logprobs_kernel", "bwd", pass_="bwd",
-                                          shape=shape, dtype=dtype, ms=ms,
-                                          bytes_moved=2 * rows * V * logits.element_size(),
-                                          copy_gbps=copy, env=env))
-            harness.print_table(records[-1:])
-            if save_as:
-                harness.save(records, *save_as)
+            timed("bwd", backward, torch.equal(grad, want),
+                  {"N": rows, "V": V, "programs_per_row": split or "auto"}, 2)
     finally:
         logprobs.LAUNCH_CONFIG["bwd_split"] = None
     try:  # the forward: each row's runs of columns in programs of their own, or not
         logprobs.LAUNCH_CONFIG["fwd_split"] = False
-        want = logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, True)
+        want = forward()
         for split in (False, True, None):
             logprobs.LAUNCH_CONFIG["fwd_split"] = split
-            shape = {"N": rows, "V": V, "split_runs": "auto" if split is None else split}
-
-            def forward(_=None):
-                return logprobs.token_logprobs_fwd(logits, targets, 1.0, -100, True)
-            if not all(torch.equal(a, b) for a, b in zip(forward(), want)):
-                records.append(harness.record("token_logprobs_kernel", "fwd", pass_="fwd",
-                                              shape=shape, dtype=dtype, status="wrong",
-                                              error="differs from one program per row",
-                                              env=env))
-                continue
-            ms = harness.time_ms(forward, device, reps=reps)
-            records.append(harness.record("token_logprobs_kernel", "fwd", pass_="fwd",
-                                          shape=shape, dtype=dtype, ms=ms,
-                                          bytes_moved=rows * V * logits.element_size(),
-                                          copy_gbps=copy, env=env))
-            harness.print_table(records[-1:])
-            if save_as:
-                harness.save(records, *save_as)
+            timed("fwd", forward, all(torch.equal(a, b) for a, b in zip(forward(), want)),
+                  {"N": rows, "V": V, "split_runs": "auto" if split is None else split}, 1)
     finally:
         logprobs.LAUNCH_CONFIG["fwd_split"] = None
     return records

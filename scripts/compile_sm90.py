@@ -169,14 +169,14 @@ def variants():
         yield (f"selection_pass[padded={padded},kl_cov={kl_cov}]",
                token_selection._selection_pass_kernel,
                dict(logp_ptr="*fp32", entropy_ptr="*fp32", adv_ptr="*bf16", **layout,
-                    flags_ptr="*u8", key_ptr="*fp32", counts_ptr="*i32", sums_ptr="*fp32",
+                    flags_ptr="*u8", key_ptr="*fp32", counts_ptr="*i32", sums_ptr="*fp64",
                     R="i32", T="i32", B="i32", search_steps="i32"),
                dict(**switches, KL_COV=kl_cov, TOP_ENTROPY=not kl_cov or padded,
                     BLOCK=token_selection.BLOCK_POS), 4)
         yield (f"covariance_keys[padded={padded},mask={switches['HAS_MASK']}]",
                token_selection._covariance_keys_kernel,
                dict(logp_ptr="*fp32", adv_ptr="*fp32", **layout, counts_ptr="*i32",
-                    sums_ptr="*fp32", key_ptr="*fp32", R="i32", T="i32", B="i32", P="i32",
+                    sums_ptr="*fp64", key_ptr="*fp32", R="i32", T="i32", B="i32", P="i32",
                     search_steps="i32"),
                dict(**switches, BLOCK=token_selection.BLOCK_POS,
                     BLOCK_P=token_selection.BLOCK_PART), 4)

@@ -213,17 +213,20 @@ def test_covariance_selection_on_the_device(padded, share, device):
 
 
 @pytest.mark.usefixtures("requires_triton")
-def test_covariance_selection_counts_in_float64(device):
-    """KL-Cov penalises floor(share N) tokens computed in float64, as verl's Python does:
-    10000 tokens at verl's default share 0.0002 are 2 (in float32, 1.99999995: 1)."""
+@pytest.mark.parametrize("share, chosen", [(0.0002, [0, 1]), (1e-315, [0]), (5e-324, [0])])
+def test_covariance_selection_counts_in_float64(share, chosen, device):
+    """KL-Cov penalises max(1, floor(share N)) tokens computed in float64, as verl's Python
+    does: 10000 tokens at verl's default share 0.0002 are 2 (in float32, 1.99999995: 1); a
+    subnormal share, 1."""
     from tic_kernels.config import LossConfig
     from tic_kernels.ops.token_selection import token_flags
     N = 10000
     logp = torch.randn(N, generator=torch.Generator().manual_seed(63)).to(device)
-    config = LossConfig(ratio="token", objective="kl_cov", kl_cov_ratio=0.0002)
+    config = LossConfig(ratio="token", objective="kl_cov", kl_cov_ratio=share)
     cu = torch.tensor([0, N], device=device)
-    flags = token_flags(config, logp, None, torch.ones(1, device=device), cu, None, 0)
-    assert flags.nonzero().reshape(-1).tolist() == [0, 1]  # every covariance 0: a tie
+    A = torch.full((1,), 0.3, device=device)  # its mean over the tokens is itself, exactly
+    flags = token_flags(config, logp, None, A, cu, None, 0)
+    assert flags.nonzero().reshape(-1).tolist() == chosen  # every covariance 0: a tie
 
 
 @pytest.mark.usefixtures("requires_triton")

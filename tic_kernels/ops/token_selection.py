@@ -13,13 +13,14 @@ the tokens at or above it. Each pass reduces the partial sums itself, in a fixed
 from __future__ import annotations
 
 import struct
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference.loss import entropy_selection as _reference_selection
 from ..backend import as_f32, flat, launch, use_triton
+from ..reference.loss import entropy_selection as _reference_selection
 from .ratio_objectives import FLAG_KEPT, FLAG_KL_COV
 
 BLOCK_POS = 1024  # positions per program
@@ -72,7 +73,8 @@ def _selection_pass_kernel(
 ):
     """Program p over positions [p BLOCK, (p + 1) BLOCK): zeroes their flags; TOP_ENTROPY,
     writes the sort keys (the entropy, +inf off the loss tokens); leaves counts[p] = (loss
-    tokens, any NaN entropy among them) and, KL_COV, sums[p] = (sum A, sum logp) over them."""
+    tokens, any NaN entropy among them) and, KL_COV, sums[p] = (sum A, sum logp) over them,
+    in float64 (so that equal advantages have their own value as their mean, exactly)."""
     p = tl.program_id(0)
     pos = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pos < R
@@ -88,8 +90,8 @@ def _selection_pass_kernel(
     if KL_COV:
         A = _advantage(pos, valid, adv_ptr, cu_ptr, T, B, search_steps, PADDED)
         lp = tl.load(logp_ptr + pos, mask=valid, other=0.0).to(tl.float32)
-        tl.store(sums_ptr + 2 * p, tl.sum(A, 0))
-        tl.store(sums_ptr + 2 * p + 1, tl.sum(lp, 0))
+        tl.store(sums_ptr + 2 * p, tl.sum(A.to(tl.float64), 0))
+        tl.store(sums_ptr + 2 * p + 1, tl.sum(lp.to(tl.float64), 0))
 
 
 @triton.jit
@@ -111,20 +113,22 @@ def _covariance_keys_kernel(
     search_steps, PADDED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    """KL-Cov's sort keys: -(A - mean A)(logp - mean logp) on the loss tokens (means over them),
+    """KL-Cov's sort keys: -(A - mean A)(logp - mean logp) on the loss tokens (means over them
+    in float64, rounded to float32),
     NaN elsewhere, so that an ascending stable sort lists the loss tokens first, by
     covariance from the largest, ties in position order. A NaN covariance (the largest to
-    torch's descending sort, as to the reference) keys -inf, +inf keys -FLT_MAX."""
+    torch's descending sort, as to the reference) keys -inf, +inf keys -FLT_MAX (so that a
+    finite covariance of exactly FLT_MAX ties with +inf, in position order)."""
     n, _ = _reduce_counts(counts_ptr, P, BLOCK_P)
-    sum_A = 0.0
-    sum_lp = 0.0
+    sum_A = tl.zeros((), dtype=tl.float64)
+    sum_lp = tl.zeros((), dtype=tl.float64)
     for start in range(0, P, BLOCK_P):
         j = start + tl.arange(0, BLOCK_P)
         sum_A += tl.sum(tl.load(sums_ptr + 2 * j, mask=j < P, other=0.0), 0)
         sum_lp += tl.sum(tl.load(sums_ptr + 2 * j + 1, mask=j < P, other=0.0), 0)
-    count = tl.maximum(n, 1).to(tl.float32)
-    mean_A = sum_A / count
-    mean_lp = sum_lp / count
+    count = tl.maximum(n, 1).to(tl.float64)
+    mean_A = (sum_A / count).to(tl.float32)
+    mean_lp = (sum_lp / count).to(tl.float32)
     pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = _loss_tokens(pos, R, cu_ptr, mask_ptr, B, PADDED, HAS_MASK)
     A = _advantage(pos, valid, adv_ptr, cu_ptr, T, B, search_steps, PADDED)
@@ -161,12 +165,18 @@ def _entropy_kept_kernel(
     is NaN."""
     below_share = as_f32(below_share)
     n, nan_any = _reduce_counts(counts_ptr, P, BLOCK_P)
-    rank = below_share * tl.maximum(n - 1, 0).to(tl.float32)
-    below = rank.to(tl.int32)
+    last = tl.maximum(n - 1, 0)
+    rank = below_share * last.to(tl.float32)
+    below = tl.minimum(rank.to(tl.int32), last)
     a = tl.load(sorted_ptr + below)
-    b = tl.load(sorted_ptr + tl.ceil(rank).to(tl.int32))
+    b = tl.load(sorted_ptr + tl.minimum(tl.ceil(rank).to(tl.int32), last))
     w = rank - below.to(tl.float32)
-    threshold = tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+    # torch.lerp forms w (b - a) + a (or b - (b - a)(1 - w)) in one fused multiply-add: the
+    # product of two float32 numbers is exact in float64, so the float64 sum rounded once
+    # gives its value
+    diff = (b - a).to(tl.float64)
+    threshold = tl.where(w < 0.5, a.to(tl.float64) + w.to(tl.float64) * diff,
+                         b.to(tl.float64) - diff * (1.0 - w).to(tl.float64)).to(tl.float32)
     threshold = tl.where(nan_any > 0, float("nan"), threshold)
     pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = _loss_tokens(pos, R, cu_ptr, mask_ptr, B, PADDED, HAS_MASK)
@@ -192,7 +202,7 @@ def token_flags(config, logp, entropy, advantages, cu, mask, T):
     kl_cov, top_entropy = config.objective == "kl_cov", config.top_entropy_quantile < 1.0
     P = triton.cdiv(R, BLOCK_POS)
     counts = torch.empty(2 * P, dtype=torch.int32, device=dev)
-    sums = torch.empty(2 * P if kl_cov else 0, dtype=torch.float32, device=dev)
+    sums = torch.empty(2 * P if kl_cov else 0, dtype=torch.float64, device=dev)
     keys = torch.empty(R if top_entropy else 0, dtype=torch.float32, device=dev)
     logp, entropy, mask = flat(logp), flat(entropy), flat(mask)
     advantages = advantages.contiguous()
@@ -219,8 +229,11 @@ def token_flags(config, logp, entropy, advantages, cu, mask, T):
     return flags
 
 
-def _float64_bits(x: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def _float64_bits(share: float) -> int:
+    """The bits of a share in (0, 1] as an int64 (>= 2^52, so that Triton types it int64): a
+    subnormal share is raised to the least normal double, which gives floor(n share) = 0 as
+    it does, for any count n."""
+    return struct.unpack("<q", struct.pack("<d", max(float(share), sys.float_info.min)))[0]
 
 
 def entropy_selection(entropy, valid, keep):
@@ -229,6 +242,8 @@ def entropy_selection(entropy, valid, keep):
     uint8, no host sync on the kernels (the reference elsewhere)."""
     H = entropy.detach().reshape(-1)
     valid = valid.reshape(-1)
+    if keep == 1.0:  # every token (NaN entropies included, as no selection at all)
+        return valid.to(torch.uint8)
     if not use_triton(H):
         kept = torch.zeros_like(valid)
         kept[valid] = _reference_selection(H[valid], keep)

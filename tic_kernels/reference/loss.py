@@ -241,10 +241,14 @@ def vespo_weight(log_w, A, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0)
 
 def covariance_selection(logp, A, share=KL_COV_RATIO):
     """KL-Cov's tokens among the loss tokens (flat logp and per-token A): the max(1,
-    floor(share N)) of largest covariance (A - mean A)(logp - mean logp), ties to the earlier
-    token; a bool per token. Detached."""
+    floor(share N)) of largest covariance (A - mean A)(logp - mean logp) (the means in
+    float64, rounded to the values' dtype), ties to the earlier token; a bool per token.
+    Detached."""
     logp, A = logp.detach(), A.detach()
-    cov = (A - A.mean()) * (logp - logp.mean())
+
+    def mean(x):
+        return x.double().mean().to(x.dtype)
+    cov = (A - mean(A)) * (logp - mean(logp))
     k = max(1, math.floor(cov.numel() * share))
     chosen = torch.zeros_like(cov, dtype=torch.bool)
     chosen[torch.sort(cov, descending=True, stable=True).indices[:k]] = True
