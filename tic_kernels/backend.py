@@ -189,9 +189,10 @@ def segments(cu_seqlens, mask, device):
 
 
 @triton.jit
-def segment_bounds(cu_ptr, i, N):
-    """[start, end) of segment i, clamped to [0, N]: with the value checks off, a bad
-    cu_seqlens gives wrong numbers, never an out-of-bounds access."""
+def segment_bounds(cu_ptr, i, N, span=1):
+    """[start, end) of segment i (with span, of segments i to i + span - 1 together), clamped
+    to [0, N]: with the value checks off, a bad cu_seqlens gives wrong numbers, never an
+    out-of-bounds access."""
     start = tl.minimum(tl.maximum(tl.load(cu_ptr + i), 0), N)
-    end = tl.minimum(tl.maximum(tl.load(cu_ptr + i + 1), start), N)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + i + span), start), N)
     return start, end

@@ -352,14 +352,19 @@ def fwd_chunk(block: int) -> int:
     return block * (LAUNCH_CONFIG["fwd_chunk_blocks"] or FWD_CHUNK_BLOCKS)
 
 
+def _rows_to_fill(device) -> int:
+    """Rows that fill the GPU twice over: twice the programs it runs at once."""
+    return 2 * _programs_in_flight(device.index if device.index is not None
+                                   else torch.cuda.current_device())
+
+
 def _few_rows(R, device) -> bool:
     """Whether R rows are too few to fill the GPU twice over (a small micro-batch): then
     several programs share each row. (The interpreter runs programs one after another: never
     there; nor for a traced symbolic size, which a guard would need.)"""
     if device.type != "cuda" or not isinstance(R, int):
         return False
-    return R < 2 * _programs_in_flight(device.index if device.index is not None
-                                       else torch.cuda.current_device())
+    return R < _rows_to_fill(device)
 
 
 def _fwd_runs(R: int, V: int, chunk: int, device) -> int:
@@ -379,9 +384,7 @@ def _bwd_split(R: int, V: int, block: int, device) -> int:
         return LAUNCH_CONFIG["bwd_split"]
     if not _few_rows(R, device):
         return 1
-    want = 2 * _programs_in_flight(device.index if device.index is not None
-                                   else torch.cuda.current_device())
-    return max(1, min(-(-V // block), -(-want // max(R, 1))))
+    return max(1, min(-(-V // block), -(-_rows_to_fill(device) // max(R, 1))))
 
 
 def per_row(t):

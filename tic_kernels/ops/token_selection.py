@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import as_f32, flat, launch, use_triton
+from ..backend import as_f32, flat, launch, segment_bounds, use_triton
 from ..reference.loss import entropy_selection as _reference_selection
 from .ratio_objectives import FLAG_KEPT, FLAG_KL_COV
 
@@ -34,8 +34,7 @@ def _loss_tokens(pos, R, cu_ptr, mask_ptr, B, PADDED: tl.constexpr, HAS_MASK: tl
     any of the B T positions) where the mask (any dtype, flat), if given, is set."""
     valid = (pos >= 0) & (pos < R)
     if not PADDED:
-        lo = tl.minimum(tl.maximum(tl.load(cu_ptr).to(tl.int64), 0), R)
-        hi = tl.minimum(tl.maximum(tl.load(cu_ptr + B).to(tl.int64), lo), R)
+        lo, hi = segment_bounds(cu_ptr, 0, R, B)
         valid &= (pos >= lo) & (pos < hi)
     if HAS_MASK:
         valid &= tl.load(mask_ptr + pos, mask=valid, other=0) != 0
@@ -249,6 +248,8 @@ def entropy_selection(entropy, valid, keep):
         kept[valid] = _reference_selection(H[valid], keep)
         return kept.to(torch.uint8)
     from ..config import LossConfig
-    flags = token_flags(LossConfig(top_entropy_quantile=keep), H, H, H.new_zeros(1), None,
-                        valid, H.numel())
+    # the positions as one padded row (B = 1); only KL-Cov reads the advantages, so any one
+    # value stands for them (a view: no launch)
+    flags = token_flags(LossConfig(top_entropy_quantile=keep), H, H, H[:1], None, valid,
+                        H.numel())
     return ((flags & FLAG_KEPT.value) != 0).to(torch.uint8)
