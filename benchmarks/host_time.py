@@ -2,12 +2,13 @@
 with every Triton launch stubbed out (the kernels' own time is the GPU's; this is what the
 host spends before the GPU can start them, and what decides small batches).
 
-    python benchmarks/host_time.py [--reps 200] [--json OUT]
+    python benchmarks/host_time.py [--reps 60] [--rounds 20] [--json OUT]
 
 Runs the kernels' path (TRITON_INTERPRET=1, set here before triton is imported) on small CPU
 tensors, with the value checks on (the default) and off, for tic_loss and token_logprobs,
 forward alone and forward + backward (torch.autograd.grad to the logits), and prints the
-best of --reps calls in microseconds. The stub leaves out Triton's own launch work (its argument
+least time of any call in microseconds: --rounds rounds, each of --reps calls of every case
+in turn (a shared VM's slow spells, which last seconds, then reach every case alike). The stub leaves out Triton's own launch work (its argument
 handling, about the same for any caller of a Triton kernel) and the interpreter. Also
 counts, per call, the device kernels (Triton launches and aten ops that compute) and host
 reads, which tests/test_launches.py pins.
@@ -66,9 +67,9 @@ def _best_us(fn, reps):
     return min(times)
 
 
-def measure(reps):
+def measure(reps, rounds):
     """{case: {checks on/off: {fwd_us, fwd_bwd_us, fwd_kernels, bwd_kernels, host_reads}}}."""
-    results = {}
+    results, timed = {}, []
     for padded in (False, True):
         for name, (call, logits) in _cases(padded).items():
             results[name] = {}
@@ -80,26 +81,34 @@ def measure(reps):
                 with Launches(stub=True) as bwd:
                     torch.autograd.grad(out, logits, one)
 
-                def fwd_bwd():  # autograd.grad: no accumulation into .grad (the caller's)
-                    torch.autograd.grad(call(), logits, one)
-                with Launches(stub=True, count=False):
-                    for _ in range(5):  # warm up
-                        fwd_bwd()
-                    row = {"fwd_us": _best_us(call, reps), "fwd_bwd_us": _best_us(fwd_bwd, reps)}
-                row.update(fwd_kernels=fwd.kernels, bwd_kernels=bwd.kernels,
-                           host_reads=fwd.host_reads + bwd.host_reads)
-                results[name]["checks " + ("on" if checks == "1" else "off")] = row
+                def fwd_bwd(call=call, logits=logits, one=one):  # autograd.grad: no
+                    torch.autograd.grad(call(), logits, one)  # accumulation into .grad
+                row = results[name]["checks " + ("on" if checks == "1" else "off")] = dict(
+                    fwd_us=float("inf"), fwd_bwd_us=float("inf"), fwd_kernels=fwd.kernels,
+                    bwd_kernels=bwd.kernels, host_reads=fwd.host_reads + bwd.host_reads)
+                timed.append((checks, row, call, fwd_bwd))
+    with Launches(stub=True, count=False):
+        for checks, _, _, fwd_bwd in timed:  # warm up
+            os.environ["TIC_KERNELS_CHECK_VALUES"] = checks
+            for _ in range(5):
+                fwd_bwd()
+        for _ in range(rounds):
+            for checks, row, call, fwd_bwd in timed:
+                os.environ["TIC_KERNELS_CHECK_VALUES"] = checks
+                row["fwd_us"] = min(row["fwd_us"], _best_us(call, reps))
+                row["fwd_bwd_us"] = min(row["fwd_bwd_us"], _best_us(fwd_bwd, reps))
     os.environ.pop("TIC_KERNELS_CHECK_VALUES")
     return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = measure(args.reps)
+    results = measure(args.reps, args.rounds)
     for name, rows in results.items():
         for checks, row in rows.items():
             print(f"{name:34s} {checks:10s} fwd {row['fwd_us']:7.1f} us  fwd+bwd "
@@ -107,7 +116,8 @@ def main():
                   f"{len(row['bwd_kernels'])}  host reads {row['host_reads']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "results": results}, f, indent=1)
+            json.dump({"torch": torch.__version__, "reps": args.reps, "rounds": args.rounds,
+                       "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_cpu_without_interpreter_is_the_reference(name, monkeypatch):
 
 def test_interpreter_and_float64_routing(monkeypatch):
     x = torch.randn(2, 3)
-    if not backend._INTERPRETED_AT_IMPORT:
+    if not backend.BUILT_FOR_INTERPRETER:
         pytest.skip("TRITON_INTERPRET was not set at import (TIC_TEST_NO_INTERPRET=1): the "
                     "kernels are not built for the interpreter; see the subprocess test below")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

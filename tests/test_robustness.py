@@ -140,7 +140,8 @@ def test_column_offsets_are_64_bit(requires_triton):
 def test_masked_vocabulary_blocks(path, monkeypatch):
     """Whole vocabulary blocks of -inf (a restricted vocabulary): finite logp, exact entropy
     and gradient, on both paths, equal to the same rows with the masked ids removed."""
-    monkeypatch.setattr(logprobs_mod, "_block_v", lambda V: 64)  # several blocks per row
+    monkeypatch.setitem(logprobs_mod.LAUNCH_CONFIG, "fwd", (64, 4))  # several blocks per row
+    monkeypatch.setitem(logprobs_mod.LAUNCH_CONFIG, "bwd", (64, 4))
     N, V, cut = 5, 300, 150  # ids [0, 150) masked: the first two blocks are entirely -inf
     allowed = torch.randn(N, V - cut, device=path) * 2
     logits = torch.cat([torch.full((N, cut), -float("inf"), device=path), allowed], 1)
@@ -177,7 +178,8 @@ def test_entropy_of_extreme_logits(path, monkeypatch):
     torch.testing.assert_close(H.cpu(), log, atol=1e-6, rtol=1e-6)
     assert torch.isfinite(lp).all()  # -log 7 next to 3e38 rounds away: lse == 3e38 in fp32
     # the max jumps from -3e38 (one vocabulary block) to +3e38 (the next): m_new - m overflows
-    monkeypatch.setattr(logprobs_mod, "_block_v", lambda V: 64)
+    monkeypatch.setitem(logprobs_mod.LAUNCH_CONFIG, "fwd", (64, 4))
+    monkeypatch.setitem(logprobs_mod.LAUNCH_CONFIG, "bwd", (64, 4))
     row = torch.cat([torch.full((1, 64), -big), torch.full((1, 64), big)], 1).to(path)
     _, H = tk.token_logprobs(row, torch.tensor([70], device=path), return_entropy=True)
     torch.testing.assert_close(H.cpu(), torch.log(torch.tensor([64.0])), atol=1e-6, rtol=1e-6)

@@ -411,3 +411,38 @@ def test_compile_fullgraph_logprob_entry_points(padded, device, path):
         results.append((out.detach(), stats, logits.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, **tolerance(COMPILE_TOL), equal_nan=True)
+
+
+def test_statistics_are_made_when_read(device):
+    """The statistics come as a mapping whose views are made when first read (one unbind of
+    the kernel's statistics tensor), not by the call: a step that reads none pays no host
+    time for them. Read, written, copied, merged and rebuilt from its items (as accelerate's
+    gather rebuilds the mappings it walks), it behaves as the dict of the reference."""
+    from tic_kernels.output import Stats
+    b = loss_batch(LENGTHS, 13, device=device)
+    kw = dict(ref_logprobs=b.ref_logprobs, beta=0.1, entropy_coef=0.01, **b.layout_kw)
+    with _OpRecorder() as made:
+        out = tk.tic_loss(b.logits, b.targets, b.old_logprobs, b.advantages, **kw)
+    assert isinstance(out.stats, Stats) and "aten.unbind.int" not in made.names
+    want = ref.tic_loss(b.logits, b.targets, b.old_logprobs, b.advantages, **kw).stats
+    assert list(out.stats) == sorted(want) == list(want) and len(out.stats) == len(want)
+    with _OpRecorder() as read:
+        first = out.stats["clip_fraction"]
+    assert "aten.unbind.int" in read.names
+    with _OpRecorder() as again:
+        assert out.stats["clip_fraction"] is first and "kl_mean" in out.stats
+    assert not again.names  # made once
+    for k, v in out.stats.items():
+        torch.testing.assert_close(v, want[k], **tolerance(LOSS_TOL))
+    assert "nothing" not in out.stats and out.stats.get("nothing") is None
+    with pytest.raises(KeyError):
+        out.stats["nothing"]
+    rebuilt = type(out.stats)({k: 2 * v for k, v in out.stats.items()})
+    assert list(rebuilt) == list(want)
+    assert torch.equal(rebuilt["kl_mean"], 2 * out.stats["kl_mean"])
+    copied, merged = out.stats.copy(), out.stats | {"loss": out.loss}
+    assert type(copied) is dict and list(merged)[-1] == "loss" and len(merged) == len(want) + 1
+    out.stats["loss"] = out.loss.detach()
+    del out.stats["clip_fraction"]
+    assert "loss" in out.stats and "clip_fraction" not in out.stats and "loss" not in copied
+    assert set(dict(out.stats)) == set(want) - {"clip_fraction"} | {"loss"}

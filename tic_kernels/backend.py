@@ -23,6 +23,18 @@ import triton.language as tl
 BLOCK_TOKENS = 1024
 
 
+def environment(name: str):
+    """os.environ.get(name), read at every call: straight from the bytes mapping that
+    os.environ keeps in step with every change made through it (os.environ.get itself
+    encodes, decodes and, for an unset name, raises and catches a KeyError: host time that
+    each public call would pay)."""
+    data = getattr(os.environ, "_data", None)
+    if data is None or os.name != "posix":
+        return os.environ.get(name)
+    value = data.get(name.encode())
+    return None if value is None else value.decode()
+
+
 def _built_for_interpreter() -> bool:
     """Whether this module's kernels and Triton's own library functions (tl.max, ...) were
     built for the interpreter: TRITON_INTERPRET=1 when each was imported."""
@@ -31,15 +43,15 @@ def _built_for_interpreter() -> bool:
             and isinstance(tl.max, InterpretedFunction))
 
 
-_INTERPRETED_AT_IMPORT = _built_for_interpreter()
+BUILT_FOR_INTERPRETER = _built_for_interpreter()
 _WARNED = []
 
 
 def interpreting() -> bool:
     """Whether the kernels run under Triton's interpreter: TRITON_INTERPRET=1 now and when
     triton and tic_kernels were imported (see the module's docstring)."""
-    now = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if now and not _INTERPRETED_AT_IMPORT and not _WARNED:
+    now = environment("TRITON_INTERPRET") == "1"
+    if now and not BUILT_FOR_INTERPRETER and not _WARNED:
         _WARNED.append(True)
         warnings.warn("TRITON_INTERPRET=1 is set, but it was not when triton was imported (by "
                       "tic_kernels, or before it by another library such as transformers), so "
@@ -47,7 +59,7 @@ def interpreting() -> bool:
                       "tensors take the plain PyTorch reference path. To run the Triton kernels "
                       "on the CPU, set TRITON_INTERPRET=1 in the environment before anything "
                       "imports triton.", stacklevel=3)
-    return now and _INTERPRETED_AT_IMPORT
+    return now and BUILT_FOR_INTERPRETER
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -56,8 +68,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
+_EAGER_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _is_fake(t) -> bool:
-    if type(t) in (torch.Tensor, torch.nn.Parameter):  # the eager case, answered at once
+    if type(t) in _EAGER_TYPES:  # the eager case, answered at once
         return False
     from torch._subclasses.fake_tensor import is_fake
 
@@ -78,11 +93,11 @@ def launch(kernel, grid, *args, **meta):
     torch.compile or opcheck trace the op; there the launch is skipped, since tracing needs only
     the shapes of the outputs the op allocated.
     """
-    first = next(a for a in args if isinstance(a, torch.Tensor))
+    first = args[0]  # every kernel's first argument is a tensor
     if _is_fake(first) and interpreting():  # a trace's tensors are all fake, or none
         return
-    device = first.device
-    if (device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling()
+    if (first.is_cuda and (device := first.device).index is not None
+            and not torch.compiler.is_compiling()
             and device.index != torch.cuda.current_device()):
         # Triton launches on the current device: switch to the tensors' own (cuda:1 while
         # the current device is cuda:0), only then (a switch costs host time at every
@@ -161,13 +176,22 @@ def cast_for_store(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 def emulate_rne(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def dense(t):
+    """t as an eager launcher hands it to a kernel that indexes it by flat offset: its
+    elements in one contiguous run, of any shape (t itself when it is contiguous: no view,
+    no copy, each of which costs a call host time), or None."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def flat(t):
     """t as the kernels index it: one contiguous run of its elements (a view when it already
     is one), or None."""
-    return None if t is None else t.reshape(-1).contiguous()
+    if t is None or (t.dim() == 1 and t.is_contiguous()):  # (a reshape costs host time)
+        return t
+    return t.reshape(-1).contiguous()
 
 
 def kernel_segments(cu_seqlens, mask):

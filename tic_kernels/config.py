@@ -66,6 +66,15 @@ class LossConfig:
     off_policy_mask_threshold: Optional[float] = None
     top_entropy_quantile: float = 1.0
 
+    def __hash__(self):
+        """The fields' hash, computed once: the launchers' caches key on the config at every
+        call (dataclass keeps an explicit __hash__ of a frozen class)."""
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,
@@ -90,8 +99,9 @@ class LossConfig:
                    vespo_lambda_neg, kl_cov_ratio, kl_cov_coef, kl_bias_correction,
                    off_policy_mask_threshold, top_entropy_quantile)
         key = None
-        if all(type(v) in _PLAIN for v in scalars) and not torch.compiler.is_compiling():
-            key = (tuple(map(type, scalars)), scalars, ref_logprobs is None,
+        types = tuple(map(type, scalars))
+        if _PLAIN.issuperset(types) and not torch.compiler.is_compiling():
+            key = (types, scalars, ref_logprobs is None,
                    rollout_logprobs is None, rollout_weights is None, mask is None,
                    getattr(mask, "ndim", 0) == 2 and mask.shape[1])
             config = _REMEMBERED.get(key)
@@ -244,7 +254,7 @@ class LossConfig:
 assert set(ROLLOUT_IS).isdisjoint({"", "weights"})
 
 # LossConfig.of's memory of the calls that passed its checks (cleared when full)
-_PLAIN = (str, float, int, bool, type(None))
+_PLAIN = frozenset((str, float, int, bool, type(None)))
 _REMEMBERED: dict = {}
 _REMEMBER_AT_MOST = 512
 

@@ -233,6 +233,10 @@ _HOST_READS = frozenset(("_local_scalar_dense", "nonzero", "masked_select", "_un
                          "repeat_interleave", "lift_fresh"))
 
 
+def _skip(*args, **meta):
+    """A kernel launch that does nothing."""
+
+
 class Launches(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts what a call costs the device: ``kernels``, the Triton kernels launched (by
     name) and the aten ops that compute (say "aten.mul"), in order; ``host_reads``, the
@@ -263,12 +267,19 @@ class Launches(torch.utils._python_dispatch.TorchDispatchMode):
             def __getitem__(self, grid):
                 return lambda *args, **meta: counter._run(self.kernel, grid, args, meta)
 
+        class Skipped:  # the stub, uncounted: as little host time of its own as can be
+            def __getitem__(self, grid):
+                return _skip
+        skipped = Skipped()
+
         def read_list(t):
             if self.count:
                 self.host_reads += 1
             return tolist(t)
         self._restore = wrap, tolist
-        torch.library.wrap_triton, torch.Tensor.tolist = Grid, read_list
+        torch.library.wrap_triton = Grid if self.count or not self.stub else \
+            (lambda kernel: skipped)
+        torch.Tensor.tolist = read_list
         # without counting, no dispatch mode: it would add its own time to every aten op
         return super().__enter__() if self.count else self
 

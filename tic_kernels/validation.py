@@ -12,13 +12,12 @@ number). Shape, dtype and option checks always run, and raise at once.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 
 import torch
 
+from .backend import environment
 from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, OBJECTIVES, RATIOS,
                       ROLLOUT_IS, ROLLOUT_IS_MAX, TOKEN_ONLY_OBJECTIVES, default_aggregation)
 from .layout import lengths_of
@@ -27,11 +26,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
+def _values_checked() -> bool:
+    """TIC_KERNELS_CHECK_VALUES is not 0, and no graph is being traced."""
+    return environment("TIC_KERNELS_CHECK_VALUES") != "0" and \
+        not torch.compiler.is_compiling()
+
+
 def checking_values(*tensors) -> bool:
-    """Value checks run in eager mode on tensors whose values can be read (not meta)."""
-    if os.environ.get("TIC_KERNELS_CHECK_VALUES", "1") == "0" or torch.compiler.is_compiling():
+    """Value checks run in eager mode on tensors whose values can be read (not meta); the
+    environment is read once per gathering (a call's checks)."""
+    checks = getattr(_GATHERING, "checks", None)
+    if not (checks.on if checks is not None else _values_checked()):
         return False
-    return all(t.device.type != "meta" for t in tensors if t is not None)
+    for t in tensors:
+        if t is not None and t.is_meta:
+            return False
+    return True
 
 
 class ValueChecks:
@@ -40,6 +50,7 @@ class ValueChecks:
 
     def __init__(self):
         self.pending = []
+        self.on = _values_checked()
 
     def _flags(self):
         """The flags in one bool tensor on the first flag's device."""
@@ -62,35 +73,39 @@ class ValueChecks:
 _GATHERING = threading.local()
 
 
-@contextlib.contextmanager
+class _Gathering:
+    """The context of gathered() and one_read() (a class: a generator's context manager costs
+    several microseconds of host time, which every public call would pay)."""
+    __slots__ = ("read", "outer", "checks")
+
+    def __init__(self, read):
+        self.read = read
+
+    def __enter__(self):
+        self.outer = getattr(_GATHERING, "checks", None)
+        self.checks = self.outer if self.outer is not None else ValueChecks()
+        _GATHERING.checks = self.checks
+        return self.checks
+
+    def __exit__(self, *exc):
+        _GATHERING.checks = self.outer
+        if self.read and self.outer is None:
+            self.checks.raise_first()  # raising here chains the block's own error, if any
+        return False
+
+
 def gathered():
     """Value checks made inside are kept in the ValueChecks yielded instead of read (an outer
     gathering keeps them: the outermost reads)."""
-    outer = getattr(_GATHERING, "checks", None)
-    checks = outer if outer is not None else ValueChecks()
-    _GATHERING.checks = checks
-    try:
-        yield checks
-    finally:
-        _GATHERING.checks = outer
+    return _Gathering(read=False)
 
 
-@contextlib.contextmanager
 def one_read():
     """The value checks made inside are read back together when the block ends (one host
     read), and the first that failed raises then. When the block raises, a value check that
     failed before it raises instead (the error path reads the flags): the error is the one
     the checks give in their order, as if each value check had raised at once."""
-    nested = getattr(_GATHERING, "checks", None) is not None
-    with gathered() as checks:
-        try:
-            yield
-        except Exception:
-            if not nested:
-                checks.raise_first()
-            raise
-    if not nested:
-        checks.raise_first()
+    return _Gathering(read=True)
 
 
 def value_check(bad, error):

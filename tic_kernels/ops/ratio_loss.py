@@ -20,10 +20,10 @@ import torch
 
 from .. import reference
 from .. import validation as check
-from ..backend import (BLOCK_TOKENS, first_order_only, flat, grads_by_name, inputs_by_name,
-                       kernel_segments, launch, segments, triton_op, use_triton)
+from ..backend import (BLOCK_TOKENS, dense, first_order_only, flat, grads_by_name,
+                       inputs_by_name, kernel_segments, launch, segments, triton_op, use_triton)
 from ..config import LossConfig
-from ..output import LossOutput
+from ..output import LossOutput, Stats
 from .ratio_loss_kernels import (AGG_CODE, BLOCK_SEQS, NPART, STAT_KEYS,
                                  _ratio_loss_finalize_kernel, _ratio_loss_fwd_kernel,
                                  rollout_code)
@@ -43,6 +43,26 @@ def _finalize_args(config):
                  RW_PER_SEQ=c.rollout_per_sequence))
 
 
+@functools.lru_cache(maxsize=256)
+def _fwd_args(config):
+    """The per-sequence kernel's scalar arguments and switches that the config alone decides
+    (made once per config: a call's host time)."""
+    c = config
+    scalars, switches = _finalize_args(c)
+    return ((c.eps_low, c.eps_high, 0.0 if c.dual_clip is None else c.dual_clip,
+             0.0 if c.delta is None else c.delta, *c.objective_parameters, c.max_log_ratio,
+             c.beta, c.rollout_is_min, c.rollout_is_max,
+             0.0 if c.off_policy_mask_threshold is None else c.off_policy_mask_threshold,
+             *scalars),
+            dict(TWO_SIDED=c.clip_mode == "two_sided", DUAL=c.dual_clip is not None,
+                 PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean", KL_IN_LOSS=c.beta > 0,
+                 ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks, **switches,
+                 OBJECTIVE=OBJECTIVE_CODE[c.objective], HAS_DELTA=c.delta is not None,
+                 KL_BIAS=c.kl_bias_correction, OPSM=c.off_policy_mask_threshold is not None,
+                 TOP_ENTROPY=c.top_entropy_quantile < 1.0, BLOCK=BLOCK_TOKENS,
+                 BLOCK_B=BLOCK_SEQS))
+
+
 def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coef, coef_ent,
                      part, config, T=0, B=None, finalize=None, flags=None):
     """The per-sequence pass over B sequences: [cu[i], cu[i + 1]) (cu int32 or int64, row
@@ -57,29 +77,16 @@ def launch_ratio_fwd(logp, old, ref, entropy, advantages, cu, mask, rollout, coe
     one launch in all."""
     B = cu.numel() - 1 if B is None else B
     if B:
-        c = config
-        scalars, switches = _finalize_args(c)
+        scalars, switches = _fwd_args(config)
         loss, stats, norm, counter = finalize if finalize is not None else (part,) * 4
         launch(_ratio_loss_fwd_kernel, (B,),
             logp, old, logp if ref is None else ref, logp if entropy is None else entropy,
             advantages, logp if cu is None else cu, logp if mask is None else mask,
             logp if rollout is None else rollout, logp if flags is None else flags, coef,
-            coef_ent, part, loss, stats, norm,
-            counter, logp.numel(), T, B, c.eps_low, c.eps_high,
-            0.0 if c.dual_clip is None else c.dual_clip,
-            0.0 if c.delta is None else c.delta, *c.objective_parameters,
-            c.max_log_ratio, c.beta, c.rollout_is_min, c.rollout_is_max,
-            0.0 if c.off_policy_mask_threshold is None else c.off_policy_mask_threshold,
-            *scalars,
-            TWO_SIDED=c.clip_mode == "two_sided",
-            DUAL=c.dual_clip is not None, PER_SEQ_MEAN=c.aggregation == "seq-mean-token-mean",
-            HAS_MASK=mask is not None, HAS_REF=ref is not None, KL_IN_LOSS=c.beta > 0,
-            HAS_ENT=entropy is not None, ROLLOUT=rollout_code(c), RW_MASK=c.rollout_masks,
-            PADDED=cu is None, FINALIZE=finalize is not None, **switches,
-            OBJECTIVE=OBJECTIVE_CODE[c.objective], HAS_DELTA=c.delta is not None,
-            KL_BIAS=c.kl_bias_correction, OPSM=c.off_policy_mask_threshold is not None,
-            TOP_ENTROPY=c.top_entropy_quantile < 1.0,
-            BLOCK=BLOCK_TOKENS, BLOCK_B=BLOCK_SEQS)
+            coef if coef_ent is None else coef_ent, part, loss, stats, norm, counter,
+            logp.numel(), T, B, *scalars,
+            HAS_MASK=mask is not None, HAS_REF=ref is not None, HAS_ENT=entropy is not None,
+            PADDED=cu is None, FINALIZE=finalize is not None, **switches)
     if finalize is not None and not B:  # no program to finish last: the loss of nothing
         launch_finalize(part, *finalize[:3], config)
 
@@ -107,25 +114,27 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
     """(loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or (0,), norm) over flat
     per-token tensors of R positions split by the segments (cu, mask); ``config`` an encoded
     LossConfig, ``rollout`` its sampler correction's tensor; see the module docstring."""
-    return kernel_ratio_loss(logp, old, advantages, cu, mask, ref, entropy, rollout,
-                             LossConfig.decode(config))
+    loss, stats, coef, coef_ent, norm = kernel_ratio_loss(logp, old, advantages, cu, mask, ref,
+                                                          entropy, rollout,
+                                                          LossConfig.decode(config))
+    return loss, stats, coef, coef.new_empty(0) if coef_ent is None else coef_ent, norm
 
 
 def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rollout, config,
                       counter=None):
     """Op 4 on the launchers: (loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or
-    (0,), norm). The per-token tensors are read as they come (flat views), split by
+    None without the entropy, norm). The per-token tensors are read as they come (contiguous, any shape), split by
     ``cu_seqlens`` (int32 or int64; ``mask`` then flat or None) or, without it, by the rows
     of a padded (B, T) ``mask`` of any dtype; ``config`` a LossConfig. ``counter``: an int32
     that a kernel launched before set to 0 (then one launch in all, else two)."""
     cu, B, T = kernel_segments(cu_seqlens, mask)
     dev, R = logp.device, logp.numel()
     coef = torch.empty(R, dtype=torch.float32, device=dev)
-    coef_ent = torch.empty(R if entropy is not None else 0, dtype=torch.float32, device=dev)
+    coef_ent = None if entropy is None else torch.empty(R, dtype=torch.float32, device=dev)
     part, loss, stats, norm = new_partials(B, dev)
     flags = token_flags(config, logp, entropy, advantages, cu, mask, T)
-    launch_ratio_fwd(flat(logp), flat(old), flat(ref), flat(entropy), advantages.contiguous(),
-                     cu, flat(mask), flat(rollout), coef, coef_ent, part, config, T, B,
+    launch_ratio_fwd(dense(logp), dense(old), dense(ref), dense(entropy), dense(advantages),
+                     cu, dense(mask), dense(rollout), coef, coef_ent, part, config, T, B,
                      None if counter is None else (loss, stats, norm, counter), flags)
     if counter is None:
         launch_finalize(part, loss, stats, norm, config)
@@ -160,11 +169,12 @@ ratio_loss.register_autograd(_backward, setup_context=_setup_context)
 
 def stats_dict(stats, config):
     """The statistics reported, by name, in sorted order, detached (the loss op's stats output
-    is a function of logp to autograd, though never differentiated)."""
-    values = dict(zip(STAT_KEYS, stats.detach().unbind(0)))  # one op, not one per entry
-    # cached in eager mode (torch.compile warns on tracing an lru_cache)
-    keys = _reported(config) if torch.compiler.is_compiling() else _reported_cached(config)
-    return {k: values[k] for k in keys}
+    is a function of logp to autograd, though never differentiated): a Stats, whose views are
+    made when first read; a dict while torch.compile traces (its graph returns the values)."""
+    if torch.compiler.is_compiling():  # (it warns on tracing an lru_cache)
+        values = stats.detach().unbind(0)
+        return {k: values[STAT_KEYS.index(k)] for k in _reported(config)}
+    return Stats(stats, _reported_index(config))
 
 
 def _reported(config):
@@ -177,7 +187,10 @@ def _reported(config):
     return tuple(sorted(filter(reported, STAT_KEYS)))
 
 
-_reported_cached = functools.lru_cache(maxsize=256)(_reported)
+@functools.lru_cache(maxsize=256)
+def _reported_index(config):
+    """{name: its position in STAT_KEYS} of the statistics a config reports, sorted."""
+    return {k: STAT_KEYS.index(k) for k in _reported(config)}
 
 
 def loss_on_segments(logp, old, advantages, cu_seqlens, mask, ref_logprobs, entropy, rollout,

@@ -14,7 +14,7 @@ import torch
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import first_order_only, flat, tracing, use_triton
+from ..backend import dense, first_order_only, flat, tracing, use_triton
 from ..config import loss_call
 from ..layout import ignoring_masked
 from ..options import IGNORE_INDEX
@@ -32,8 +32,11 @@ class _TICLoss(torch.autograd.Function):
     torch.library ops, whose glue Inductor fuses."""
 
     @staticmethod
-    def forward(ctx, logits, targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
-                rollout, inplace_backward, config, shard):
+    def forward(ctx, logits, call):
+        # the inputs other than the logits in one tuple: each input of a node costs the forward
+        # and the backward host time, and only the logits have a gradient
+        (targets, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs, rollout,
+         inplace_backward, config, shard) = call
         entropy_on = config.with_entropy
         if tracing(logits):
             targets = ignoring_masked(targets, mask)  # the kernel never reads those rows
@@ -49,7 +52,7 @@ class _TICLoss(torch.autograd.Function):
                 logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 entropy if entropy_on else None, rollout, config)
         else:
-            targets, flat_mask = flat(targets), flat(mask)
+            targets, flat_mask = dense(targets), dense(mask)
             # cleared by the row kernel for the loss kernel (with no row, nothing clears it:
             # the loss then takes its second launch)
             counter = torch.empty(1, dtype=torch.int32, device=logits.device) \
@@ -60,8 +63,11 @@ class _TICLoss(torch.autograd.Function):
             loss, stats, coef, coef_ent, norm = kernel_ratio_loss(
                 logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 entropy if entropy_on else None, rollout, config, counter)
-        ctx.save_for_backward(logits, targets, flat_mask, max_logsum, entropy, coef, coef_ent,
-                              norm)
+        # the caller's tensors saved (autograd then checks that nothing modified them before
+        # the backward); this call's own buffers, which nothing else sees, held as they are
+        # (saving costs host time per tensor)
+        ctx.save_for_backward(logits, targets, flat_mask)
+        ctx.buffers = max_logsum, entropy, coef, coef_ent, norm
         ctx.config, ctx.inplace_backward = config, inplace_backward
         ctx.vocab_start = 0 if shard is None else shard.start
         ctx.mark_non_differentiable(stats)
@@ -72,8 +78,9 @@ class _TICLoss(torch.autograd.Function):
     @first_order_only
     def backward(ctx, g_loss, _g_stats):
         if g_loss is None:  # only the statistics were used: no gradient
-            return (None,) * 11
-        logits, targets, flat_mask, max_logsum, entropy, coef, coef_ent, norm = ctx.saved_tensors
+            return None, None
+        logits, targets, flat_mask = ctx.saved_tensors
+        max_logsum, entropy, coef, coef_ent, norm = ctx.buffers
         config = ctx.config
         # decided now: a backward may be traced (compiled autograd) after an eager forward
         traced = tracing(logits)
@@ -88,7 +95,7 @@ class _TICLoss(torch.autograd.Function):
             kw.update(mask=flat_mask, scale=(g_loss, norm, config.entropy_coef))
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy,
                            config.temperature, IGNORE_INDEX, **kw)
-        return (grad,) + (None,) * 10  # forward's other inputs: data and options
+        return grad, None
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -205,9 +212,9 @@ def tic_loss(logits, targets, old_logprobs, advantages, *, cu_seqlens=None, mask
                                                     cu_seqlens, mask, ref_logprobs, rollout,
                                                     config)
     else:
-        loss, stats = _TICLoss.apply(logits, targets, old_logprobs, advantages, cu_seqlens,
-                                     mask, ref_logprobs, rollout, inplace_backward, config,
-                                     shard)
+        loss, stats = _TICLoss.apply(logits, (targets, old_logprobs, advantages, cu_seqlens,
+                                              mask, ref_logprobs, rollout, inplace_backward,
+                                              config, shard))
     return LossOutput(loss, stats_dict(stats, config))
 
 

@@ -178,7 +178,8 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
     old, ref, roll = flat(old_logprobs), flat(ref_logprobs), flat(rollout)
     launch(_rows_with_gradient_kernel, (R,),
            logits, grad, flat_t, flat_t if flat_mask is None else flat_mask, logp, max_logsum,
-           entropy, old, logp if ref is None else ref, logp if roll is None else roll,
+           logp if entropy is None else entropy, old, logp if ref is None else ref,
+           logp if roll is None else roll,
            advantages.contiguous(), flat_t if cu is None else cu, v, norm,
            sb, st, sv, gb, gt, gv, T, logits.shape[-1], T_seq, B, 1.0 / c.temperature,
            IGNORE_INDEX, c.entropy_coef, c.eps_low, c.eps_high,
@@ -190,7 +191,7 @@ def forward_with_gradient(logits, targets, old_logprobs, advantages, cu_seqlens,
            EMULATE_RNE=emulate_rne(grad.dtype), UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1,
            BLOCK_V=block, CHUNK=fwd_chunk(block), BLOCK_B=BLOCK_TOKENS, num_warps=warps)
     loss, stats, *_ = kernel_ratio_loss(logp, old_logprobs, advantages, cu_seqlens, mask,
-                                        ref_logprobs, entropy if c.with_entropy else None,
+                                        ref_logprobs, entropy,
                                         rollout, config, counter)
     return loss, stats, grad
 

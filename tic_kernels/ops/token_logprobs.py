@@ -21,9 +21,9 @@ import triton.language as tl
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import (as_f32, cast_for_store, emulate_rne, first_order_only, flat,
-                       grads_by_name, inputs_by_name, interpreting, launch, tracing, triton_op,
-                       use_triton)
+from ..backend import (BUILT_FOR_INTERPRETER, as_f32, cast_for_store, dense, emulate_rne,
+                       first_order_only, flat, grads_by_name, inputs_by_name,
+                       launch, tracing, triton_op, use_triton)
 from ..options import IGNORE_INDEX
 from . import vocab_parallel
 
@@ -311,14 +311,12 @@ def _token_logprobs_bwd_kernel(
                  EMULATE_RNE, UNIT_STRIDE_V, UNIT_STRIDE_GV, BLOCK_V, "")
 
 
-def _block_v(V: int) -> int:
-    # The interpreter runs programs one after another: fewer, larger blocks are faster there.
-    cap = 16384 if interpreting() else 4096
-    return min(1 << max(V - 1, 0).bit_length(), cap)  # the next power of 2 (host ints)
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+def _default_launch(V: int) -> tuple:
+    """(BLOCK_V, num_warps) for V columns: the next power of 2, at most 4096 (16384 on the
+    interpreter, which runs programs one after another: fewer, larger blocks are faster
+    there), 8 warps from 2048 up."""
+    block = min(1 << max(V - 1, 0).bit_length(), 16384 if BUILT_FOR_INTERPRETER else 4096)
+    return block, 8 if block >= 2048 else 4
 
 
 # (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels, the forward's run
@@ -334,10 +332,7 @@ FWD_CHUNK_BLOCKS = 4
 
 
 def _launch_config(kernel: str, V: int):
-    if LAUNCH_CONFIG[kernel] is not None:
-        return LAUNCH_CONFIG[kernel]
-    block = _block_v(V)
-    return block, _num_warps(block)
+    return LAUNCH_CONFIG[kernel] or _default_launch(V)
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,39 +353,46 @@ def _rows_to_fill(device) -> int:
                                    else torch.cuda.current_device())
 
 
-def _few_rows(R, device) -> bool:
-    """Whether R rows are too few to fill the GPU twice over (a small micro-batch): then
-    several programs share each row. (The interpreter runs programs one after another: never
-    there; nor for a traced symbolic size, which a guard would need.)"""
-    if device.type != "cuda" or not isinstance(R, int):
+def _few_rows(R, logits) -> bool:
+    """Whether R rows of ``logits`` are too few to fill the GPU twice over (a small
+    micro-batch): then several programs share each row. (The interpreter runs programs one
+    after another: never there; nor for a traced symbolic size, which a guard would need.)"""
+    if not logits.is_cuda or not isinstance(R, int):
         return False
-    return R < _rows_to_fill(device)
+    return R < _rows_to_fill(logits.device)
 
 
-def _fwd_runs(R: int, V: int, chunk: int, device) -> int:
+def _fwd_runs(R: int, V: int, chunk: int, logits) -> int:
     """Programs per row of the forward: 1, or each run of ``chunk`` columns its own program
     when the rows are few (_few_rows) and the row has several runs."""
     split = LAUNCH_CONFIG["fwd_split"]
     if split is None:
-        split = _few_rows(R, device)
+        split = _few_rows(R, logits)
     return max(1, -(-V // chunk)) if split else 1
 
 
-def _bwd_split(R: int, V: int, block: int, device) -> int:
+def _bwd_split(R: int, V: int, block: int, logits) -> int:
     """Programs per row of the backward: 1, unless the rows are too few to fill the GPU twice
     over (a small micro-batch), then the columns are shared out so that they do. (The
     interpreter runs programs one after another: 1 there.)"""
     if LAUNCH_CONFIG["bwd_split"] is not None:
         return LAUNCH_CONFIG["bwd_split"]
-    if not _few_rows(R, device):
+    if not _few_rows(R, logits):
         return 1
-    return max(1, min(-(-V // block), -(-_rows_to_fill(device) // max(R, 1))))
+    return max(1, min(-(-V // block), -(-_rows_to_fill(logits.device) // max(R, 1))))
 
 
 def per_row(t):
-    """A flat view of t for a kernel that reads one value per row at its stride: a broadcast
-    value (stride 0, as autograd hands the gradient of a sum) is read as it is, not copied."""
-    return t.reshape(-1)
+    """(t, stride): t, R values of any shape, as a kernel reads one value per row, at
+    ``stride``: a contiguous tensor or a broadcast value (every stride 0, as autograd hands
+    the gradient of a sum) as it is, anything else as a flat view (a copy when no single
+    stride describes it). A view or a copy costs host time; the common cases make none."""
+    if t.is_contiguous():
+        return t, 1
+    if not any(t.stride()):
+        return t, 0
+    t = t.reshape(-1)
+    return t, t.stride(0)
 
 
 def _rows_layout(logits):
@@ -405,12 +407,13 @@ def _rows_layout(logits):
 def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
                vocab_start=0, mask=None, counter=None):
     """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
-    (R,), max_logsum (2R,), entropy (R,) or empty); targets (R,) contiguous. With ``vocab_start``
-    (op 7) the logits are columns [vocab_start, vocab_start + V) of the vocabulary: the
-    buffers get this shard's partial values (logp NaN where another shard holds the target),
-    which vocab_parallel.combine_partials turns into the whole vocabulary's. ``mask``: a flat
-    (R,) loss mask of any dtype, rows where it is 0 treated as ignored; ``counter``: an int32
-    the kernel sets to 0 for the loss kernel that follows."""
+    (R,), max_logsum (2R,), entropy (R,), or empty or None without with_entropy); targets contiguous, R of them in any
+    shape. With ``vocab_start`` (op 7) the logits are columns [vocab_start, vocab_start + V)
+    of the vocabulary: the buffers get this shard's partial values (logp NaN where another
+    shard holds the target), which vocab_parallel.combine_partials turns into the whole
+    vocabulary's. ``mask``: a contiguous loss mask of R entries, any dtype, rows where it is 0
+    treated as ignored; ``counter``: an int32 the kernel sets to 0 for the loss kernel that
+    follows."""
     R = targets.numel()
     if not R:
         return
@@ -418,24 +421,28 @@ def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_i
     V = logits.shape[-1]
     block, warps = _launch_config("fwd", V)
     chunk = fwd_chunk(block)
-    runs = _fwd_runs(R, V, chunk, logits.device)
+    runs = _fwd_runs(R, V, chunk, logits)
     part = arrived = logp  # unread without a split
     if runs > 1:
         part = torch.empty(3 * R * runs, dtype=torch.float32, device=logits.device)
         arrived = torch.zeros(R, dtype=torch.int32, device=logits.device)
     launch(_token_logprobs_fwd_kernel, (R, runs),
-        logits, targets, targets if mask is None else mask, logp, max_logsum, entropy,
+        logits, targets, targets if mask is None else mask, logp, max_logsum,
+        logp if entropy is None else entropy,
         targets if counter is None else counter, part, arrived, sb, st, sv, T, V,
         1.0 / temperature, ignore_index, vocab_start, WITH_ENTROPY=with_entropy,
         HAS_MASK=mask is not None, CLEAR_COUNTER=counter is not None, SPLIT=runs > 1,
         UNIT_STRIDE_V=sv == 1, BLOCK_V=block, CHUNK=chunk, num_warps=warps)
 
 
-def new_row_buffers(R, with_entropy, device):
-    """(logp (R,), max_logsum (2R,), entropy (R,) or (0,)): fp32, uninitialised."""
+def new_row_buffers(R, with_entropy, device, shape=None):
+    """(logp (R,), max_logsum (2R,), entropy (R,) or None): fp32, uninitialised; logp and
+    entropy in ``shape`` (of R elements) when given (the targets': no view made later). No
+    tensor where none is needed: each allocation costs a call host time."""
     f32 = dict(dtype=torch.float32, device=device)
-    return (torch.empty(R, **f32), torch.empty(2 * R, **f32),
-            torch.empty(R if with_entropy else 0, **f32))
+    shape = R if shape is None else shape
+    return (torch.empty(shape, **f32), torch.empty(2 * R, **f32),
+            torch.empty(shape, **f32) if with_entropy else None)
 
 
 @triton_op("tic_kernels::token_logprobs_fwd", mutates_args=())
@@ -450,14 +457,14 @@ def token_logprobs_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature:
     # the kernel reads targets[row]
     launch_fwd(logits, targets.reshape(-1).contiguous(), logp, max_logsum, entropy, temperature,
                ignore_index, with_entropy)
-    return logp, max_logsum, entropy
+    return logp, max_logsum, logp.new_empty(0) if entropy is None else entropy
 
 
 def launch_bwd(logits, grad, targets, max_logsum, entropy, g_logp, g_entropy, temperature,
                ignore_index, vocab_start=0, mask=None, scale=None):
     """Runs the backward kernel: dL/dlogits into ``grad`` (which may be ``logits`` itself:
     each block is read before the same program overwrites it). ``g_logp`` and ``g_entropy``:
-    per-row gradients (any float dtype, flat views of any single stride: see per_row), None
+    per-row gradients (any float dtype, R values of any shape and strides: see per_row), None
     (or empty) where they are zero. Under op 7, max_logsum and entropy are the whole
     vocabulary's and the logits columns [vocab_start, vocab_start + V) of it. ``mask`` as in
     launch_fwd; ``scale`` (g_loss (), norm (), entropy_coef) multiplies g_logp by
@@ -467,19 +474,23 @@ def launch_bwd(logits, grad, targets, max_logsum, entropy, g_logp, g_entropy, te
     if not R:
         return
     T, sb, st, sv = _rows_layout(logits)
-    _, gb, gt, gv = _rows_layout(grad)
+    # the gradient's strides: as the logits' when it overwrites them or is their empty_like
+    gb, gt, gv = (sb, st, sv) if grad is logits or grad.stride() == logits.stride() \
+        else _rows_layout(grad)[1:]
     V = logits.shape[-1]
     block, warps = _launch_config("bwd", V)
-    split = _bwd_split(R, V, block, logits.device)
+    split = _bwd_split(R, V, block, logits)
     cols = -(-(-(-V // split)) // block) * block  # ceil(ceil(V / split) / block) blocks
     has_g = g_logp is not None
     with_entropy = g_entropy is not None and g_entropy.numel() > 0
+    g_logp, stride_g = per_row(g_logp) if has_g else (max_logsum, 0)
+    g_entropy, stride_ge = per_row(g_entropy) if with_entropy else (max_logsum, 0)
     g_loss, norm, entropy_coef = scale if scale is not None else (max_logsum, max_logsum, 0.0)
     launch(_token_logprobs_bwd_kernel, (R, -(-V // cols)),
-        logits, grad, targets, targets if mask is None else mask, max_logsum, entropy,
-        g_logp if has_g else max_logsum, g_entropy if with_entropy else max_logsum, g_loss, norm,
-        sb, st, sv, gb, gt, gv, g_logp.stride(0) if has_g else 0,
-        g_entropy.stride(0) if with_entropy else 0, T, V, cols, 1.0 / temperature,
+        logits, grad, targets, targets if mask is None else mask, max_logsum,
+        max_logsum if entropy is None else entropy, g_logp,
+        g_entropy, g_loss, norm, sb, st, sv, gb, gt, gv, stride_g, stride_ge, T, V, cols,
+        1.0 / temperature,
         entropy_coef, ignore_index, vocab_start, HAS_G=has_g, WITH_ENTROPY=with_entropy,
         SCALED=scale is not None, HAS_MASK=mask is not None,
         EMULATE_RNE=emulate_rne(grad.dtype), UNIT_STRIDE_V=sv == 1, UNIT_STRIDE_GV=gv == 1,
@@ -515,10 +526,8 @@ def logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy, tempera
                            empty if g_entropy is None else g_entropy.reshape(-1).float().contiguous(),
                            temperature, ignore_index, vocab_start)
         return grad
-    launch_bwd(logits, grad, targets, max_logsum, entropy,
-               None if g_logp is None else per_row(g_logp),
-               None if g_entropy is None else per_row(g_entropy), temperature, ignore_index,
-               vocab_start, flat(mask), scale)
+    launch_bwd(logits, grad, targets, max_logsum, entropy, g_logp, g_entropy, temperature,
+               ignore_index, vocab_start, dense(mask), scale)
     if inplace:  # as the op declares it mutates grad: a node that saved the logits sees it
         torch.autograd.graph.increment_version(grad)
     return grad
@@ -552,11 +561,12 @@ token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 def kernel_logprobs(logits, targets, temperature, ignore_index, with_entropy, shard,
                     mask=None, counter=None):
-    """Op 1's forward kernel: (logp (R,), max_logsum (2R,), entropy (R,) or (0,)) fp32, as
-    token_logprobs_fwd returns them; over a shard (op 7) this rank's slice, combined across
-    the group into the whole vocabulary's. targets (R,) contiguous, global ids; ``mask`` and
-    ``counter`` as launch_fwd takes them."""
-    logp, max_logsum, entropy = new_row_buffers(targets.numel(), with_entropy, logits.device)
+    """Op 1's forward kernel: (logp, max_logsum (2R,), entropy or None) fp32, logp and
+    entropy in the shape of ``targets`` (contiguous, R global ids), as token_logprobs_fwd
+    returns them flat; over a shard (op 7) this rank's slice, combined across the group into
+    the whole vocabulary's. ``mask`` and ``counter`` as launch_fwd takes them."""
+    logp, max_logsum, entropy = new_row_buffers(targets.numel(), with_entropy, logits.device,
+                                                targets.shape)
     launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
                0 if shard is None else shard.start, mask, counter)
     if shard is None:
@@ -570,24 +580,29 @@ class _TokenLogprobs(torch.autograd.Function):
     offset. Gradients of unused outputs are not materialised: the kernel skips them."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, shard):
-        flat_t = flat(targets)
+    def forward(ctx, logits, targets, options):
+        # the options in one tuple: each input of a node costs the forward and the backward
+        # host time
+        temperature, ignore_index, with_entropy, shard = options
+        flat_t = dense(targets)
         logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
                                                     with_entropy, shard)
-        ctx.save_for_backward(logits, flat_t, max_logsum, entropy)
+        ctx.save_for_backward(logits, flat_t)  # the caller's (autograd checks them unchanged)
+        ctx.buffers = max_logsum, entropy  # this call's own, which nothing else sees
         ctx.options = temperature, ignore_index, with_entropy, 0 if shard is None else shard.start
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        return logp, entropy  # in the targets' shape: a view outside would add a graph node
 
     @staticmethod
     @first_order_only
     def backward(ctx, g_logp, g_entropy):
-        logits, targets, max_logsum, entropy = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
+        max_logsum, entropy = ctx.buffers
         temperature, ignore_index, with_entropy, start = ctx.options
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp,
                            g_entropy if with_entropy else None, temperature, ignore_index,
                            vocab_start=start, traced=tracing(logits))
-        return grad, None, None, None, None, None
+        return grad, None, None
 
 
 def kernel_token_logprobs(logits, targets, temperature, ignore_index, return_entropy, shard):
@@ -596,11 +611,19 @@ def kernel_token_logprobs(logits, targets, temperature, ignore_index, return_ent
     if shard is None and tracing(logits):
         logp, _, entropy = token_logprobs_fwd(logits, targets, float(temperature),
                                               int(ignore_index), bool(return_entropy))
-    else:
-        logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature),
-                                             int(ignore_index), bool(return_entropy), shard)
-    logp = logp.view(targets.shape)
-    return (logp, entropy.view(targets.shape)) if return_entropy else logp
+        logp = logp.view(targets.shape)
+        entropy = entropy.view(targets.shape) if return_entropy else None
+    else:  # in the targets' shape
+        logp, entropy = _TokenLogprobs.apply(logits, targets, (float(temperature),
+                                             int(ignore_index), bool(return_entropy), shard))
+    return (logp, entropy) if return_entropy else logp
+
+
+def _shaped(t, shape):
+    """t viewed as ``shape``; t itself when it has that shape already (a view of a tensor
+    that requires grad adds a node to the autograd graph, which the backward pays for in
+    host time)."""
+    return t if t.shape == shape else t.view(shape)
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDEX,
@@ -655,4 +678,5 @@ def token_logprobs(logits, targets, *, temperature=1.0, ignore_index=IGNORE_INDE
     else:
         out = reference.vocab_token_logprobs(logits, targets, temperature, ignore_index,
                                              return_entropy, *shard.pair)
-    return (out[0].view(shape), out[1].view(shape)) if return_entropy else out.view(shape)
+    return (_shaped(out[0], shape), _shaped(out[1], shape)) if return_entropy \
+        else _shaped(out, shape)

@@ -62,9 +62,11 @@ def combine_partials(logp, max_logsum, entropy, targets, ignore_index, start, V_
 
 
 def combine(logp, max_logsum, entropy, targets, ignore_index, shard):
-    """combine_partials on the kernels' flat buffers (max_logsum (2R,), entropy (R,) or (0,))."""
-    logp, max_logsum, H = combine_partials(logp, max_logsum.view(-1, 2),
-                                           entropy if entropy.numel() else None, targets,
+    """combine_partials on the kernels' buffers (logp and entropy in the shape of targets,
+    entropy None or (0,) when not computed; max_logsum (2R,))."""
+    wanted = entropy is not None and entropy.numel()
+    logp, max_logsum, H = combine_partials(logp, max_logsum.view(*targets.shape, 2),
+                                           entropy if wanted else None, targets,
                                            ignore_index, shard.start, shard.size, shard.group)
     return logp, max_logsum.reshape(-1), entropy if H is None else H
 
