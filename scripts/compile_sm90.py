@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tic_kernels import backend  # noqa: E402
 from tic_kernels.ops import group_advantages, sequence_logprobs, token_logprobs  # noqa: E402
 from tic_kernels.ops import scale as grad_scale, tic_loss_two_pass, token_selection  # noqa: E402
+from tic_kernels import value_checks  # noqa: E402
 from tic_kernels.ops import ratio_loss_kernels as ratio_loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -190,6 +191,17 @@ def variants():
            dict(order_ptr="*i64", counts_ptr="*i32", flags_ptr="*u8", R="i32", P="i32",
                 share_bits="i64"),
            dict(BLOCK=token_selection.BLOCK_POS, BLOCK_P=token_selection.BLOCK_PART), 4)
+    for packed, tmask in ((True, "*i1"), (False, "*u8"), (False, None)):
+        # the batched value checks: packed (int64 targets, int32 cu_seqlens, a bool loss
+        # mask), padded (int32 targets under a u8 mask whose 0/1 values it checks too)
+        yield (f"value_checks[packed={packed},target_mask={tmask}]",
+               value_checks._value_checks_kernel,
+               dict(targets_ptr="*i64" if packed else "*i32", tmask_ptr=tmask or "*i64", R="i32",
+                    vocab="i32", ignore_index="i32", cu_ptr="*i32" if packed else "*i64",
+                    B="i32", n="i32", mask_ptr="*i1" if packed else "*u8", M="i32",
+                    flags_ptr="*i32"),
+               dict(TARGETS=True, TARGET_MASK=tmask is not None, IGNORE=not packed, CU=packed,
+                    MASK01=not packed, BLOCK=value_checks.BLOCK), 4)
     for ratio, agg, given in ((0, 0, False), (1, 3, True), (2, 1, True), (3, 2, False)):
         yield (f"ratio_loss_finalize[ratio={ratio},agg={agg},given={given}]",
                ratio_loss._ratio_loss_finalize_kernel,

@@ -17,10 +17,11 @@ import threading
 
 import torch
 
-from .backend import environment
+from .backend import environment, use_triton
 from .options import (AGGREGATIONS, CLIP_MODES, MAX_LOG_RATIO_BOUND, OBJECTIVES, RATIOS,
                       ROLLOUT_IS, ROLLOUT_IS_MAX, TOKEN_ONLY_OBJECTIVES, default_aggregation)
 from .layout import lengths_of
+from . import value_checks
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -45,28 +46,64 @@ def checking_values(*tensors) -> bool:
 
 
 class ValueChecks:
-    """The value checks of one call: (flag, error) pairs, ``flag`` a device bool that is True
-    where the check failed, ``error()`` raising its exception (it may read values)."""
+    """The value checks of one call: ``pending``, (flag, error) pairs in the order the checks
+    were made, ``error()`` raising the check's exception (it may read values) when ``flag``
+    is set: a device bool, or for a check handed to the batched kernel (``batched``) the
+    position of its flag among that kernel's; ``batch``, those checks' inputs."""
 
     def __init__(self):
         self.pending = []
+        self.batch = {}
         self.on = _values_checked()
 
-    def _flags(self):
-        """The flags in one bool tensor on the first flag's device."""
-        device = self.pending[0][0].device
-        return torch.stack([flag.reshape(()).to(device) for flag, _ in self.pending])
+    def batched(self, kind, inputs, errors) -> bool:
+        """Hands the check ``kind`` (a key of value_checks.POSITIONS) of ``inputs`` to the
+        kernel that makes every batched flag of the call in one launch, ``errors`` raising
+        its flags' failures in order. False when it cannot take it: the kind is taken, or a
+        tensor is not on the kernels' path or not on the device of the others (the caller
+        then makes its flag with torch ops, as every other path does)."""
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        device = next(iter(self.batch.values()))[0].device if self.batch else tensors[0].device
+        if kind in self.batch or any(t.device != device or t.dtype == torch.float64
+                                     for t in tensors):
+            return False
+        if not self.batch and not use_triton(tensors[0]):  # (the device's path: once a call)
+            return False
+        self.batch[kind] = inputs
+        self.pending.extend(zip(value_checks.POSITIONS[kind], errors))
+        return True
+
+    def _values(self):
+        """Every flag in one int32 tensor (the batched kernel's first, then the others in
+        order) and the position in it of each pending check's."""
+        parts, where, others = [], [], 0
+        if self.batch:
+            parts.append(value_checks.flags(self.batch))
+            others = value_checks.FLAGS
+        device = parts[0].device if parts else self.pending[0][0].device
+        torch_flags = []
+        for flag, _ in self.pending:
+            if isinstance(flag, int):
+                where.append(flag)
+            else:
+                where.append(others + len(torch_flags))
+                torch_flags.append(flag.reshape(()).to(device))
+        if torch_flags:
+            parts.append(torch.stack(torch_flags).to(torch.int32))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), where
 
     def failed(self):
         """A bool tensor on the flags' device, True if any check failed (None: no check)."""
-        return self._flags().any() if self.pending else None
+        return self._values()[0].any() if self.pending else None
 
     def raise_first(self):
         """Reads every flag at once (one host read) and raises the first failure's error."""
         if not self.pending:
             return
-        for bad, (_, error) in zip(self._flags().tolist(), self.pending):
-            if bad:
+        values, where = self._values()
+        values = values.tolist()
+        for i, (_, error) in zip(where, self.pending):
+            if values[i]:
                 error()
 
 
@@ -116,6 +153,13 @@ def value_check(bad, error):
         checks.pending.append((bad, error))
     elif bool(bad):
         error()
+
+
+def batched(kind, inputs, errors) -> bool:
+    """Hands a value check to the enclosing gathering's batched kernel (ValueChecks.batched);
+    False outside a gathering, or where the kernel cannot take it."""
+    checks = getattr(_GATHERING, "checks", None)
+    return checks is not None and checks.batched(kind, inputs, errors)
 
 
 def choice(name, value, accepted):
@@ -180,17 +224,19 @@ def targets_in_range(targets, vocab, ignore_index=None, mask=None):
     """Targets in [0, vocab) (or equal to ignore_index); with a mask, only where it is set."""
     if not checking_values(targets, mask) or targets.numel() == 0:
         return
-    bad = (targets < 0) | (targets >= vocab)
-    if ignore_index is not None:
-        bad &= targets != ignore_index
-    if mask is not None:
-        bad &= mask.bool()
+
+    def outside():
+        bad = (targets < 0) | (targets >= vocab)
+        if ignore_index is not None:
+            bad &= targets != ignore_index
+        return bad if mask is None else bad & mask.bool()
 
     def error():
         allowed = f"[0, {vocab})" + ("" if ignore_index is None else
                                      f" or ignore_index={ignore_index}")
-        raise ValueError(f"targets must lie in {allowed}; found {targets[bad][0].item()}")
-    value_check(bad.any(), error)
+        raise ValueError(f"targets must lie in {allowed}; found {targets[outside()][0].item()}")
+    if not batched("targets", (targets, vocab, ignore_index, mask), [error]):
+        value_check(outside().any(), error)
 
 
 def nonnegative(name, t):
@@ -230,10 +276,12 @@ def cu_seqlens_ok(cu_seqlens, n, device_of=None):
         def error():
             raise ValueError(text.format(first=cu[0].item(), last=cu[-1].item()))
         return error
-    value_check(cu[0] != 0, message("cu_seqlens must start at 0, got {first}"))
-    value_check((cu[1:] < cu[:-1]).any(), message("cu_seqlens must be non-decreasing"))
-    value_check(cu[-1] != n, message(f"cu_seqlens must end at the number of tokens {n}, got "
-                                     "{last}"))
+    errors = [message("cu_seqlens must start at 0, got {first}"),
+              message("cu_seqlens must be non-decreasing"),
+              message(f"cu_seqlens must end at the number of tokens {n}, got {{last}}")]
+    if not batched("cu_seqlens", (cu, n), errors):
+        for bad, error in zip((cu[0] != 0, (cu[1:] < cu[:-1]).any(), cu[-1] != n), errors):
+            value_check(bad, error)
 
 
 def mask_ok(mask, expected_shape, name="mask", device_of=None):
@@ -249,7 +297,8 @@ def mask_ok(mask, expected_shape, name="mask", device_of=None):
     if mask.dtype != torch.bool and checking_values(mask) and mask.numel():
         def error():
             raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor)")
-        value_check(((mask != 0) & (mask != 1)).any(), error)
+        if not batched("mask", (mask,), [error]):
+            value_check(((mask != 0) & (mask != 1)).any(), error)
 
 
 def max_len_ok(max_len, cu_seqlens, mask):
