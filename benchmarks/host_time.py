@@ -8,8 +8,9 @@ Runs the kernels' path (TRITON_INTERPRET=1, set here before triton is imported) 
 tensors, with the value checks on (the default) and off, for tic_loss and token_logprobs,
 forward alone and forward + backward (torch.autograd.grad to the logits), and prints the
 least time of any call in microseconds: --rounds rounds, each of --reps calls of every case
-in turn (a shared VM's slow spells, which last seconds, then reach every case alike). The stub leaves out Triton's own launch work (its argument
-handling, about the same for any caller of a Triton kernel) and the interpreter. Also
+in turn (a shared VM's slow spells, which last seconds, then reach every case alike). The
+stub leaves out Triton's own launch work (its argument handling, about the same for any
+caller of a Triton kernel) and the interpreter. Also
 counts, per call, the device kernels (Triton launches and aten ops that compute) and host
 reads, which tests/test_launches.py pins.
 """

@@ -94,7 +94,8 @@ def launch(kernel, grid, *args, **meta):
     the shapes of the outputs the op allocated.
     """
     first = args[0]  # every kernel's first argument is a tensor
-    if _is_fake(first) and interpreting():  # a trace's tensors are all fake, or none
+    # a trace's tensors are all fake, or none (an eager tensor is answered without a call)
+    if type(first) not in _EAGER_TYPES and _is_fake(first) and interpreting():
         return
     if (first.is_cuda and (device := first.device).index is not None
             and not torch.compiler.is_compiling()

@@ -123,10 +123,11 @@ def ratio_loss(logp: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, 
 def kernel_ratio_loss(logp, old, advantages, cu_seqlens, mask, ref, entropy, rollout, config,
                       counter=None):
     """Op 4 on the launchers: (loss, stats (len(STAT_KEYS),), coef (R,), coef_entropy (R,) or
-    None without the entropy, norm). The per-token tensors are read as they come (contiguous, any shape), split by
-    ``cu_seqlens`` (int32 or int64; ``mask`` then flat or None) or, without it, by the rows
-    of a padded (B, T) ``mask`` of any dtype; ``config`` a LossConfig. ``counter``: an int32
-    that a kernel launched before set to 0 (then one launch in all, else two)."""
+    None without the entropy, norm). The per-token tensors are read as they come
+    (contiguous, any shape), split by ``cu_seqlens`` (int32 or int64; ``mask`` then of R
+    entries or None) or, without it, by the rows of a padded (B, T) ``mask`` of any dtype;
+    ``config`` a LossConfig. ``counter``: an int32 that a kernel launched before set to 0
+    (then one launch in all, else two)."""
     cu, B, T = kernel_segments(cu_seqlens, mask)
     dev, R = logp.device, logp.numel()
     coef = torch.empty(R, dtype=torch.float32, device=dev)

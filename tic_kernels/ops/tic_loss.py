@@ -14,7 +14,7 @@ import torch
 
 from .. import ranks, reference
 from .. import validation as check
-from ..backend import dense, first_order_only, flat, tracing, use_triton
+from ..backend import dense, first_order_only, tracing, use_triton
 from ..config import loss_call
 from ..layout import ignoring_masked
 from ..options import IGNORE_INDEX

@@ -22,8 +22,8 @@ import triton.language as tl
 from .. import ranks, reference
 from .. import validation as check
 from ..backend import (BUILT_FOR_INTERPRETER, as_f32, cast_for_store, dense, emulate_rne,
-                       first_order_only, flat, grads_by_name, inputs_by_name,
-                       launch, tracing, triton_op, use_triton)
+                       first_order_only, grads_by_name, inputs_by_name, launch, tracing,
+                       triton_op, use_triton)
 from ..options import IGNORE_INDEX
 from . import vocab_parallel
 
@@ -311,18 +311,10 @@ def _token_logprobs_bwd_kernel(
                  EMULATE_RNE, UNIT_STRIDE_V, UNIT_STRIDE_GV, BLOCK_V, "")
 
 
-def _default_launch(V: int) -> tuple:
-    """(BLOCK_V, num_warps) for V columns: the next power of 2, at most 4096 (16384 on the
-    interpreter, which runs programs one after another: fewer, larger blocks are faster
-    there), 8 warps from 2048 up."""
-    block = min(1 << max(V - 1, 0).bit_length(), 16384 if BUILT_FOR_INTERPRETER else 4096)
-    return block, 8 if block >= 2048 else 4
-
-
 # (BLOCK_V, num_warps) of the forward ("fwd") and backward ("bwd") kernels, the forward's run
 # of columns in blocks ("fwd_chunk_blocks"), whether the forward shares a row's runs out over
 # several programs ("fwd_split", True or False) and the number of programs per row of the
-# backward ("bwd_split"); None takes the defaults above and below. benchmarks/sweep.py sets
+# backward ("bwd_split"); None takes the defaults below. benchmarks/sweep.py sets
 # them to time other configurations on a GPU.
 LAUNCH_CONFIG = {"fwd": None, "bwd": None, "fwd_chunk_blocks": None, "fwd_split": None,
                  "bwd_split": None}
@@ -332,7 +324,14 @@ FWD_CHUNK_BLOCKS = 4
 
 
 def _launch_config(kernel: str, V: int):
-    return LAUNCH_CONFIG[kernel] or _default_launch(V)
+    """(BLOCK_V, num_warps) of ``kernel`` for V columns: LAUNCH_CONFIG's, or the next power
+    of 2, at most 4096 (16384 on the interpreter, which runs programs one after another:
+    fewer, larger blocks are faster there), 8 warps from 2048 up."""
+    config = LAUNCH_CONFIG[kernel]
+    if config is not None:
+        return config
+    block = min(1 << max(V - 1, 0).bit_length(), 16384 if BUILT_FOR_INTERPRETER else 4096)
+    return block, 8 if block >= 2048 else 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,13 +406,13 @@ def _rows_layout(logits):
 def launch_fwd(logits, targets, logp, max_logsum, entropy, temperature, ignore_index, with_entropy,
                vocab_start=0, mask=None, counter=None):
     """Runs the forward kernel over the rows of ``logits`` into the given fp32 buffers (logp
-    (R,), max_logsum (2R,), entropy (R,), or empty or None without with_entropy); targets contiguous, R of them in any
-    shape. With ``vocab_start`` (op 7) the logits are columns [vocab_start, vocab_start + V)
-    of the vocabulary: the buffers get this shard's partial values (logp NaN where another
-    shard holds the target), which vocab_parallel.combine_partials turns into the whole
-    vocabulary's. ``mask``: a contiguous loss mask of R entries, any dtype, rows where it is 0
-    treated as ignored; ``counter``: an int32 the kernel sets to 0 for the loss kernel that
-    follows."""
+    (R,), max_logsum (2R,), entropy (R,), or empty or None without with_entropy); targets
+    contiguous, R of them in any shape. With ``vocab_start`` (op 7) the logits are columns
+    [vocab_start, vocab_start + V) of the vocabulary: the buffers get this shard's partial
+    values (logp NaN where another shard holds the target), which
+    vocab_parallel.combine_partials turns into the whole vocabulary's. ``mask``: a contiguous
+    loss mask of R entries, any dtype, rows where it is 0 treated as ignored; ``counter``: an
+    int32 the kernel sets to 0 for the loss kernel that follows."""
     R = targets.numel()
     if not R:
         return
