@@ -128,8 +128,9 @@ def test_gemms_and_row_kernels_per_chunk(ratio, lengths, chunk, pieces, padded):
     assert fwd.kernels.count("_ratio_loss_finalize_kernel") == 1
     fills = [n for n in fwd.kernels if n in ZERO_FILLS]
     # rows-equal chunks: the (N,) coefficients (rows of no sequence get none); padded: d
-    # hidden, whose masked rows are never multiplied
-    assert len(fills) == (ratio == "token") + padded, fills
+    # hidden, whose masked rows are never multiplied; and the value checks' flags
+    assert len(fills) == (ratio == "token") + padded + 1, fills
+    assert fwd.kernels.count("_value_checks_kernel") == 1, fwd.kernels
     assert fwd.host_reads == (1 if ratio == "token" else 2) + (1 if padded else 0), \
         "value checks, cu_seqlens planned on the host for whole sequences, the mask's rows"
     assert bwd.kernels == ["aten.ones_like"] + ["_scale_kernel"] * 3, bwd.kernels

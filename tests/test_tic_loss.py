@@ -446,3 +446,54 @@ def test_statistics_are_made_when_read(device):
     del out.stats["clip_fraction"]
     assert "loss" in out.stats and "clip_fraction" not in out.stats and "loss" not in copied
     assert set(dict(out.stats)) == set(want) - {"clip_fraction"} | {"loss"}
+
+
+def test_statistics_pickle_and_flatten_as_a_dict(device):
+    """Copied, pickled, saved (torch.load with weights_only) and flattened by torch's pytree,
+    the statistics give the dict they read as; popitem and reversed take the last key, as a
+    dict's; from the log-probabilities (whose op's statistics have a graph) they hold no
+    graph: kept for logging, they keep nothing of the step alive."""
+    import copy
+    import io
+    import pickle
+    import weakref
+    b = loss_batch(LENGTHS, 13, device=device)
+    stats = tk.tic_loss(b.logits, b.targets, b.old_logprobs, b.advantages, **b.layout_kw).stats
+    want = dict(stats)
+    saved = io.BytesIO()
+    torch.save(stats, saved)
+    saved.seek(0)
+    for other in (copy.deepcopy(stats), pickle.loads(pickle.dumps(stats)),
+                  torch.load(saved, weights_only=True)):
+        assert list(other) == list(want) and all(torch.equal(other[k], want[k]) for k in want)
+    leaves, spec = torch.utils._pytree.tree_flatten(stats)
+    assert len(leaves) == len(want) and all(torch.equal(a, want[k]) for a, k in zip(leaves, want))
+    assert list(torch.utils._pytree.tree_unflatten(leaves, spec)) == list(want)
+    assert list(reversed(stats)) == list(reversed(want))
+    assert stats.popitem()[0] == list(want)[-1] and len(stats) == len(want) - 1
+    logp = b.logits.log_softmax(-1).gather(-1, b.targets[:, None])[:, 0].requires_grad_(True)
+    saved = (-logp).exp()  # the log's node saves it: alive while the graph is
+    alive = weakref.ref(saved)
+    kept = tk.tic_loss_from_logprobs(-saved.log(), b.old_logprobs, b.advantages,
+                                     **b.layout_kw).stats
+    del saved
+    assert alive() is None and copy.deepcopy(kept).keys() == kept.keys()
+
+
+def test_entropy_output_is_saved_as_an_output(device):
+    """token_logprobs' entropy, an output its backward reads: deleting the outputs frees the
+    logits at once (no reference cycle through the node), and modifying it in place before
+    the backward is autograd's error, not a silently wrong gradient."""
+    import weakref
+    b = loss_batch(LENGTHS, 13, device=device)
+    logits = b.logits.clone().requires_grad_(True) * 1
+    alive = weakref.ref(logits)
+    logp, H = tk.token_logprobs(logits, b.targets, return_entropy=True)
+    del logits, logp, H
+    assert alive() is None
+    logp, H = tk.token_logprobs(b.logits.clone().requires_grad_(True), b.targets,
+                                return_entropy=True)
+    loss = logp.sum() + H.sum()
+    H.mul_(0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

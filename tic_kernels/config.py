@@ -75,6 +75,9 @@ class LossConfig:
             object.__setattr__(self, "_hash", h)
         return h
 
+    def __reduce__(self):  # the fields alone: the cached hash is this process's
+        return LossConfig, tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
     @staticmethod
     def of(*, ratio, clip_mode, eps_low, eps_high, dual_clip, max_log_ratio, aggregation, beta,
            entropy_coef, temperature, num_tokens, num_sequences, max_len, ref_logprobs,

@@ -5,6 +5,7 @@ from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree
 
 
 class LossOutput(NamedTuple):
@@ -23,15 +24,19 @@ class Stats(MutableMapping):
     tensor, a view of the one device tensor the loss kernel wrote. The views are made when a
     value is first read (at once, one op), not when the call returns: a training step that
     reads none of them pays no host time for them. Writing to it (``stats["loss"] = ...``)
-    turns it into a plain dict inside first; ``dict(stats)`` makes one."""
+    turns it into a plain dict inside first; ``dict(stats)`` makes one, and so does
+    ``copy()``. It pickles (torch.save, and torch.load with weights_only=True: an allowed
+    global) and flattens in torch's pytree as the dict it reads as. It is not a dict
+    subclass: ``isinstance(stats, dict)`` is False, and json takes ``dict(stats)``."""
     __slots__ = ("_values", "_index", "_dict")
 
-    def __init__(self, values=(), index=None):
-        """``values`` the kernel's statistics and ``index`` {name: its position in values},
-        in the order the names are listed; or, as dict() takes it, a mapping or pairs alone
-        (how libraries that walk nested outputs, accelerate's gather for one, rebuild it)."""
+    def __init__(self, values=(), index=None, /, **named):
+        """``values`` the kernel's statistics (detached) and ``index`` {name: its position in
+        values}, in the order the names are listed; or, as dict() takes them, a mapping or
+        pairs and names (how libraries that walk nested outputs, accelerate's gather for
+        one, rebuild it)."""
         if index is None:
-            self._values, self._index, self._dict = None, None, dict(values)
+            self._values, self._index, self._dict = None, None, dict(values, **named)
         else:
             self._values, self._index, self._dict = values, index, None
 
@@ -62,6 +67,16 @@ class Stats(MutableMapping):
     def __repr__(self):
         return repr(self._read())
 
+    def __reversed__(self):
+        return reversed(self._read())
+
+    def popitem(self):
+        """The last pair, as a dict pops it."""
+        return self._read().popitem()
+
+    def __reduce__(self):  # pickled, and deep-copied, as the dict it reads as
+        return Stats, (self._read(),)
+
     # what a dict offers beyond the mapping: its copies are plain dicts
     def copy(self) -> dict:
         return dict(self._read())
@@ -73,3 +88,14 @@ class Stats(MutableMapping):
 
     def __ror__(self, other):
         return {**other, **self._read()}
+
+
+def _flatten(stats):
+    names = list(stats)
+    return [stats[k] for k in names], names
+
+
+torch.utils._pytree.register_pytree_node(
+    Stats, _flatten, lambda values, names: Stats(zip(names, values)),
+    serialized_type_name="tic_kernels.output.Stats")
+torch.serialization.add_safe_globals([Stats])

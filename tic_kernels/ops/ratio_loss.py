@@ -175,7 +175,8 @@ def stats_dict(stats, config):
     if torch.compiler.is_compiling():  # (it warns on tracing an lru_cache)
         values = stats.detach().unbind(0)
         return {k: values[STAT_KEYS.index(k)] for k in _reported(config)}
-    return Stats(stats, _reported_index(config))
+    # (the ratio_loss op's stats have a graph: held detached, they do not keep it alive)
+    return Stats(stats.detach() if stats.requires_grad else stats, _reported_index(config))
 
 
 def _reported(config):

@@ -586,8 +586,11 @@ class _TokenLogprobs(torch.autograd.Function):
         flat_t = dense(targets)
         logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
                                                     with_entropy, shard)
-        ctx.save_for_backward(logits, flat_t)  # the caller's (autograd checks them unchanged)
-        ctx.buffers = max_logsum, entropy  # this call's own, which nothing else sees
+        # the caller's tensors and the entropy, an output, saved (autograd checks that nothing
+        # modified them before the backward; an output held on ctx would be a reference
+        # cycle); max_logsum, which nothing else sees, held as it is (saving costs host time)
+        ctx.save_for_backward(logits, flat_t, entropy)
+        ctx.max_logsum = max_logsum
         ctx.options = temperature, ignore_index, with_entropy, 0 if shard is None else shard.start
         ctx.set_materialize_grads(False)
         return logp, entropy  # in the targets' shape: a view outside would add a graph node
@@ -595,8 +598,8 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, g_logp, g_entropy):
-        logits, targets = ctx.saved_tensors
-        max_logsum, entropy = ctx.buffers
+        logits, targets, entropy = ctx.saved_tensors
+        max_logsum = ctx.max_logsum
         temperature, ignore_index, with_entropy, start = ctx.options
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp,
                            g_entropy if with_entropy else None, temperature, ignore_index,
