@@ -5,7 +5,8 @@ on tensor *values* (target range, cu_seqlens monotonicity, 0/1 masks) compute a 
 device; inside ``one_read()`` (every public op's checks run in one) the flags of the call are
 gathered and read back to the host once, a single synchronisation on a GPU, and the first
 failing check raises as if it had run alone (its message may read more values: that is the
-error path). They run in eager mode, and are skipped while torch.compile traces or when
+error path). On the kernels' path one kernel makes the flags of the target range, cu_seqlens
+and 0/1 mask checks (value_checks.py), torch ops the others'. They run in eager mode, and are skipped while torch.compile traces or when
 TIC_KERNELS_CHECK_VALUES=0 (for training loops that validate their data once): the kernels
 then keep their documented behaviour (an out-of-range target yields NaN, never a wrong finite
 number). Shape, dtype and option checks always run, and raise at once.

@@ -4,7 +4,7 @@ and 1) read the inputs once, in one launch, instead of a dozen small torch ops e
 
 validation.py gathers a call's value checks and reads their flags back once (one host
 sync); on the kernels' path (a CUDA tensor, or a CPU one under TRITON_INTERPRET=1) the checks
-listed in ``SLOTS`` hand their inputs to it instead of computing a flag, and ``flags``
+listed in ``POSITIONS`` hand their inputs to it instead of computing a flag, and ``flags``
 computes them all here. The flags' meaning and the errors they raise are validation.py's:
 the same checks in torch ops serve every other path, and the error messages.
 """
