@@ -23,15 +23,17 @@ import triton.language as tl
 BLOCK_TOKENS = 1024
 
 
+# the bytes mapping that os.environ keeps in step with every change made through it (POSIX)
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
 def environment(name: str):
-    """os.environ.get(name), read at every call: straight from the bytes mapping that
-    os.environ keeps in step with every change made through it (os.environ.get itself
-    encodes, decodes and, for an unset name, raises and catches a KeyError: host time that
-    each public call would pay)."""
-    data = getattr(os.environ, "_data", None)
-    if data is None or os.name != "posix":
+    """os.environ.get(name), read at every call: straight from os.environ's bytes mapping
+    (os.environ.get itself encodes, decodes and, for an unset name, raises and catches a
+    KeyError: host time that each public call would pay)."""
+    if _ENVIRON is None:
         return os.environ.get(name)
-    value = data.get(name.encode())
+    value = _ENVIRON.get(name.encode())
     return None if value is None else value.decode()
 
 
@@ -94,8 +96,7 @@ def launch(kernel, grid, *args, **meta):
     the shapes of the outputs the op allocated.
     """
     first = args[0]  # every kernel's first argument is a tensor
-    # a trace's tensors are all fake, or none (an eager tensor is answered without a call)
-    if type(first) not in _EAGER_TYPES and _is_fake(first) and interpreting():
+    if _is_fake(first) and interpreting():  # a trace's tensors are all fake, or none
         return
     if (first.is_cuda and (device := first.device).index is not None
             and not torch.compiler.is_compiling()

@@ -42,7 +42,7 @@ class Stats(MutableMapping):
 
     def _read(self) -> dict:
         if self._dict is None:
-            views = self._values.detach().unbind(0)
+            views = self._values.unbind(0)  # (stats_dict hands them over detached)
             self._dict = {k: views[i] for k, i in self._index.items()}
         return self._dict
 

@@ -77,12 +77,10 @@ def flags(batch: dict) -> torch.Tensor:
     B = 0 if cu is None else cu.numel() - 1
     M = 0 if mask is None else mask.numel()
     targets, tmask, cu, mask = dense(targets), dense(tmask), dense(cu), dense(mask)
-    placeholder = out
     launch(_value_checks_kernel, (max(1, triton.cdiv(max(R, B, M), BLOCK)),),
-           placeholder if targets is None else targets,
-           placeholder if tmask is None else tmask, R, vocab,
-           0 if ignore is None else ignore, placeholder if cu is None else cu, B, n,
-           placeholder if mask is None else mask, M, out, TARGETS=targets is not None,
+           out if targets is None else targets, out if tmask is None else tmask, R, vocab,
+           0 if ignore is None else ignore, out if cu is None else cu, B, n,
+           out if mask is None else mask, M, out, TARGETS=targets is not None,
            TARGET_MASK=tmask is not None, IGNORE=ignore is not None, CU=cu is not None,
            MASK01=mask is not None, BLOCK=BLOCK)
     return out

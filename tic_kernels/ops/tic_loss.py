@@ -47,26 +47,26 @@ class _TICLoss(torch.autograd.Function):
                 logp, max_logsum, entropy = kernel_logprobs(
                     logits, targets.reshape(-1).contiguous(), config.temperature, IGNORE_INDEX,
                     entropy_on, shard)
-            flat_mask = None
+            row_mask = None
             loss, stats, coef, coef_ent, norm = loss_on_segments(
                 logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 entropy if entropy_on else None, rollout, config)
         else:
-            targets, flat_mask = dense(targets), dense(mask)
+            targets, row_mask = dense(targets), dense(mask)
             # cleared by the row kernel for the loss kernel (with no row, nothing clears it:
             # the loss then takes its second launch)
             counter = torch.empty(1, dtype=torch.int32, device=logits.device) \
                 if targets.numel() else None
             logp, max_logsum, entropy = kernel_logprobs(
                 logits, targets, config.temperature, IGNORE_INDEX, entropy_on, shard,
-                flat_mask, counter)
+                row_mask, counter)
             loss, stats, coef, coef_ent, norm = kernel_ratio_loss(
                 logp, old_logprobs, advantages, cu_seqlens, mask, ref_logprobs,
                 entropy if entropy_on else None, rollout, config, counter)
         # the caller's tensors saved (autograd then checks that nothing modified them before
         # the backward); this call's own buffers, which nothing else sees, held as they are
         # (saving costs host time per tensor)
-        ctx.save_for_backward(logits, targets, flat_mask)
+        ctx.save_for_backward(logits, targets, row_mask)
         ctx.buffers = max_logsum, entropy, coef, coef_ent, norm
         ctx.config, ctx.inplace_backward = config, inplace_backward
         ctx.vocab_start = 0 if shard is None else shard.start
@@ -79,20 +79,20 @@ class _TICLoss(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         if g_loss is None:  # only the statistics were used: no gradient
             return None, None
-        logits, targets, flat_mask = ctx.saved_tensors
+        logits, targets, row_mask = ctx.saved_tensors
         max_logsum, entropy, coef, coef_ent, norm = ctx.buffers
         config = ctx.config
         # decided now: a backward may be traced (compiled autograd) after an eager forward
         traced = tracing(logits)
         kw = dict(inplace=ctx.inplace_backward, vocab_start=ctx.vocab_start, traced=traced)
         if traced:
-            if flat_mask is not None:  # saved by an eager forward: the op reads no mask
-                targets = ignoring_masked(targets, flat_mask)
+            if row_mask is not None:  # saved by an eager forward: the op reads no mask
+                targets = ignoring_masked(targets, row_mask)
             g_logp, g_entropy = scaled_coefficients(g_loss, norm, coef, coef_ent,
                                                     config.entropy_coef, config.entropy_bonus)
         else:
             g_logp, g_entropy = coef, coef_ent if config.entropy_bonus else None
-            kw.update(mask=flat_mask, scale=(g_loss, norm, config.entropy_coef))
+            kw.update(mask=row_mask, scale=(g_loss, norm, config.entropy_coef))
         grad = logits_grad(logits, targets, max_logsum, entropy, g_logp, g_entropy,
                            config.temperature, IGNORE_INDEX, **kw)
         return grad, None

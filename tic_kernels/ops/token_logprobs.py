@@ -583,13 +583,13 @@ class _TokenLogprobs(torch.autograd.Function):
         # the options in one tuple: each input of a node costs the forward and the backward
         # host time
         temperature, ignore_index, with_entropy, shard = options
-        flat_t = dense(targets)
-        logp, max_logsum, entropy = kernel_logprobs(logits, flat_t, temperature, ignore_index,
+        dense_t = dense(targets)
+        logp, max_logsum, entropy = kernel_logprobs(logits, dense_t, temperature, ignore_index,
                                                     with_entropy, shard)
         # the caller's tensors and the entropy, an output, saved (autograd checks that nothing
         # modified them before the backward; an output held on ctx would be a reference
         # cycle); max_logsum, which nothing else sees, held as it is (saving costs host time)
-        ctx.save_for_backward(logits, flat_t, entropy)
+        ctx.save_for_backward(logits, dense_t, entropy)
         ctx.max_logsum = max_logsum
         ctx.options = temperature, ignore_index, with_entropy, 0 if shard is None else shard.start
         ctx.set_materialize_grads(False)
